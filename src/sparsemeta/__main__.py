@@ -1,0 +1,3 @@
+from sparsemeta.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,150 @@
+"""The ``sparsemeta`` command line. User mistakes end as one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from sparsemeta.config import DEFAULT_PRESET, build_config, preset_names
+from sparsemeta.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake in one line instead of a usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=DEFAULT_PRESET,
+                   help=f"preset name or YAML path (default {DEFAULT_PRESET}; presets: "
+                        f"{', '.join(preset_names())})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.iterations=200 (repeatable)")
+
+
+def _default_out(kind: str, cfg_dict: dict) -> Path:
+    """Same command → same directory, so re-running it resumes or just prints the result."""
+    digest = hashlib.sha1(json.dumps(cfg_dict, sort_keys=True).encode()).hexdigest()[:8]
+    return Path("runs") / f"{kind}-{digest}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from sparsemeta.evaluate import format_result
+    from sparsemeta.train import train
+
+    cfg = build_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else _default_out("train", cfg.to_dict())
+    finished = (out / "eval.json").exists()
+    print(f"run directory: {out}" + (" (finished; printing its result)" if finished else ""),
+          file=sys.stderr)
+    result = train(cfg, out)
+    print(format_result(result))
+    print(f"best validation accuracy {100 * result['val_accuracy']:.2f}% at iteration "
+          f"{result['best_iteration']}; results in {out / 'eval.json'}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from sparsemeta.data.registry import load_data
+    from sparsemeta.data.tasks import sampler_for
+    from sparsemeta.evaluate import evaluate, format_result
+    from sparsemeta.experiment import load_run_config, resolve_device, write_json
+    from sparsemeta.sparsity.masks import load_mask
+    from sparsemeta.train import build_learner
+
+    run = Path(args.run_dir)
+    cfg = load_run_config(run)
+    weights = run / "best.pt"
+    if not weights.is_file():
+        raise UserError(f"'{run}' has no best.pt yet (no validation has run); train it further first")
+    device = resolve_device(cfg.device)
+    data = load_data(cfg)
+    mask = load_mask(run / "mask.pt") if (run / "mask.pt").exists() else None
+    mask = {k: v.to(device) for k, v in mask.items()} if mask else None
+    learner = build_learner(cfg, data.channels, mask)
+    learner.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    learner.model.to(device)
+    tasks = args.tasks or cfg.eval.tasks
+    steps = cfg.meta.eval_inner_steps if args.steps is None else args.steps
+    if tasks < 1 or steps < 0:
+        raise UserError("--tasks must be >= 1 and --steps >= 0")
+    result = evaluate(learner, dict(learner.model.named_parameters()),
+                      sampler_for(cfg, data, args.split), tasks, steps, device, progress=True)
+    path = run / f"eval_{args.split}_{tasks}tasks_{steps}steps.json"
+    write_json(path, result)
+    print(format_result(result))
+    for r in result["per_step"]:
+        print(f"  step {r['step']:>2}: {100 * r['accuracy']:6.2f}% ± {100 * r['ci95']:.2f}%")
+    print(f"written to {path}")
+    return 0
+
+
+def cmd_data_preview(args: argparse.Namespace) -> int:
+    from sparsemeta.data.preview import contact_sheet
+    from sparsemeta.data.registry import load_data
+
+    overrides = [f"data.name={args.name}"] + args.overrides
+    if args.root:
+        overrides.append(f"data.root={args.root}")
+    cfg = build_config(args.config, overrides)
+    data = load_data(cfg)
+    out = Path(args.out)
+    if not out.parent.exists():
+        raise UserError(f"directory '{out.parent}' does not exist; create it or choose another --out")
+    contact_sheet(data, args.split, out, classes=args.classes, per_class=args.per_class)
+    print(f"wrote {out} ({args.classes} {args.split} classes × up to {args.per_class} examples)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sparsemeta", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="meta-train one model (resumes an unfinished --out)")
+    _config_args(p)
+    p.add_argument("--out", help="run directory (default: runs/train-<config hash>)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="re-evaluate a run directory's best model")
+    p.add_argument("run_dir")
+    p.add_argument("--tasks", type=int, help="number of fixed tasks (default: the run's eval.tasks)")
+    p.add_argument("--split", choices=["val", "test"], default="test")
+    p.add_argument("--steps", type=int, help="adaptation steps (default: meta.eval_inner_steps)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("data", help="data set tools")
+    dsub = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    q = dsub.add_parser("preview", help="write a contact sheet (rows = classes, columns = examples)")
+    q.add_argument("name", help="data set name (glyphs, ...)")
+    q.add_argument("--out", default="sheet.png")
+    q.add_argument("--root", help="data root (or cache directory for glyphs)")
+    q.add_argument("--split", choices=["train", "val", "test"], default="train")
+    q.add_argument("--classes", type=int, default=12)
+    q.add_argument("--per-class", type=int, default=20)
+    _config_args(q)
+    q.set_defaults(func=cmd_data_preview)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"sparsemeta: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sparsemeta: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

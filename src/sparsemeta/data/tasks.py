@@ -1,0 +1,112 @@
+"""Episodic N-way K-shot tasks. Task *i* of a split is a pure function of (seed, split, i).
+
+No sampler state is carried between tasks, so a resumed run, any number of loader workers and
+every evaluation see exactly the same tasks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sparsemeta.data.base import SPLITS, FewShotData
+from sparsemeta.errors import UserError
+from sparsemeta.meta.core import Task
+
+
+class TaskSampler:
+    """Draws task ``i`` of ``split``; augmentation (rotations as new classes, shifts) is optional."""
+
+    def __init__(
+        self,
+        data: FewShotData,
+        split: str,
+        ways: int,
+        shots: int,
+        queries: int,
+        seed: int,
+        rotations: bool = False,
+        shift: int = 0,
+    ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.data = data
+        self.split = split
+        self.ways, self.shots, self.queries = ways, shots, queries
+        self.seed = seed
+        self.rotations = 4 if rotations else 1
+        self.shift = shift
+        self.per_class = data.classes[split]
+        n_classes = len(self.per_class) * self.rotations
+        if ways > n_classes:
+            raise UserError(
+                f"data.ways={ways} but the {split} split of '{data.name}' has only {n_classes} "
+                f"classes; lower data.ways"
+            )
+        fewest = min(len(idx) for idx in self.per_class)
+        if shots + queries > fewest:
+            raise UserError(
+                f"data.shots + data.queries = {shots + queries} but some {split} class of "
+                f"'{data.name}' has only {fewest} images; lower data.shots or data.queries"
+            )
+        self._mean = torch.tensor(data.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self._std = torch.tensor(data.std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def rng(self, i: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, SPLITS.index(self.split), i])
+
+    def task(self, i: int) -> Task:
+        rng = self.rng(i)
+        n = self.shots + self.queries
+        picks = rng.choice(len(self.per_class) * self.rotations, size=self.ways, replace=False)
+        batch = np.empty((self.ways, n) + self.data.images.shape[1:], dtype=np.uint8)
+        for label, pick in enumerate(picks):  # rng.choice order = a per-task label shuffle
+            cls, rot = divmod(int(pick), self.rotations)
+            idx = self.per_class[cls]
+            chosen = np.sort(idx[rng.choice(len(idx), size=n, replace=False)])
+            images = self.data.images[chosen]
+            if rot:
+                images = np.rot90(images, k=rot, axes=(2, 3))
+            batch[label] = images
+        if self.shift:
+            batch = self._shift(batch, rng)
+        x = torch.from_numpy(batch).float().div_(255.0)
+        x = (x.flatten(0, 1) - self._mean) / self._std
+        x = x.view(self.ways, n, *x.shape[1:])
+        y = torch.arange(self.ways).unsqueeze(1).expand(self.ways, n)
+        s, q = self.shots, self.queries
+        return Task(
+            support_x=x[:, :s].reshape(-1, *x.shape[2:]),
+            support_y=y[:, :s].reshape(-1),
+            query_x=x[:, s:].reshape(-1, *x.shape[2:]),
+            query_y=y[:, s:].reshape(-1),
+        )
+
+    def _shift(self, batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Shift each image by up to ``shift`` pixels, filling with background (0)."""
+        k = self.shift
+        ways, n, c, h, w = batch.shape
+        padded = np.zeros((ways, n, c, h + 2 * k, w + 2 * k), dtype=batch.dtype)
+        padded[..., k:k + h, k:k + w] = batch
+        offsets = rng.integers(0, 2 * k + 1, size=(ways, n, 2))
+        out = np.empty_like(batch)
+        for a in range(ways):
+            for b in range(n):
+                dy, dx = offsets[a, b]
+                out[a, b] = padded[a, b, :, dy:dy + h, dx:dx + w]
+        return out
+
+
+def sampler_for(cfg, data: FewShotData, split: str) -> TaskSampler:  # noqa: ANN001
+    """The sampler a config implies: augmentation only on meta-train, never on val/test."""
+    train = split == "train"
+    return TaskSampler(
+        data,
+        split,
+        ways=cfg.data.ways,
+        shots=cfg.data.shots,
+        queries=cfg.data.queries,
+        seed=cfg.seed,
+        rotations=cfg.data.rotations and train,
+        shift=cfg.data.shift if train else 0,
+    )

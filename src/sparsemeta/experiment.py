@@ -1,0 +1,107 @@
+"""Run directories: resolved config, metrics, checkpoints and results as plain files.
+
+Every write is atomic (temporary file in the same directory, fsync, rename), so a crash at any
+moment leaves either the old file or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from sparsemeta.config import Config, config_from_dict
+from sparsemeta.errors import UserError
+
+
+def _atomic_write(path: str | Path, write) -> None:  # noqa: ANN001
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    _atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    _atomic_write(path, lambda fh: fh.write(text.encode()))
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def make_dir(path: str | Path) -> Path:
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output directory '{path}': {exc.strerror}; choose another --out") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"output directory '{path}' is not writable; choose another --out")
+    return path
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            d = _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+            if d:
+                return d
+        return None
+    return None if a == b else f"{prefix.rstrip('.')}: {a!r} in the run, {b!r} now"
+
+
+def bind_config(run_dir: Path, cfg: Config) -> None:
+    """Save the resolved config, or check that an existing run was made with the same one.
+
+    ``device`` may differ (a run can move between machines); anything else would silently mix
+    two experiments in one directory.
+    """
+    path = run_dir / "config.yaml"
+    new = cfg.to_dict()
+    if path.exists():
+        old = yaml.safe_load(path.read_text())
+        a, b = dict(old), dict(new)
+        a.pop("device", None)
+        b.pop("device", None)
+        d = _diff(a, b)
+        if d:
+            raise UserError(
+                f"'{run_dir}' holds a run with a different config ({d}); use another --out"
+            )
+        return
+    atomic_write_text(path, yaml.safe_dump(new, sort_keys=False))
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"'{run_dir}' is not a run directory (no config.yaml)")
+    return config_from_dict(yaml.safe_load(path.read_text()))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but no CUDA device is available; use --set device=cpu or auto")
+    return torch.device(name)

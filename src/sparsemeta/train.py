@@ -1,0 +1,187 @@
+"""Meta-training of one model in one run directory: idempotent, checkpointed, resumable.
+
+Files in the run directory:
+
+* ``config.yaml`` — the resolved config; with it the directory alone can be resumed/evaluated.
+* ``init.pt`` — θ₀, the weights before meta-training (the rewind target of the lottery ticket).
+* ``mask.pt`` — the sparsity mask, if any.
+* ``checkpoint.pt`` — latest model, optimiser, RNG state, iteration (atomic).
+* ``best.pt`` — the weights with the best validation accuracy (the model is chosen on
+  validation only, never on test).
+* ``metrics.jsonl`` — one line per train iteration and per validation.
+* ``eval.json`` — the test result; its presence marks the run finished.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from sparsemeta.config import Config
+from sparsemeta.data.base import FewShotData
+from sparsemeta.data.registry import load_data
+from sparsemeta.data.tasks import sampler_for
+from sparsemeta.evaluate import evaluate
+from sparsemeta.experiment import (
+    atomic_torch_save,
+    bind_config,
+    make_dir,
+    read_json,
+    resolve_device,
+    write_json,
+)
+from sparsemeta.meta.core import MetaLearner
+from sparsemeta.models.conv4 import build_model
+from sparsemeta.sparsity.masks import Mask, density, load_mask, save_mask, zero_pruned_
+
+
+def build_learner(cfg: Config, in_channels: int, mask: Mask | None = None) -> MetaLearner:
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, in_channels)
+    return MetaLearner(
+        model,
+        inner_lr=cfg.meta.inner_lr,
+        inner_steps=cfg.meta.inner_steps,
+        first_order=cfg.meta.first_order,
+        bn=cfg.meta.bn,
+        mask=mask,
+    )
+
+
+def _load(path: Path, device: torch.device) -> dict:
+    return torch.load(path, map_location=device, weights_only=False)
+
+
+class MetricsLog:
+    """Append-only JSONL; on resume, lines past the checkpoint's iteration are dropped."""
+
+    def __init__(self, path: Path, keep_until: int) -> None:
+        self.path = path
+        if path.exists():
+            kept = [ln for ln in path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln)["iteration"] <= keep_until]
+            path.write_text("".join(ln + "\n" for ln in kept))
+        self.fh = path.open("a")
+
+    def write(self, record: dict) -> None:
+        self.fh.write(json.dumps(record) + "\n")
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def train(
+    cfg: Config,
+    out: str | Path,
+    *,
+    init: Mapping[str, torch.Tensor] | None = None,
+    mask: Mask | None = None,
+    data: FewShotData | None = None,
+    snapshot_at: int | None = None,
+    desc: str = "meta-train",
+    progress: bool = True,
+) -> dict:
+    """Meta-train into ``out`` (resuming if it holds an unfinished run) and return ``eval.json``.
+
+    ``init`` replaces the model's initial weights and ``mask`` fixes a sparsity pattern; both are
+    saved into the run directory on first use, so that a resume needs nothing else.
+    ``snapshot_at=k`` saves the weights after k iterations as ``step_<k>.pt`` (late rewinding).
+    """
+    run = make_dir(out)
+    bind_config(run, cfg)
+    if (run / "eval.json").exists():
+        return read_json(run / "eval.json")
+
+    device = resolve_device(cfg.device)
+    data = data if data is not None else load_data(cfg)
+    if (run / "mask.pt").exists():
+        mask = load_mask(run / "mask.pt")
+    elif mask is not None:
+        save_mask(mask, run / "mask.pt")
+    mask = {k: v.to(device) for k, v in mask.items()} if mask is not None else None
+
+    learner = build_learner(cfg, data.channels, mask)
+    model = learner.model
+    if (run / "init.pt").exists():
+        model.load_state_dict(_load(run / "init.pt", torch.device("cpu")))
+    else:
+        if init is not None:
+            model.load_state_dict(init)
+        atomic_torch_save(model.state_dict(), run / "init.pt")
+    model.to(device)
+    params = dict(model.named_parameters())
+    zero_pruned_(params, mask)
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.meta_lr)
+    start, elapsed = 0, 0.0
+    best = {"accuracy": -1.0, "iteration": 0}
+    if (run / "checkpoint.pt").exists():
+        ckpt = _load(run / "checkpoint.pt", device)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        start, elapsed, best = ckpt["iteration"], ckpt["elapsed"], ckpt["best"]
+
+    train_tasks = sampler_for(cfg, data, "train")
+    val_tasks = sampler_for(cfg, data, "val")
+    log = MetricsLog(run / "metrics.jsonl", keep_until=start)
+
+    def checkpoint(iteration: int) -> None:
+        atomic_torch_save({
+            "iteration": iteration, "elapsed": elapsed, "best": best,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }, run / "checkpoint.pt")
+
+    bar = tqdm(total=cfg.train.iterations, initial=start, desc=desc, unit="it",
+               disable=not progress, dynamic_ncols=True, leave=False)
+    t0 = time.perf_counter() - elapsed
+    try:
+        for it in range(start, cfg.train.iterations):
+            mb = cfg.train.meta_batch
+            tasks = [train_tasks.task(it * mb + b).to(device) for b in range(mb)]
+            optimizer.zero_grad(set_to_none=True)
+            loss, acc = learner.meta_gradient_step(params, tasks)
+            optimizer.step()
+            done = it + 1
+            elapsed = time.perf_counter() - t0
+            log.write({"iteration": done, "split": "train", "loss": loss, "accuracy": acc})
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", best_val=f"{best['accuracy']:.3f}")
+            bar.update(1)
+            if snapshot_at is not None and done == snapshot_at:
+                atomic_torch_save(model.state_dict(), run / f"step_{done}.pt")
+            if done % cfg.train.val_every == 0 or done == cfg.train.iterations:
+                res = evaluate(learner, params, val_tasks, cfg.train.val_tasks,
+                               cfg.meta.eval_inner_steps, device)
+                log.write({"iteration": done, "split": "val", "loss": res["per_step"][-1]["loss"],
+                           "accuracy": res["accuracy"], "ci95": res["ci95"],
+                           "per_step": [r["accuracy"] for r in res["per_step"]]})
+                if res["accuracy"] > best["accuracy"]:
+                    best = {"accuracy": res["accuracy"], "ci95": res["ci95"], "iteration": done}
+                    atomic_torch_save(model.state_dict(), run / "best.pt")
+            if done % cfg.train.checkpoint_every == 0 or done == cfg.train.iterations:
+                checkpoint(done)
+    finally:
+        bar.close()
+        log.close()
+
+    model.load_state_dict(_load(run / "best.pt", device))
+    result = evaluate(learner, params, sampler_for(cfg, data, "test"), cfg.eval.tasks,
+                      cfg.meta.eval_inner_steps, device, progress=progress)
+    result.update({
+        "val_accuracy": best["accuracy"],
+        "val_ci95": best.get("ci95"),
+        "best_iteration": best["iteration"],
+        "iterations": cfg.train.iterations,
+        "meta_batch": cfg.train.meta_batch,
+        "train_seconds": elapsed,
+        "density": density(mask) if mask else 1.0,
+    })
+    write_json(run / "eval.json", result)
+    return result
