@@ -11,6 +11,8 @@ from pathlib import Path
 from sparsemeta.config import DEFAULT_PRESET, build_config, preset_names
 from sparsemeta.errors import UserError
 
+LOTTERY_PRESET = "glyphs-lottery"
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage mistake in one line instead of a usage block."""
@@ -19,9 +21,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=DEFAULT_PRESET,
-                   help=f"preset name or YAML path (default {DEFAULT_PRESET}; presets: "
+def _config_args(p: argparse.ArgumentParser, default: str = DEFAULT_PRESET) -> None:
+    p.add_argument("--config", default=default,
+                   help=f"preset name or YAML path (default {default}; presets: "
                         f"{', '.join(preset_names())})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.iterations=200 (repeatable)")
@@ -46,6 +48,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(format_result(result))
     print(f"best validation accuracy {100 * result['val_accuracy']:.2f}% at iteration "
           f"{result['best_iteration']}; results in {out / 'eval.json'}")
+    return 0
+
+
+def cmd_lottery(args: argparse.Namespace) -> int:
+    from sparsemeta.report import write_report
+    from sparsemeta.sparsity.lottery import parse_controls, parse_seeds, run_lottery
+
+    cfg = build_config(args.config, args.overrides)
+    seeds = parse_seeds(args.seeds)
+    controls = parse_controls(args.controls)
+    out = Path(args.out) if args.out else _default_out("lottery", cfg.to_dict())
+    levels = cfg.prune.num_levels()
+    print(f"experiment directory: {out} — {levels} pruning levels × seeds {seeds}, "
+          f"controls: {', '.join(controls) or 'none'}", file=sys.stderr)
+    run_lottery(cfg, out, seeds, controls)
+    summary = write_report([out])
+    print(summary["table"])
+    print(f"report: {out / 'report.md'} (plots and summary.json beside it)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from sparsemeta.report import write_report
+
+    summary = write_report(args.dirs, args.out)
+    print(summary["table"])
+    print("wrote " + ", ".join(summary["paths"]))
     return 0
 
 
@@ -111,6 +140,25 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--out", help="run directory (default: runs/train-<config hash>)")
     p.set_defaults(func=cmd_train)
+
+    for name, preset, helptext in (
+        ("run", LOTTERY_PRESET, "the main job: a lottery-ticket experiment with controls "
+                                "and its report (default: the quick glyph preset)"),
+        ("lottery", LOTTERY_PRESET, "iterative magnitude pruning with rewinding, controls, "
+                                    "several seeds, and the report"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        _config_args(p, preset)
+        p.add_argument("--seeds", default="0", help="comma list of seeds (default 0)")
+        p.add_argument("--controls", default="reinit,random",
+                       help="controls at each level: reinit,random (default both) or none")
+        p.add_argument("--out", help="experiment directory (default: runs/lottery-<config hash>)")
+        p.set_defaults(func=cmd_lottery)
+
+    p = sub.add_parser("report", help="summary.json, Markdown table and plots of experiments")
+    p.add_argument("dirs", nargs="+", help="experiment directories (e.g. one per seed)")
+    p.add_argument("--out", help="where to write the report (default: the first directory)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("eval", help="re-evaluate a run directory's best model")
     p.add_argument("run_dir")

@@ -7,6 +7,8 @@ run never dies at hour 30 on a typo.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -74,6 +76,30 @@ class EvalConfig:
 
 
 @dataclass
+class PruneConfig:
+    """Iterative magnitude pruning (the lottery-ticket procedure)."""
+
+    rate: float = 0.2
+    """Fraction of the remaining hidden-layer weights removed at each level."""
+    levels: int | None = None
+    """Pruning levels after the dense level 0; default: enough to reach about 5% density."""
+    scope: Literal["layerwise", "global"] = "layerwise"
+    rewind: str = "init"
+    """Weights the survivors restart from: 'init' (θ₀), 'step:k' (after k meta-iterations of
+    level 0, late rewinding) or 'none' (keep the trained weights: fine-tuning)."""
+    output_rate_factor: float = 0.5
+    """The output layer is pruned at rate × this factor (LTH convention: half)."""
+
+    def rewind_step(self) -> int | None:
+        return int(self.rewind.split(":", 1)[1]) if self.rewind.startswith("step:") else None
+
+    def num_levels(self) -> int:
+        if self.levels is not None:
+            return self.levels
+        return math.ceil(math.log(0.05) / math.log(1.0 - self.rate))
+
+
+@dataclass
 class Config:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -82,6 +108,7 @@ class Config:
     meta: MetaConfig = field(default_factory=MetaConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -116,6 +143,23 @@ class Config:
             raise UserError(f"data.ways must be >= 2 for a classification task, got {self.data.ways}")
         if self.data.image_size < 16:
             raise UserError(f"data.image_size must be >= 16 for Conv4, got {self.data.image_size}")
+        p = self.prune
+        if not 0.0 < p.rate < 1.0:
+            raise UserError(f"prune.rate must be in (0, 1), got {p.rate}")
+        if p.levels is not None and p.levels < 0:
+            raise UserError(f"prune.levels must be >= 0, got {p.levels}")
+        if not 0.0 <= p.output_rate_factor * p.rate < 1.0:
+            raise UserError(
+                f"prune.output_rate_factor × prune.rate must be in [0, 1), got "
+                f"{p.output_rate_factor} × {p.rate}"
+            )
+        if not re.fullmatch(r"init|none|step:[1-9][0-9]*", p.rewind):
+            raise UserError(f"prune.rewind must be init, none or step:K (K >= 1), got {p.rewind!r}")
+        k = p.rewind_step()
+        if k is not None and k > self.train.iterations:
+            raise UserError(
+                f"prune.rewind={p.rewind} is past train.iterations={self.train.iterations}"
+            )
         return self
 
 

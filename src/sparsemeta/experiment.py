@@ -70,20 +70,21 @@ def _diff(a: Any, b: Any, prefix: str = "") -> str | None:
     return None if a == b else f"{prefix.rstrip('.')}: {a!r} in the run, {b!r} now"
 
 
-def bind_config(run_dir: Path, cfg: Config) -> None:
-    """Save the resolved config, or check that an existing run was made with the same one.
+def config_difference(old: dict, new: dict) -> str | None:
+    """First differing key of two resolved configs, ignoring ``device`` (runs may move
+    between machines); anything else would silently mix two experiments in one directory."""
+    a, b = dict(old), dict(new)
+    a.pop("device", None)
+    b.pop("device", None)
+    return _diff(a, b)
 
-    ``device`` may differ (a run can move between machines); anything else would silently mix
-    two experiments in one directory.
-    """
+
+def bind_config(run_dir: Path, cfg: Config) -> None:
+    """Save the resolved config, or check that an existing run was made with the same one."""
     path = run_dir / "config.yaml"
     new = cfg.to_dict()
     if path.exists():
-        old = yaml.safe_load(path.read_text())
-        a, b = dict(old), dict(new)
-        a.pop("device", None)
-        b.pop("device", None)
-        d = _diff(a, b)
+        d = config_difference(yaml.safe_load(path.read_text()), new)
         if d:
             raise UserError(
                 f"'{run_dir}' holds a run with a different config ({d}); use another --out"

@@ -74,7 +74,7 @@ class TaskSampler:
         x = (x.flatten(0, 1) - self._mean) / self._std
         x = x.view(self.ways, n, *x.shape[1:])
         y = torch.arange(self.ways).unsqueeze(1).expand(self.ways, n)
-        s, q = self.shots, self.queries
+        s, _q = self.shots, self.queries
         return Task(
             support_x=x[:, :s].reshape(-1, *x.shape[2:]),
             support_y=y[:, :s].reshape(-1),

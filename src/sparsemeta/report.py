@@ -1,0 +1,211 @@
+"""Reports: ``summary.json``, a Markdown table and PNG plots from experiment directories.
+
+Everything is read back from the run directories (``eval.json``, ``mask.pt``), so a report can
+be rebuilt at any time, from any number of experiment directories (e.g. one per seed).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from sparsemeta.errors import UserError
+from sparsemeta.evaluate import mean_ci95
+from sparsemeta.experiment import atomic_write_text, read_json, write_json
+from sparsemeta.sparsity.masks import density, layer_densities, load_mask, nonzeros
+
+METHOD_ORDER = ("ticket", "reinit", "random")
+COLORS = {"ticket": "tab:blue", "reinit": "tab:orange", "random": "tab:green"}
+
+
+def collect(roots: list[Path]) -> list[dict]:
+    """One record per finished run directory ``seed_S/level_LL/<method>`` under ``roots``."""
+    records = []
+    for root in roots:
+        for ev in sorted(Path(root).glob("seed_*/level_*/*/eval.json")):
+            run = ev.parent
+            res = read_json(ev)
+            mask_path = run / "mask.pt"
+            mask = load_mask(mask_path) if mask_path.exists() else None
+            records.append({
+                "root": str(root),
+                "seed": int(run.parent.parent.name.split("_")[1]),
+                "level": int(run.parent.name.split("_")[1]),
+                "method": run.name,
+                "density": density(mask) if mask else 1.0,
+                "layer_densities": layer_densities(mask) if mask else None,
+                "nonzeros": nonzeros(mask) if mask else None,
+                "accuracy": res["accuracy"],
+                "task_ci95": res["ci95"],
+                "per_step": [r["accuracy"] for r in res["per_step"]],
+                "best_step": res["best_step"],
+                "val_accuracy": res["val_accuracy"],
+                "early_stop_iteration": res["best_iteration"],
+                "train_seconds": res["train_seconds"],
+                "meta_tasks": res["iterations"] * res["meta_batch"],
+            })
+    return records
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """Rows per (method, level): means over seeds; the CI is over seeds when there are ≥ 2,
+    otherwise the single run's CI over test tasks (``ci_over`` says which)."""
+    groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for r in records:
+        groups[(r["method"], r["level"])].append(r)
+    rows = []
+    for (method, level), rs in groups.items():
+        accs = np.array([r["accuracy"] for r in rs])
+        seeds = len(rs)
+        mean, ci = mean_ci95(accs) if seeds >= 2 else (float(accs[0]), rs[0]["task_ci95"])
+        steps = np.array([r["per_step"] for r in rs])
+        rows.append({
+            "method": method,
+            "level": level,
+            "density": float(np.mean([r["density"] for r in rs])),
+            "seeds": seeds,
+            "accuracy": mean,
+            "ci95": ci,
+            "ci_over": "seeds" if seeds >= 2 else "tasks",
+            "task_ci95": float(np.mean([r["task_ci95"] for r in rs])),
+            "per_step": steps.mean(axis=0).tolist(),
+            "best_step": int(np.argmax(steps.mean(axis=0))),
+            "val_accuracy": float(np.mean([r["val_accuracy"] for r in rs])),
+            "early_stop_iteration": float(np.mean([r["early_stop_iteration"] for r in rs])),
+            "train_seconds": float(np.sum([r["train_seconds"] for r in rs])),
+            "meta_tasks": int(np.sum([r["meta_tasks"] for r in rs])),
+            "nonzeros": rs[0]["nonzeros"],
+            "layer_densities": rs[0]["layer_densities"],
+        })
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    rows.sort(key=lambda r: (order.get(r["method"], len(order)), r["method"], r["level"]))
+    return rows
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Levels × methods: accuracy ± CI, plus the ticket's early-stopping iteration."""
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows)]
+    by = {(r["method"], r["level"]): r for r in rows}
+    levels = sorted({r["level"] for r in rows})
+    head = ["level", "weights remaining %"] + [f"{m} acc % ± CI" for m in methods]
+    head += ["ticket early-stop it.", "ticket meta-train s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for lvl in levels:
+        ref = next(by[(m, lvl)] for m in methods if (m, lvl) in by)
+        cells = [str(lvl), f"{100 * ref['density']:.1f}"]
+        for m in methods:
+            r = by.get((m, lvl))
+            cells.append(f"{_pct(r['accuracy'])} ± {_pct(r['ci95'])}" if r else "—")
+        t = by.get(("ticket", lvl))
+        cells += [f"{t['early_stop_iteration']:.0f}" if t else "—",
+                  f"{t['train_seconds']:.0f}" if t else "—"]
+        lines.append("| " + " | ".join(cells) + " |")
+    seeds = sorted({r["seeds"] for r in rows})
+    over = "seeds" if min(seeds) >= 2 else "test tasks (one seed)"
+    lines.append("")
+    lines.append(f"Accuracy: mean test accuracy after the last adaptation step; CI: 95% over {over}.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows)]
+    dense = next((r for r in rows if r["level"] == 0 and r["method"] == "ticket"), None)
+    paths = []
+
+    def series(method: str, key: str):
+        rs = sorted((r for r in rows if r["method"] == method), key=lambda r: -r["density"])
+        return (np.array([100 * r["density"] for r in rs]), np.array([r[key] for r in rs]),
+                np.array([r["ci95"] for r in rs]))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in methods:
+        x, y, ci = series(m, "accuracy")
+        ax.plot(x, 100 * y, "o-", label=m, color=COLORS.get(m))
+        ax.fill_between(x, 100 * (y - ci), 100 * (y + ci), alpha=0.2, color=COLORS.get(m))
+    if dense:
+        ax.axhline(100 * dense["accuracy"], color="gray", ls="--", lw=1, label="dense (level 0)")
+        ax.axhspan(100 * (dense["accuracy"] - dense["ci95"]),
+                   100 * (dense["accuracy"] + dense["ci95"]), color="gray", alpha=0.1)
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("% of prunable weights remaining (log scale)")
+    ax.set_ylabel("test accuracy % (95% CI)")
+    ax.set_title("Meta-test accuracy vs sparsity")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    paths.append(out / "accuracy_vs_density.png")
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in methods:
+        x, y, _ = series(m, "early_stop_iteration")
+        ax.plot(x, y, "o-", label=m, color=COLORS.get(m))
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("% of prunable weights remaining (log scale)")
+    ax.set_ylabel("early-stopping meta-iteration (best validation)")
+    ax.set_title("Learning speed vs sparsity")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    paths.append(out / "early_stop_vs_density.png")
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    tickets = sorted((r for r in rows if r["method"] == "ticket"), key=lambda r: r["level"])
+    if tickets:
+        pick = sorted({0, len(tickets) // 3, 2 * len(tickets) // 3, len(tickets) - 1})
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for i in pick:
+            r = tickets[i]
+            ax.plot(range(len(r["per_step"])), 100 * np.array(r["per_step"]), "o-",
+                    label=f"level {r['level']} ({100 * r['density']:.1f}% weights)")
+        ax.set_xlabel("adaptation step")
+        ax.set_ylabel("test accuracy %")
+        ax.set_title("Ticket accuracy vs adaptation step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        paths.append(out / "accuracy_vs_step.png")
+        fig.tight_layout()
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def write_report(roots: list[str | Path], out: str | Path | None = None) -> dict:
+    """Write summary.json, report.md and the plots; return the summary."""
+    roots = [Path(r) for r in roots]
+    for r in roots:
+        if not r.is_dir():
+            raise UserError(f"'{r}' is not a directory; give experiment directories made by "
+                            "'sparsemeta run' or 'sparsemeta lottery'")
+    records = collect(roots)
+    if not records:
+        raise UserError(f"no finished runs under {', '.join(map(str, roots))} "
+                        "(expected seed_S/level_LL/<method>/eval.json)")
+    out = Path(out) if out else roots[0]
+    out.mkdir(parents=True, exist_ok=True)
+    rows = summarize(records)
+    table = markdown_table(rows)
+    summary = {"experiments": [str(r) for r in roots], "rows": rows, "runs": records}
+    write_json(out / "summary.json", summary)
+    plots = plot(rows, out)
+    md = "# sparsemeta report\n\n" + table + "\n" + "".join(
+        f"![{p.stem}]({p.name})\n" for p in plots)
+    atomic_write_text(out / "report.md", md)
+    summary["table"] = table
+    summary["paths"] = [str(out / "summary.json"), str(out / "report.md")] + [str(p) for p in plots]
+    return summary

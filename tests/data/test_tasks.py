@@ -1,0 +1,95 @@
+"""Episodic sampling: task i is a pure function of (seed, split, i); splits never mix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sparsemeta.data.tasks import TaskSampler
+from sparsemeta.errors import UserError
+from tests.conftest import make_data
+
+
+def _images_of(data, task_x):
+    """Map each task image back to its index in the data set (by exact bytes)."""
+    lookup = {data.images[i].tobytes(): i for i in range(len(data.images))}
+    raw = np.round(task_x.numpy() * 255).astype(np.uint8)
+    return [lookup[r.tobytes()] for r in raw]
+
+
+def test_same_seed_split_index_gives_identical_task_in_any_order():
+    data = make_data()
+    a = TaskSampler(data, "train", ways=5, shots=1, queries=3, seed=3)
+    b = TaskSampler(data, "train", ways=5, shots=1, queries=3, seed=3)
+    t7 = a.task(7)
+    for i in (3, 1, 7):  # b draws other tasks first: no hidden sampler state
+        b.task(i)
+    u7 = b.task(7)
+    for x, y in zip((t7.support_x, t7.query_x, t7.support_y), (u7.support_x, u7.query_x, u7.support_y)):
+        assert torch.equal(x, y)
+    assert not torch.equal(a.task(8).query_x, t7.query_x)
+    c = TaskSampler(data, "train", ways=5, shots=1, queries=3, seed=4)
+    assert not torch.equal(c.task(7).query_x, t7.query_x)
+
+
+def test_task_shapes_labels_and_support_query_disjoint():
+    data = make_data()
+    s = TaskSampler(data, "val", ways=4, shots=2, queries=3, seed=0)
+    t = s.task(0)
+    assert t.support_x.shape == (8, 1, 16, 16) and t.query_x.shape == (12, 1, 16, 16)
+    assert t.support_y.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert sorted(t.query_y.tolist()) == sorted([0, 1, 2, 3] * 3)
+    sup, qry = _images_of(data, t.support_x), _images_of(data, t.query_x)
+    assert not set(sup) & set(qry)
+    # every example of label j comes from one class of the val split
+    val_class = {i: c for c, idx in enumerate(data.classes["val"]) for i in idx.tolist()}
+    for label in range(4):
+        ids = [i for i, y in zip(sup + qry, t.support_y.tolist() + t.query_y.tolist()) if y == label]
+        assert len({val_class[i] for i in ids}) == 1
+
+
+def test_labels_are_shuffled_per_task():
+    data = make_data()
+    s = TaskSampler(data, "train", ways=5, shots=1, queries=1, seed=0)
+    owner = {i: c for c, idx in enumerate(data.classes["train"]) for i in idx.tolist()}
+    orders = {tuple(owner[i] for i in _images_of(data, s.task(k).support_x)) for k in range(20)}
+    assert len(orders) > 15
+    assert any(list(o) != sorted(o) for o in orders)
+
+
+def test_tasks_only_use_their_split_and_splits_are_disjoint():
+    data = make_data()
+    data.check_disjoint()
+    for split in ("train", "val", "test"):
+        allowed = {i for idx in data.classes[split] for i in idx.tolist()}
+        s = TaskSampler(data, split, ways=3, shots=1, queries=2, seed=1)
+        for k in range(10):
+            t = s.task(k)
+            assert set(_images_of(data, torch.cat([t.support_x, t.query_x]))) <= allowed
+
+
+def test_rotation_augmentation_makes_rotated_copies_new_classes():
+    data = make_data(classes_per_split=(2, 2, 2))
+    s = TaskSampler(data, "train", ways=8, shots=1, queries=0, seed=0, rotations=True)
+    t = s.task(0)  # 2 classes × 4 rotations = 8 classes, so every rotation appears once
+    raw = np.round(t.support_x.numpy() * 255).astype(np.uint8)
+    rotated = {np.rot90(data.images[i], k, axes=(1, 2)).tobytes()
+               for idx in data.classes["train"] for i in idx.tolist() for k in range(4)}
+    assert all(r.tobytes() in rotated for r in raw)
+
+
+def test_shift_augmentation_moves_content_within_bounds():
+    data = make_data()
+    plain = TaskSampler(data, "train", ways=3, shots=1, queries=1, seed=0)
+    shifted = TaskSampler(data, "train", ways=3, shots=1, queries=1, seed=0, shift=2)
+    assert plain.task(0).support_x.shape == shifted.task(0).support_x.shape
+    assert not torch.equal(plain.task(0).support_x, shifted.task(0).support_x)
+
+
+def test_too_many_ways_or_shots_is_a_user_error():
+    data = make_data()
+    with pytest.raises(UserError, match="data.ways=7 but the val split"):
+        TaskSampler(data, "val", ways=7, shots=1, queries=1, seed=0)
+    with pytest.raises(UserError, match="data.shots \\+ data.queries = 9"):
+        TaskSampler(data, "train", ways=2, shots=4, queries=5, seed=0)

@@ -1,0 +1,141 @@
+"""Iterative magnitude pruning end to end on a tiny synthetic data set."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sparsemeta.config import build_config
+from sparsemeta.errors import UserError
+from sparsemeta.meta.core import MetaLearner
+from sparsemeta.report import write_report
+from sparsemeta.sparsity.lottery import level_dir, parse_controls, parse_seeds, run_lottery
+from sparsemeta.sparsity.masks import density, load_mask
+from tests.conftest import make_data
+
+OVERRIDES = ["device=cpu", "data.image_size=16", "model.filters=8", "train.iterations=4",
+             "train.meta_batch=2", "train.val_every=2", "train.val_tasks=4",
+             "train.checkpoint_every=1", "eval.tasks=6", "data.queries=2", "prune.levels=2",
+             "prune.rate=0.5"]
+
+
+def _load(path):
+    obj = torch.load(path, weights_only=False)
+    return obj.get("model", obj)
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lottery")
+    cfg = build_config(overrides=OVERRIDES + ["prune.rewind=step:2"])
+    run_lottery(cfg, root, [0], ["reinit", "random"], progress=False, data=make_data())
+    return root
+
+
+def test_every_level_has_ticket_and_controls_at_the_exact_density(experiment):
+    for level in (1, 2):
+        ticket = load_mask(level_dir(experiment, 0, level) / "mask.pt")
+        rand = load_mask(level_dir(experiment, 0, level, "random") / "mask.pt")
+        reinit = load_mask(level_dir(experiment, 0, level, "reinit") / "mask.pt")
+        assert all(torch.equal(ticket[k], reinit[k]) for k in ticket)
+        assert {k: int(m.sum()) for k, m in rand.items()} == {k: int(m.sum()) for k, m in ticket.items()}
+        assert any(not torch.equal(rand[k], ticket[k]) for k in ticket)
+        hidden = ticket["blocks.0.conv.weight"]
+        assert int(hidden.sum()) == round(hidden.numel() * 0.5 ** level)
+    d1 = density(load_mask(level_dir(experiment, 0, 1) / "mask.pt"))
+    d2 = density(load_mask(level_dir(experiment, 0, 2) / "mask.pt"))
+    assert 1.0 > d1 > d2
+
+
+def test_pruned_weights_and_adam_moments_stay_exactly_zero(experiment):
+    run = level_dir(experiment, 0, 2)
+    mask = load_mask(run / "mask.pt")
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    params = list(ckpt["model"])  # Adam's state is indexed in parameter order
+    for name, m in mask.items():
+        assert torch.count_nonzero(ckpt["model"][name][~m]) == 0
+        assert torch.count_nonzero(ckpt["model"][name][m]) > 0
+        state = ckpt["optimizer"]["state"][params.index(name)]
+        assert torch.count_nonzero(state["exp_avg"][~m]) == 0
+        assert torch.count_nonzero(state["exp_avg_sq"][~m]) == 0
+        assert torch.count_nonzero(state["exp_avg"][m]) > 0
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert all(torch.count_nonzero(best[k][~m]) == 0 for k, m in mask.items())
+
+
+def test_late_rewinding_restores_weights_after_k_iterations_on_survivors(experiment):
+    step2 = _load(level_dir(experiment, 0, 0) / "step_2.pt")
+    theta0 = _load(level_dir(experiment, 0, 0) / "init.pt")
+    for level in (1, 2):
+        start = _load(level_dir(experiment, 0, level) / "init.pt")
+        assert all(torch.equal(start[k], step2[k]) for k in step2)
+        assert not all(torch.equal(start[k], theta0[k]) for k in theta0)
+        reinit = _load(level_dir(experiment, 0, level, "reinit") / "init.pt")
+        assert not torch.equal(reinit["blocks.0.conv.weight"], start["blocks.0.conv.weight"])
+
+
+def test_rewind_to_init_restores_theta0_and_none_keeps_trained_weights(tmp_path):
+    data = make_data()
+    cfg = build_config(overrides=OVERRIDES + ["prune.levels=1"])
+    run_lottery(cfg, tmp_path / "init", [0], [], progress=False, data=data)
+    theta0 = _load(level_dir(tmp_path / "init", 0, 0) / "init.pt")
+    start = _load(level_dir(tmp_path / "init", 0, 1) / "init.pt")
+    assert all(torch.equal(start[k], theta0[k]) for k in theta0)
+    cfg = build_config(overrides=OVERRIDES + ["prune.levels=1", "prune.rewind=none"])
+    run_lottery(cfg, tmp_path / "none", [0], [], progress=False, data=data)
+    trained = _load(level_dir(tmp_path / "none", 0, 0) / "checkpoint.pt")
+    start = _load(level_dir(tmp_path / "none", 0, 1) / "init.pt")
+    assert all(torch.equal(start[k], trained[k]) for k in trained)
+
+
+def _rows(root):
+    summary = write_report([root])
+    return [{k: v for k, v in r.items() if k != "train_seconds"} for r in summary["rows"]]
+
+
+def test_interrupted_level_resumed_gives_same_summary(tmp_path, monkeypatch, experiment):
+    cfg = build_config(overrides=OVERRIDES + ["prune.rewind=step:2"])
+    real = MetaLearner.meta_gradient_step
+    calls = {"n": 0}
+
+    def crash(self, params, tasks):
+        calls["n"] += 1
+        if calls["n"] == 11:  # inside level 1's reinit control
+            raise RuntimeError("simulated crash")
+        return real(self, params, tasks)
+
+    monkeypatch.setattr(MetaLearner, "meta_gradient_step", crash)
+    with pytest.raises(RuntimeError):
+        run_lottery(cfg, tmp_path, [0], ["reinit", "random"], progress=False, data=make_data())
+    assert not (level_dir(tmp_path, 0, 1, "reinit") / "eval.json").exists()
+    monkeypatch.setattr(MetaLearner, "meta_gradient_step", real)
+    run_lottery(cfg, tmp_path, [0], ["reinit", "random"], progress=False, data=make_data())
+    assert _rows(tmp_path) == _rows(experiment)
+
+
+def test_report_files_contain_the_numbers_of_summary(experiment):
+    summary = write_report([experiment])
+    saved = json.loads((experiment / "summary.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(summary["rows"]))
+    md = (experiment / "report.md").read_text()
+    for row in saved["rows"]:
+        assert f"{100 * row['accuracy']:.2f} ± {100 * row['ci95']:.2f}" in md
+    assert {r["method"] for r in saved["rows"]} == {"ticket", "reinit", "random"}
+    assert len(saved["rows"]) == 1 + 2 * 3
+    for name in ("accuracy_vs_density.png", "early_stop_vs_density.png", "accuracy_vs_step.png"):
+        assert (experiment / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_changed_config_is_refused_and_cli_lists_are_validated(experiment):
+    cfg = build_config(overrides=OVERRIDES + ["prune.rewind=init"])
+    with pytest.raises(UserError, match="prune.rewind: 'step:2' in the run, 'init' now"):
+        run_lottery(cfg, experiment, [0], [], progress=False, data=make_data())
+    assert parse_controls("reinit,random") == ["reinit", "random"]
+    assert parse_controls("none") == []
+    with pytest.raises(UserError, match="unknown control 'foo'"):
+        parse_controls("foo")
+    assert parse_seeds("0,1,2") == [0, 1, 2]
+    with pytest.raises(UserError, match="--seeds"):
+        parse_seeds("a,b")

@@ -1,0 +1,82 @@
+"""Meta-training run directories: resume after a crash equals an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sparsemeta.config import build_config
+from sparsemeta.errors import UserError
+from sparsemeta.meta.core import MetaLearner
+from sparsemeta.train import train
+from tests.conftest import make_data
+
+OVERRIDES = ["device=cpu", "data.image_size=16", "model.filters=8", "train.iterations=6",
+             "train.meta_batch=2", "train.val_every=3", "train.val_tasks=5",
+             "train.checkpoint_every=2", "eval.tasks=10", "data.queries=2"]
+
+
+def _metrics(run):
+    return [{k: v for k, v in json.loads(line).items()} for line in
+            (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resumed_run_is_bit_identical_to_uninterrupted(tmp_path, monkeypatch):
+    cfg = build_config(overrides=OVERRIDES)
+    data = make_data()
+    full = train(cfg, tmp_path / "a", data=data, progress=False)
+
+    real = MetaLearner.meta_gradient_step
+    calls = {"n": 0}
+
+    def crash_on_fifth(self, params, tasks):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("simulated crash")
+        return real(self, params, tasks)
+
+    monkeypatch.setattr(MetaLearner, "meta_gradient_step", crash_on_fifth)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg, tmp_path / "b", data=data, progress=False)
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["iteration"] == 4
+    monkeypatch.setattr(MetaLearner, "meta_gradient_step", real)
+    resumed = train(cfg, tmp_path / "b", data=data, progress=False)
+
+    for name in ("best.pt", "init.pt"):
+        a = torch.load(tmp_path / "a" / name, weights_only=True)
+        b = torch.load(tmp_path / "b" / name, weights_only=True)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    ca = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    cb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+    assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
+    for key in ("accuracy", "ci95", "per_step", "val_accuracy", "best_iteration"):
+        assert full[key] == resumed[key]
+    assert len(_metrics(tmp_path / "a")) == 6 + 2  # 6 train lines, 2 validations
+
+
+def test_finished_run_is_not_retrained_and_other_config_is_refused(tmp_path):
+    cfg = build_config(overrides=OVERRIDES)
+    data = make_data()
+    first = train(cfg, tmp_path, data=data, progress=False)
+    mtime = (tmp_path / "best.pt").stat().st_mtime_ns
+    assert train(cfg, tmp_path, data=data, progress=False) == first
+    assert (tmp_path / "best.pt").stat().st_mtime_ns == mtime
+    other = build_config(overrides=OVERRIDES + ["meta.inner_lr=0.1"])
+    with pytest.raises(UserError, match="meta.inner_lr: 0.4 in the run, 0.1 now"):
+        train(other, tmp_path, data=data, progress=False)
+
+
+def test_result_records_test_accuracy_with_ci_and_model_chosen_on_validation(tmp_path):
+    cfg = build_config(overrides=OVERRIDES + ["train.iterations=20", "train.val_every=5"])
+    res = train(cfg, tmp_path, data=make_data(), progress=False)
+    assert res["split"] == "test" and res["tasks"] == 10 and res["steps"] == 3
+    assert len(res["per_step"]) == 4
+    assert 0.0 < res["ci95"] < 0.5
+    assert res["accuracy"] > 0.4  # 5-way chance is 0.2; the synthetic classes are easy
+    vals = [m for m in _metrics(tmp_path) if m["split"] == "val"]
+    best = max(vals, key=lambda m: m["accuracy"])
+    assert res["best_iteration"] == best["iteration"]
+    assert res["val_accuracy"] == best["accuracy"]
