@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
+import os
 
-from sparsemeta.data.base import FewShotData
+# Tiny models gain nothing from intra-op threads, and oversubscribed OpenMP threads slow a
+# shared 2-core machine down many times over; subprocesses inherit this too.
+os.environ["OMP_NUM_THREADS"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from sparsemeta.data.base import FewShotData  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 def make_data(classes_per_split=(12, 6, 6), per_class=8, size=16, channels=1,
@@ -28,3 +37,11 @@ def make_data(classes_per_split=(12, 6, 6), per_class=8, size=16, channels=1,
 @pytest.fixture
 def tiny_data() -> FewShotData:
     return make_data()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def glyph_cache(tmp_path_factory):
+    """Generated glyphs go to one cache per test session (or CI's), never the user's cache."""
+    if "SPARSEMETA_CACHE" not in os.environ:
+        os.environ["SPARSEMETA_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    return os.environ["SPARSEMETA_CACHE"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from sparsemeta.config import DEFAULT_PRESET, build_config, preset_names
 from sparsemeta.errors import UserError
+from sparsemeta.experiment import make_dir
 
 LOTTERY_PRESET = "glyphs-lottery"
 
@@ -21,9 +22,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _config_args(p: argparse.ArgumentParser, default: str = DEFAULT_PRESET) -> None:
+def _config_args(p: argparse.ArgumentParser, default: str | None = DEFAULT_PRESET) -> None:
     p.add_argument("--config", default=default,
-                   help=f"preset name or YAML path (default {default}; presets: "
+                   help=f"preset name or YAML path (default {default or 'the data set preset'}; presets: "
                         f"{', '.join(preset_names())})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.iterations=200 (repeatable)")
@@ -36,15 +37,17 @@ def _default_out(kind: str, cfg_dict: dict) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from sparsemeta.data.registry import load_data
     from sparsemeta.evaluate import format_result
     from sparsemeta.train import train
 
     cfg = build_config(args.config, args.overrides)
-    out = Path(args.out) if args.out else _default_out("train", cfg.to_dict())
+    data = load_data(cfg)  # fail on data problems before anything is written
+    out = make_dir(args.out or _default_out("train", cfg.to_dict()))
     finished = (out / "eval.json").exists()
     print(f"run directory: {out}" + (" (finished; printing its result)" if finished else ""),
           file=sys.stderr)
-    result = train(cfg, out)
+    result = train(cfg, out, data=data)
     print(format_result(result))
     print(f"best validation accuracy {100 * result['val_accuracy']:.2f}% at iteration "
           f"{result['best_iteration']}; results in {out / 'eval.json'}")
@@ -52,17 +55,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_lottery(args: argparse.Namespace) -> int:
+    from sparsemeta.data.registry import load_data
     from sparsemeta.report import write_report
     from sparsemeta.sparsity.lottery import parse_controls, parse_seeds, run_lottery
 
     cfg = build_config(args.config, args.overrides)
     seeds = parse_seeds(args.seeds)
     controls = parse_controls(args.controls)
-    out = Path(args.out) if args.out else _default_out("lottery", cfg.to_dict())
+    data = load_data(cfg)  # fail on data problems before anything is written
+    out = make_dir(args.out or _default_out("lottery", cfg.to_dict()))
     levels = cfg.prune.num_levels()
     print(f"experiment directory: {out} — {levels} pruning levels × seeds {seeds}, "
           f"controls: {', '.join(controls) or 'none'}", file=sys.stderr)
-    run_lottery(cfg, out, seeds, controls)
+    run_lottery(cfg, out, seeds, controls, data=data)
     summary = write_report([out])
     print(summary["table"])
     print(f"report: {out / 'report.md'} (plots and summary.json beside it)")
@@ -115,15 +120,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_data_preview(args: argparse.Namespace) -> int:
-    from sparsemeta.data.preview import contact_sheet
-    from sparsemeta.data.registry import load_data
+def _data_config(args: argparse.Namespace):  # noqa: ANN202
+    """The config of a ``data`` command: the data set's own preset unless --config is given."""
+    from sparsemeta.data.info import preset_for
 
     overrides = [f"data.name={args.name}"] + args.overrides
     if args.root:
         overrides.append(f"data.root={args.root}")
-    cfg = build_config(args.config, overrides)
-    data = load_data(cfg)
+    return build_config(args.config or preset_for(args.name), overrides)
+
+
+def cmd_data_info(args: argparse.Namespace) -> int:
+    from sparsemeta.data.info import info
+
+    print(info(_data_config(args)))
+    return 0
+
+
+def cmd_data_download(args: argparse.Namespace) -> int:
+    from sparsemeta.data.download import download
+
+    print(download(args.name, args.root))
+    return 0
+
+
+def cmd_data_preview(args: argparse.Namespace) -> int:
+    from sparsemeta.data.preview import contact_sheet
+    from sparsemeta.data.registry import load_data
+
+    data = load_data(_data_config(args))
     out = Path(args.out)
     if not out.parent.exists():
         raise UserError(f"directory '{out.parent}' does not exist; create it or choose another --out")
@@ -169,15 +194,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="data set tools")
     dsub = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    names = ["glyphs", "omniglot", "miniimagenet", "folder"]
     q = dsub.add_parser("preview", help="write a contact sheet (rows = classes, columns = examples)")
-    q.add_argument("name", help="data set name (glyphs, ...)")
+    q.add_argument("name", choices=names)
     q.add_argument("--out", default="sheet.png")
     q.add_argument("--root", help="data root (or cache directory for glyphs)")
     q.add_argument("--split", choices=["train", "val", "test"], default="train")
     q.add_argument("--classes", type=int, default=12)
     q.add_argument("--per-class", type=int, default=20)
-    _config_args(q)
+    _config_args(q, None)
     q.set_defaults(func=cmd_data_preview)
+    q = dsub.add_parser("info", help="check a data set's layout; classes and images per split")
+    q.add_argument("name", choices=names)
+    q.add_argument("--root", help="data root (or cache directory for glyphs)")
+    _config_args(q, None)
+    q.set_defaults(func=cmd_data_info)
+    q = dsub.add_parser("download", help="fetch, verify (checksums) and unpack a data set")
+    q.add_argument("name", choices=["omniglot", "miniimagenet"])
+    q.add_argument("--root", required=True, help="directory to download into")
+    q.set_defaults(func=cmd_data_download)
     return parser
 
 

@@ -37,7 +37,20 @@ class DataConfig:
     shift: int = 0
     """Meta-training augmentation: random shift of up to this many pixels."""
     seed: int = 0
-    """Seed of the generated glyph set (not of the tasks)."""
+    """Seed of the generated glyph set and of the omniglot/folder class splits (not of tasks)."""
+    split: Literal["maml", "background"] = "maml"
+    """Omniglot class split: 'maml' (1,200 meta-train characters incl. 100 validation, 423
+    test; seeded) or 'background' (train/val from images_background, test = evaluation)."""
+    split_file: str | None = None
+    """folder: JSON {train|val|test: [class names]}; default ROOT/splits.json if present."""
+    val_fraction: float = 0.2
+    """folder without a split file: fraction of classes for validation (seeded)."""
+    test_fraction: float = 0.2
+    """folder without a split file: fraction of classes for test (seeded)."""
+    channels: int | None = None
+    """folder: 1 (grayscale) or 3 (RGB); default: inferred from the images."""
+    augment: bool = True
+    """mini-ImageNet meta-training augmentation: random crop (8 px padding) + horizontal flip."""
 
 
 @dataclass
@@ -141,6 +154,15 @@ class Config:
                 raise UserError(f"{key} must be > 0, got {value}")
         if self.data.ways < 2:
             raise UserError(f"data.ways must be >= 2 for a classification task, got {self.data.ways}")
+        d = self.data
+        if not (0 < d.val_fraction < 1 and 0 < d.test_fraction < 1
+                and d.val_fraction + d.test_fraction < 1):
+            raise UserError(
+                f"data.val_fraction and data.test_fraction must be in (0, 1) with a sum below 1, "
+                f"got {d.val_fraction} and {d.test_fraction}"
+            )
+        if self.data.channels not in (None, 1, 3):
+            raise UserError(f"data.channels must be 1, 3 or null, got {self.data.channels}")
         if self.data.image_size < 16:
             raise UserError(f"data.image_size must be >= 16 for Conv4, got {self.data.image_size}")
         p = self.prune

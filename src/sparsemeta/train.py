@@ -93,13 +93,13 @@ def train(
     saved into the run directory on first use, so that a resume needs nothing else.
     ``snapshot_at=k`` saves the weights after k iterations as ``step_<k>.pt`` (late rewinding).
     """
+    device = resolve_device(cfg.device)
+    data = data if data is not None else load_data(cfg)
     run = make_dir(out)
     bind_config(run, cfg)
     if (run / "eval.json").exists():
         return read_json(run / "eval.json")
 
-    device = resolve_device(cfg.device)
-    data = data if data is not None else load_data(cfg)
     if (run / "mask.pt").exists():
         mask = load_mask(run / "mask.pt")
     elif mask is not None:
@@ -152,7 +152,8 @@ def train(
             done = it + 1
             elapsed = time.perf_counter() - t0
             log.write({"iteration": done, "split": "train", "loss": loss, "accuracy": acc})
-            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", best_val=f"{best['accuracy']:.3f}")
+            best_val = f"{best['accuracy']:.3f}" if best["accuracy"] >= 0 else "n/a"
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", best_val=best_val)
             bar.update(1)
             if snapshot_at is not None and done == snapshot_at:
                 atomic_torch_save(model.state_dict(), run / f"step_{done}.pt")

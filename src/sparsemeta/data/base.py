@@ -7,6 +7,7 @@ converted to float, so no float copy of a whole data set ever lives in memory.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,8 @@ class FewShotData:
     class_names: dict[str, list[str]] = field(default_factory=dict)
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
+    augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None
+    """Meta-training augmentation of a uint8 batch (n, C, H, W), e.g. crop + flip."""
 
     @property
     def channels(self) -> int:

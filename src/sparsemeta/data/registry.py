@@ -5,6 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from sparsemeta.data.base import FewShotData, cache_dir
+from sparsemeta.data.folder import load_folder
+from sparsemeta.data.miniimagenet import load_miniimagenet
+from sparsemeta.data.omniglot import load_omniglot
 from sparsemeta.errors import UserError
 
 # Glyph alphabets per split (by alphabet, so no alphabet's style leaks into test).
@@ -38,15 +41,15 @@ def load_glyphs(cfg) -> FewShotData:  # noqa: ANN001
     return FewShotData("glyphs", flat, classes, names, mean=(0.0,), std=(1.0,))
 
 
-LOADERS = {"glyphs": load_glyphs}
+LOADERS = {"glyphs": load_glyphs, "omniglot": load_omniglot,
+           "miniimagenet": load_miniimagenet, "folder": load_folder}
 
 
 def load_data(cfg) -> FewShotData:  # noqa: ANN001
     name = cfg.data.name
     if name not in LOADERS:
         raise UserError(
-            f"data set '{name}' has no loader in this version; use data.name=glyphs "
-            f"(available: {', '.join(sorted(LOADERS))})"
+            f"unknown data set '{name}'; available: {', '.join(sorted(LOADERS))}"
         )
     data = LOADERS[name](cfg)
     if data.image_size != cfg.data.image_size:

@@ -6,6 +6,8 @@ every evaluation see exactly the same tasks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -27,6 +29,7 @@ class TaskSampler:
         seed: int,
         rotations: bool = False,
         shift: int = 0,
+        augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -36,6 +39,7 @@ class TaskSampler:
         self.seed = seed
         self.rotations = 4 if rotations else 1
         self.shift = shift
+        self.augment = augment
         self.per_class = data.classes[split]
         n_classes = len(self.per_class) * self.rotations
         if ways > n_classes:
@@ -70,6 +74,8 @@ class TaskSampler:
             batch[label] = images
         if self.shift:
             batch = self._shift(batch, rng)
+        if self.augment is not None:
+            batch = self.augment(batch.reshape(-1, *batch.shape[2:]), rng).reshape(batch.shape)
         x = torch.from_numpy(batch).float().div_(255.0)
         x = (x.flatten(0, 1) - self._mean) / self._std
         x = x.view(self.ways, n, *x.shape[1:])
@@ -109,4 +115,5 @@ def sampler_for(cfg, data: FewShotData, split: str) -> TaskSampler:  # noqa: ANN
         seed=cfg.seed,
         rotations=cfg.data.rotations and train,
         shift=cfg.data.shift if train else 0,
+        augment=data.augment if train else None,
     )

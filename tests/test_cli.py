@@ -1,0 +1,102 @@
+"""The command line as a user meets it: one-line errors with exit 2, runs that resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sparsemeta.cli import main
+
+TINY = ["--set", "device=cpu", "--set", "model.filters=8", "--set", "train.iterations=4",
+        "--set", "train.meta_batch=2", "--set", "train.val_every=2", "--set",
+        "train.val_tasks=5", "--set", "eval.tasks=10", "--set", "data.queries=3"]
+
+
+def _cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sparsemeta", *args], capture_output=True,
+                          text=True, timeout=timeout, env=os.environ.copy(), cwd=cwd)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["train", "--set", "nope=1"], "unknown config key 'nope'"),
+    (["train", "--set", "meta.inner_steps=-1"], "meta.inner_steps must be >= 1"),
+    (["train", "--config", "omniglot-5w1s"], "data.root is not set for 'omniglot'"),
+    (["train", "--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
+    (["train", "--out", "/proc/sparsemeta-test"], "cannot create output directory"),
+    (["eval", "/nonexistent-run"], "is not a run directory"),
+    (["report", "/nonexistent-run"], "is not a directory"),
+    (["run", "--controls", "foo"], "unknown control 'foo'"),
+    (["train", "--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_user_mistakes_print_one_line_and_exit_2(args, fragment, tmp_path):
+    proc = _cli(*args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert fragment in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()  # nothing written for a refused command
+
+
+def test_too_many_ways_for_the_split_is_a_user_error(tmp_path, capsys):
+    assert main(["train", *TINY, "--set", "data.ways=400", "--out", str(tmp_path)]) == 2
+    assert "data.ways=400 but the val split of 'glyphs' has only 320 classes" in capsys.readouterr().err
+
+
+def test_train_then_eval_then_rerun_prints_result(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads((run / "eval.json").read_text())
+    assert f"test accuracy {100 * result['accuracy']:.2f}%" in out
+    assert result["tasks"] == 10 and len(result["per_step"]) == 4
+    for name in ("config.yaml", "metrics.jsonl", "checkpoint.pt", "best.pt", "init.pt"):
+        assert (run / name).exists()
+    mtime = (run / "checkpoint.pt").stat().st_mtime_ns
+    assert main(["train", *TINY, "--out", str(run)]) == 0
+    assert (run / "checkpoint.pt").stat().st_mtime_ns == mtime
+    assert main(["eval", str(run), "--tasks", "10"]) == 0
+    again = json.loads((run / "eval_test_10tasks_3steps.json").read_text())
+    assert again["accuracy"] == result["accuracy"]  # same fixed tasks, same model
+
+
+def test_data_preview_writes_a_contact_sheet(tmp_path):
+    out = tmp_path / "sheet.png"
+    assert main(["data", "preview", "glyphs", "--out", str(out), "--classes", "3"]) == 0
+    from PIL import Image
+
+    img = Image.open(out)
+    assert img.size[0] > img.size[1] > 0
+
+
+def test_run_killed_with_sigkill_then_rerun_gives_same_summary(tmp_path):
+    args = ["run", *TINY, "--set", "prune.levels=2", "--set", "train.checkpoint_every=1"]
+    ref = tmp_path / "ref"
+    assert _cli(*args, "--out", str(ref), cwd=tmp_path).returncode == 0
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "sparsemeta", *args, "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    target = killed / "seed_0" / "level_01" / "ticket" / "checkpoint.pt"
+    while not target.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "summary.json").exists()
+    done = _cli(*args, "--out", str(killed), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+
+    def rows(root: Path):
+        data = json.loads((root / "summary.json").read_text())
+        return [{k: v for k, v in r.items() if k != "train_seconds"} for r in data["rows"]]
+
+    assert rows(killed) == rows(ref)
+    assert "| 2 |" in done.stdout and "report:" in done.stdout
