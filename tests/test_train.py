@@ -80,3 +80,21 @@ def test_result_records_test_accuracy_with_ci_and_model_chosen_on_validation(tmp
     best = max(vals, key=lambda m: m["accuracy"])
     assert res["best_iteration"] == best["iteration"]
     assert res["val_accuracy"] == best["accuracy"]
+
+
+def test_vmap_option_routes_meta_batches_through_the_vmap_path(tmp_path, monkeypatch):
+    """Equality of the vmap and loop meta-gradients is tested in float64 in test_batched."""
+    import sparsemeta.train as train_mod
+
+    calls = []
+    real = train_mod.vmap_meta_gradient_step
+
+    def spy(learner, params, tasks):
+        calls.append(len(tasks))
+        return real(learner, params, tasks)
+
+    monkeypatch.setattr(train_mod, "vmap_meta_gradient_step", spy)
+    res = train(build_config(overrides=OVERRIDES + ["train.vmap=true"]), tmp_path,
+                data=make_data(), progress=False)
+    assert calls == [2] * 6
+    assert 0.2 < res["accuracy"] <= 1.0

@@ -81,6 +81,10 @@ class TrainConfig:
     val_every: int = 100
     val_tasks: int = 100
     checkpoint_every: int = 50
+    vmap: bool = False
+    """Compute a meta-batch's tasks in one torch.func.vmap pass (same meta-gradient as the
+    loop, tested). Measured on CPU: ~0.65× the loop's speed at ~3× its memory — meant for
+    accelerators, where small Conv4 tasks alone do not fill the device."""
 
 
 @dataclass

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from sparsemeta.experiment import (
     resolve_device,
     write_json,
 )
+from sparsemeta.meta.batched import vmap_meta_gradient_step
 from sparsemeta.meta.core import MetaLearner
 from sparsemeta.models.conv4 import build_model
 from sparsemeta.sparsity.masks import Mask, density, load_mask, save_mask, zero_pruned_
@@ -128,6 +130,9 @@ def train(
         torch.set_rng_state(ckpt["torch_rng"])
         start, elapsed, best = ckpt["iteration"], ckpt["elapsed"], ckpt["best"]
 
+    meta_step = learner.meta_gradient_step
+    if cfg.train.vmap:
+        meta_step = partial(vmap_meta_gradient_step, learner)
     train_tasks = sampler_for(cfg, data, "train")
     val_tasks = sampler_for(cfg, data, "val")
     log = MetricsLog(run / "metrics.jsonl", keep_until=start)
@@ -147,7 +152,7 @@ def train(
             mb = cfg.train.meta_batch
             tasks = [train_tasks.task(it * mb + b).to(device) for b in range(mb)]
             optimizer.zero_grad(set_to_none=True)
-            loss, acc = learner.meta_gradient_step(params, tasks)
+            loss, acc = meta_step(params, tasks)
             optimizer.step()
             done = it + 1
             elapsed = time.perf_counter() - t0
