@@ -54,20 +54,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_lottery(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace) -> int:
+    from sparsemeta.config import experiment_defaults
     from sparsemeta.data.registry import load_data
     from sparsemeta.report import write_report
-    from sparsemeta.sparsity.lottery import parse_controls, parse_seeds, run_lottery
+    from sparsemeta.sparsity.runner import (
+        parse_controls,
+        parse_methods,
+        parse_seeds,
+        planned_runs,
+        run_experiment,
+    )
 
     cfg = build_config(args.config, args.overrides)
-    seeds = parse_seeds(args.seeds)
-    controls = parse_controls(args.controls)
+    preset = experiment_defaults(args.config)
+    methods = parse_methods(args.method or preset.get("methods", "lottery"))
+    seeds = parse_seeds(args.seeds or preset.get("seeds", "0"))
+    controls = parse_controls(args.controls or preset.get("controls", "reinit,random"))
     data = load_data(cfg)  # fail on data problems before anything is written
-    out = make_dir(args.out or _default_out("lottery", cfg.to_dict()))
-    levels = cfg.prune.num_levels()
-    print(f"experiment directory: {out} — {levels} pruning levels × seeds {seeds}, "
-          f"controls: {', '.join(controls) or 'none'}", file=sys.stderr)
-    run_lottery(cfg, out, seeds, controls, data=data)
+    out = make_dir(args.out or _default_out("-".join(methods), cfg.to_dict()))
+    print(f"experiment directory: {out} — methods {', '.join(methods)}; "
+          f"{cfg.prune.num_levels()} pruning levels; seeds {seeds}; "
+          f"controls {', '.join(controls) or 'none'}; "
+          f"{len(seeds) * planned_runs(cfg, methods, controls)} meta-training runs", file=sys.stderr)
+    workers = args.workers or int(preset.get("workers", 1))
+    if workers < 1:
+        raise UserError(f"--workers must be >= 1, got {workers}")
+    run_experiment(cfg, out, methods, seeds, controls, data=data, workers=workers)
     summary = write_report([out])
     print(summary["table"])
     print(f"report: {out / 'report.md'} (plots and summary.json beside it)")
@@ -166,19 +179,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default: runs/train-<config hash>)")
     p.set_defaults(func=cmd_train)
 
-    for name, preset, helptext in (
-        ("run", LOTTERY_PRESET, "the main job: a lottery-ticket experiment with controls "
-                                "and its report (default: the quick glyph preset)"),
-        ("lottery", LOTTERY_PRESET, "iterative magnitude pruning with rewinding, controls, "
-                                    "several seeds, and the report"),
+    for name, helptext in (
+        ("run", "the main job: a sparsity experiment (default: lottery tickets with controls on "
+                "the quick glyph preset) and its report"),
+        ("lottery", "iterative magnitude pruning with rewinding, controls, several seeds, "
+                    "and the report"),
     ):
         p = sub.add_parser(name, help=helptext)
-        _config_args(p, preset)
-        p.add_argument("--seeds", default="0", help="comma list of seeds (default 0)")
-        p.add_argument("--controls", default="reinit,random",
-                       help="controls at each level: reinit,random (default both) or none")
-        p.add_argument("--out", help="experiment directory (default: runs/lottery-<config hash>)")
-        p.set_defaults(func=cmd_lottery)
+        _config_args(p, LOTTERY_PRESET)
+        if name == "run":
+            p.add_argument("--method", help="comma list of lottery, dense, random, l1, rigl, "
+                                            "earlybird (default: the preset's, else lottery)")
+        p.add_argument("--seeds", help="comma list of seeds (default: the preset's, else 0)")
+        p.add_argument("--controls", help="lottery controls at each level: reinit,random or none "
+                                          "(default: the preset's, else both)")
+        p.add_argument("--workers", type=int, help="seeds run in this many parallel processes "
+                                                    "(default: the preset's, else 1)")
+        p.add_argument("--out", help="experiment directory (default: runs/<methods>-<config hash>)")
+        p.set_defaults(func=cmd_run, **({} if name == "run" else {"method": "lottery"}))
 
     p = sub.add_parser("report", help="summary.json, Markdown table and plots of experiments")
     p.add_argument("dirs", nargs="+", help="experiment directories (e.g. one per seed)")

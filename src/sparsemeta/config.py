@@ -7,6 +7,7 @@ run never dies at hour 30 on a typo.
 from __future__ import annotations
 
 import dataclasses
+import keyword
 import math
 import re
 import types
@@ -117,6 +118,41 @@ class PruneConfig:
 
 
 @dataclass
+class L1Config:
+    """L1-regularised meta-training (the 2019 sparse-MAML baseline), then magnitude threshold."""
+
+    lambda_: float = 1e-4
+    """Penalty λ·Σ|θ| on the prunable weights, added to the mean outer loss (key ``l1.lambda``)."""
+    finetune_iterations: int = 30
+    """Masked meta-fine-tuning after thresholding to each density (0: evaluate as is only)."""
+
+
+@dataclass
+class RiglConfig:
+    """RigL dynamic sparse meta-training at a fixed density (Evci et al., 2020)."""
+
+    distribution: Literal["erk", "uniform"] = "erk"
+    drop_fraction: float = 0.3
+    """f₀: fraction of active weights dropped (and regrown) at the first update; cosine decay."""
+    update_every: int = 100
+    """ΔT: outer steps between mask updates."""
+    end_fraction: float = 0.75
+    """T_end as a fraction of train.iterations: no mask updates after it."""
+
+
+@dataclass
+class EarlyBirdConfig:
+    """Early-bird tickets: stop a level once the next level's magnitude mask stops changing."""
+
+    epsilon: float = 0.02
+    """Normalised Hamming distance below which two successive masks count as the same."""
+    every: int = 5
+    """Outer steps between mask snapshots."""
+    window: int = 5
+    """The last ``window`` distances must all be below epsilon."""
+
+
+@dataclass
 class Config:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -126,9 +162,12 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    l1: L1Config = field(default_factory=L1Config)
+    rigl: RiglConfig = field(default_factory=RiglConfig)
+    earlybird: EarlyBirdConfig = field(default_factory=EarlyBirdConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return _to_dict(self)
 
     def validate(self) -> Config:
         """Check value ranges that types alone cannot express; raise UserError naming the key."""
@@ -181,12 +220,43 @@ class Config:
             )
         if not re.fullmatch(r"init|none|step:[1-9][0-9]*", p.rewind):
             raise UserError(f"prune.rewind must be init, none or step:K (K >= 1), got {p.rewind!r}")
+        for key, value in {"l1.lambda": self.l1.lambda_,
+                           "l1.finetune_iterations": self.l1.finetune_iterations}.items():
+            if value < 0:
+                raise UserError(f"{key} must be >= 0, got {value}")
+        r = self.rigl
+        if not 0.0 < r.drop_fraction < 1.0:
+            raise UserError(f"rigl.drop_fraction must be in (0, 1), got {r.drop_fraction}")
+        if not 0.0 < r.end_fraction <= 1.0:
+            raise UserError(f"rigl.end_fraction must be in (0, 1], got {r.end_fraction}")
+        if r.update_every < 1:
+            raise UserError(f"rigl.update_every must be >= 1, got {r.update_every}")
+        e = self.earlybird
+        if not 0.0 < e.epsilon < 1.0:
+            raise UserError(f"earlybird.epsilon must be in (0, 1), got {e.epsilon}")
+        if e.every < 1 or e.window < 1:
+            raise UserError(f"earlybird.every and earlybird.window must be >= 1, got "
+                            f"{e.every} and {e.window}")
         k = p.rewind_step()
         if k is not None and k > self.train.iterations:
             raise UserError(
                 f"prune.rewind={p.rewind} is past train.iterations={self.train.iterations}"
             )
         return self
+
+
+def _key(field_name: str) -> str:
+    """Config key of a field: ``lambda_`` is spelled ``lambda`` (a Python keyword)."""
+    base = field_name[:-1]
+    return base if field_name.endswith("_") and keyword.iskeyword(base) else field_name
+
+
+def _to_dict(obj: Any) -> dict[str, Any]:
+    return {
+        _key(f.name): _to_dict(v) if dataclasses.is_dataclass(v) else v
+        for f in dataclasses.fields(obj)
+        for v in [getattr(obj, f.name)]
+    }
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -240,18 +310,19 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
     if not isinstance(data, dict):
         raise UserError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
+    names = {_key(f.name): f.name for f in dataclasses.fields(obj)}
     for name, value in data.items():
         key = f"{prefix}{name}"
         if name not in names:
             raise UserError(
                 f"unknown config key '{key}'; valid keys here: {', '.join(sorted(names))}"
             )
-        tp = hints[name]
+        attr = names[name]
+        tp = hints[attr]
         if _is_dataclass_type(tp):
-            _apply(getattr(obj, name), value, prefix=f"{key}.")
+            _apply(getattr(obj, attr), value, prefix=f"{key}.")
         else:
-            setattr(obj, name, _coerce(key, value, tp))
+            setattr(obj, attr, _coerce(key, value, tp))
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -300,6 +371,16 @@ def read_preset(name_or_path: str) -> dict[str, Any]:
     return data
 
 
+def experiment_defaults(preset: str) -> dict[str, str]:
+    """A preset's optional ``experiment:`` block (methods, seeds, controls, workers) as CLI
+    strings: defaults of the ``run`` command's flags."""
+    block = read_preset(preset).get("experiment") or {}
+    if not isinstance(block, dict) or set(block) - {"methods", "seeds", "controls", "workers"}:
+        raise UserError(f"preset '{preset}': 'experiment' may hold only methods, seeds, "
+                        "controls, workers")
+    return {k: ",".join(map(str, v)) if isinstance(v, list) else str(v) for k, v in block.items()}
+
+
 def _nest(path: list[str], value: Any) -> dict[str, Any]:
     out: dict[str, Any] = {path[-1]: value}
     for part in reversed(path[:-1]):
@@ -315,7 +396,8 @@ def build_config(
     """Defaults ← preset (name, path or dict) ← ``--set`` overrides, validated."""
     cfg = cls()
     if preset is not None:
-        data = preset if isinstance(preset, dict) else read_preset(preset)
+        data = dict(preset if isinstance(preset, dict) else read_preset(preset))
+        data.pop("experiment", None)  # the experiment's defaults (see experiment_defaults)
         _apply(cfg, data)
     for item in overrides or []:
         path, value = _parse_override(item)

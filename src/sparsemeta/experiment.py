@@ -61,8 +61,10 @@ def make_dir(path: str | Path) -> Path:
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> str | None:
+    """First difference; keys absent from the old config ``a`` (added by a later version of
+    sparsemeta, whose defaults keep the old behaviour) are not differences."""
     if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
+        for k in sorted(set(a) & set(b)) + sorted(set(a) - set(b)):
             d = _diff(a.get(k), b.get(k), f"{prefix}{k}.")
             if d:
                 return d

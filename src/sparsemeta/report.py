@@ -16,37 +16,71 @@ from sparsemeta.evaluate import mean_ci95
 from sparsemeta.experiment import atomic_write_text, read_json, write_json
 from sparsemeta.sparsity.masks import density, layer_densities, load_mask, nonzeros
 
-METHOD_ORDER = ("ticket", "reinit", "random")
-COLORS = {"ticket": "tab:blue", "reinit": "tab:orange", "random": "tab:green"}
+METHOD_ORDER = ("ticket", "reinit", "random", "l1", "l1_oneshot", "rigl", "earlybird")
+COLORS = {"ticket": "tab:blue", "reinit": "tab:orange", "random": "tab:green", "l1": "tab:red",
+          "l1_oneshot": "tab:pink", "rigl": "tab:purple", "earlybird": "tab:brown"}
+
+
+def _with_costs(records: list[dict]) -> list[dict]:
+    """Meta-training compute (tasks) it took to produce each model, and its ratio to full IMP.
+
+    A ticket at level L costs IMP levels 0..L; its reinit control levels 0..L-1 plus itself;
+    L1 models the L1 dense run plus their fine-tune; an early-bird ticket its search runs below
+    L plus itself; random and RigL models only themselves. Full IMP = all ticket levels.
+    """
+    own = {(r["root"], r["seed"], r["method"], r["level"]): r["meta_tasks"] for r in records}
+
+    def chain(r: dict, method: str, below: int) -> int:
+        return sum(v for (root, seed, m, lvl), v in own.items()
+                   if root == r["root"] and seed == r["seed"] and m == method and lvl < below)
+
+    for r in records:
+        m, lvl = r["method"], r["level"]
+        cost = r["meta_tasks"]
+        if m in ("ticket", "reinit"):
+            cost += chain(r, "ticket", lvl)
+        elif m in ("l1", "l1_oneshot") and lvl > 0:
+            cost += chain(r, "l1", 1)
+        elif m in ("earlybird", "eb_search"):
+            cost += chain(r, "eb_search", lvl)
+        full = chain(r, "ticket", 10**9)
+        r["compute_tasks"] = cost
+        r["compute_vs_full_imp"] = cost / full if full else None
+    return records
 
 
 def collect(roots: list[Path]) -> list[dict]:
-    """One record per finished run directory ``seed_S/level_LL/<method>`` under ``roots``."""
+    """One record per finished run directory ``seed_S/level_LL/<method>`` under ``roots``
+    (search runs that only find masks are counted for compute, not reported as models)."""
     records = []
     for root in roots:
         for ev in sorted(Path(root).glob("seed_*/level_*/*/eval.json")):
             run = ev.parent
             res = read_json(ev)
-            mask_path = run / "mask.pt"
-            mask = load_mask(mask_path) if mask_path.exists() else None
-            records.append({
+            record = {
                 "root": str(root),
                 "seed": int(run.parent.parent.name.split("_")[1]),
                 "level": int(run.parent.name.split("_")[1]),
                 "method": run.name,
-                "density": density(mask) if mask else 1.0,
-                "layer_densities": layer_densities(mask) if mask else None,
-                "nonzeros": nonzeros(mask) if mask else None,
-                "accuracy": res["accuracy"],
-                "task_ci95": res["ci95"],
-                "per_step": [r["accuracy"] for r in res["per_step"]],
-                "best_step": res["best_step"],
-                "val_accuracy": res["val_accuracy"],
-                "early_stop_iteration": res["best_iteration"],
-                "train_seconds": res["train_seconds"],
-                "meta_tasks": res["iterations"] * res["meta_batch"],
-            })
-    return records
+                "meta_tasks": res["meta_tasks"],
+                "model": bool(res.get("split")),
+            }
+            if record["model"]:
+                mask = load_mask(run / "mask.pt") if (run / "mask.pt").exists() else None
+                record.update({
+                    "density": density(mask) if mask else 1.0,
+                    "layer_densities": layer_densities(mask) if mask else None,
+                    "nonzeros": nonzeros(mask) if mask else None,
+                    "accuracy": res["accuracy"],
+                    "task_ci95": res["ci95"],
+                    "per_step": [r["accuracy"] for r in res["per_step"]],
+                    "best_step": res["best_step"],
+                    "val_accuracy": res["val_accuracy"],
+                    "early_stop_iteration": res["best_iteration"],
+                    "train_seconds": res["train_seconds"],
+                })
+            records.append(record)
+    return [r for r in _with_costs(records) if r.pop("model")]
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -74,8 +108,12 @@ def summarize(records: list[dict]) -> list[dict]:
             "best_step": int(np.argmax(steps.mean(axis=0))),
             "val_accuracy": float(np.mean([r["val_accuracy"] for r in rs])),
             "early_stop_iteration": float(np.mean([r["early_stop_iteration"] for r in rs])),
+            "early_stop_ci95": (mean_ci95(np.array([r["early_stop_iteration"] for r in rs]))[1]
+                                if seeds >= 2 else None),
             "train_seconds": float(np.sum([r["train_seconds"] for r in rs])),
-            "meta_tasks": int(np.sum([r["meta_tasks"] for r in rs])),
+            "compute_tasks": float(np.mean([r["compute_tasks"] for r in rs])),
+            "compute_vs_full_imp": (float(np.mean([r["compute_vs_full_imp"] for r in rs]))
+                                    if all(r["compute_vs_full_imp"] for r in rs) else None),
             "nonzeros": rs[0]["nonzeros"],
             "layer_densities": rs[0]["layer_densities"],
         })
@@ -110,7 +148,33 @@ def markdown_table(rows: list[dict]) -> str:
     over = "seeds" if min(seeds) >= 2 else "test tasks (one seed)"
     lines.append("")
     lines.append(f"Accuracy: mean test accuracy after the last adaptation step; CI: 95% over {over}.")
+    if len(methods) > 3 or any(m not in ("ticket", "reinit", "random") for m in methods):
+        lines += ["", cost_table(rows)]
     return "\n".join(lines) + "\n"
+
+
+def cost_table(rows: list[dict]) -> str:
+    """Density × method → accuracy ± CI and meta-training compute relative to full IMP."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    by = {(r["method"], r["level"]): r for r in rows}
+    head = ["weights remaining %"] + [f"{m}: acc % / compute ×IMP" for m in methods]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for lvl in sorted({r["level"] for r in rows}):
+        ref = next(by[(m, lvl)] for m in methods if (m, lvl) in by)
+        cells = [f"{100 * ref['density']:.1f}"]
+        for m in methods:
+            r = by.get((m, lvl))
+            if not r:
+                cells.append("—")
+                continue
+            rel = r["compute_vs_full_imp"]
+            cells.append(f"{_pct(r['accuracy'])} ± {_pct(r['ci95'])} / "
+                         + (f"{rel:.2f}" if rel is not None else "n/a"))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Compute: meta-training tasks (iterations × meta-batch) needed to produce the model, "
+                 "relative to the whole IMP run (all ticket levels).")
+    return "\n".join(lines)
 
 
 def plot(rows: list[dict], out: Path) -> list[Path]:
@@ -118,10 +182,19 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
     methods = [m for m in dict.fromkeys(r["method"] for r in rows)]
     dense = next((r for r in rows if r["level"] == 0 and r["method"] == "ticket"), None)
     paths = []
+
+    def density_axis(ax) -> None:  # noqa: ANN001
+        ticks = sorted({round(100 * r["density"], 1) for r in rows})
+        ax.set_xscale("log")
+        ax.set_xticks(ticks)
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.invert_xaxis()
 
     def series(method: str, key: str):
         rs = sorted((r for r in rows if r["method"] == method), key=lambda r: -r["density"])
@@ -137,8 +210,7 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
         ax.axhline(100 * dense["accuracy"], color="gray", ls="--", lw=1, label="dense (level 0)")
         ax.axhspan(100 * (dense["accuracy"] - dense["ci95"]),
                    100 * (dense["accuracy"] + dense["ci95"]), color="gray", alpha=0.1)
-    ax.set_xscale("log")
-    ax.invert_xaxis()
+    density_axis(ax)
     ax.set_xlabel("% of prunable weights remaining (log scale)")
     ax.set_ylabel("test accuracy % (95% CI)")
     ax.set_title("Meta-test accuracy vs sparsity")
@@ -152,15 +224,35 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m in methods:
         x, y, _ = series(m, "early_stop_iteration")
-        ax.plot(x, y, "o-", label=m, color=COLORS.get(m))
-    ax.set_xscale("log")
-    ax.invert_xaxis()
+        rs = sorted((r for r in rows if r["method"] == m), key=lambda r: -r["density"])
+        err = [r["early_stop_ci95"] or 0.0 for r in rs]
+        ax.errorbar(x, y, yerr=err if any(err) else None, fmt="o-", label=m,
+                    color=COLORS.get(m), capsize=3)
+    density_axis(ax)
     ax.set_xlabel("% of prunable weights remaining (log scale)")
     ax.set_ylabel("early-stopping meta-iteration (best validation)")
-    ax.set_title("Learning speed vs sparsity")
+    ax.set_title("Learning speed vs sparsity" + (" (95% CI over seeds)" if any(
+        r["early_stop_ci95"] for r in rows) else ""))
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     paths.append(out / "early_stop_vs_density.png")
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in methods:
+        rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["compute_tasks"])
+        ax.errorbar([r["compute_tasks"] for r in rs], [100 * r["accuracy"] for r in rs],
+                    yerr=[100 * r["ci95"] for r in rs], fmt="o", label=m, color=COLORS.get(m),
+                    capsize=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("meta-training compute to produce the model (tasks, log scale)")
+    ax.set_ylabel("test accuracy % (95% CI)")
+    ax.set_title("Accuracy vs compute")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    paths.append(out / "accuracy_vs_compute.png")
     fig.tight_layout()
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import json
 import time
-from functools import partial
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -39,6 +39,7 @@ from sparsemeta.experiment import (
 from sparsemeta.meta.batched import vmap_meta_gradient_step
 from sparsemeta.meta.core import MetaLearner
 from sparsemeta.models.conv4 import build_model
+from sparsemeta.sparsity.hooks import TrainHooks
 from sparsemeta.sparsity.masks import Mask, density, load_mask, save_mask, zero_pruned_
 
 
@@ -86,6 +87,9 @@ def train(
     mask: Mask | None = None,
     data: FewShotData | None = None,
     snapshot_at: int | None = None,
+    hooks: TrainHooks | None = None,
+    iterations: int | None = None,
+    test: bool = True,
     desc: str = "meta-train",
     progress: bool = True,
 ) -> dict:
@@ -94,7 +98,12 @@ def train(
     ``init`` replaces the model's initial weights and ``mask`` fixes a sparsity pattern; both are
     saved into the run directory on first use, so that a resume needs nothing else.
     ``snapshot_at=k`` saves the weights after k iterations as ``step_<k>.pt`` (late rewinding).
+    ``hooks`` is what a sparsity method does inside the loop (L1 penalty, RigL mask updates,
+    early-bird stop); ``iterations`` overrides ``train.iterations`` (short fine-tunes);
+    ``test=False`` skips the test evaluation (search runs whose weights are only pruned).
     """
+    hooks = hooks or TrainHooks()
+    total = cfg.train.iterations if iterations is None else iterations
     device = resolve_device(cfg.device)
     data = data if data is not None else load_data(cfg)
     run = make_dir(out)
@@ -129,6 +138,10 @@ def train(
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"])
         start, elapsed, best = ckpt["iteration"], ckpt["elapsed"], ckpt["best"]
+        hooks.load_state_dict(ckpt["hooks"])
+        if mask is not None:  # a method may move the mask (RigL): the checkpoint's is current
+            for k, m in ckpt["mask"].items():
+                mask[k].copy_(m)
 
     meta_step = learner.meta_gradient_step
     if cfg.train.vmap:
@@ -141,20 +154,33 @@ def train(
         atomic_torch_save({
             "iteration": iteration, "elapsed": elapsed, "best": best,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "torch_rng": torch.get_rng_state(),
+            "torch_rng": torch.get_rng_state(), "hooks": hooks.state_dict(),
+            "mask": mask,
         }, run / "checkpoint.pt")
 
-    bar = tqdm(total=cfg.train.iterations, initial=start, desc=desc, unit="it",
+    bar = tqdm(total=total, initial=start, desc=desc, unit="it",
                disable=not progress, dynamic_ncols=True, leave=False)
     t0 = time.perf_counter() - elapsed
+    done = start
+    if test and total == 0:  # evaluate-as-is run: the model is chosen as given
+        res = evaluate(learner, params, val_tasks, cfg.train.val_tasks, cfg.meta.eval_inner_steps,
+                       device)
+        best = {"accuracy": res["accuracy"], "ci95": res["ci95"], "iteration": 0}
+        atomic_torch_save(model.state_dict(), run / "best.pt")
     try:
-        for it in range(start, cfg.train.iterations):
+        for it in range(start, total):
             mb = cfg.train.meta_batch
             tasks = [train_tasks.task(it * mb + b).to(device) for b in range(mb)]
             optimizer.zero_grad(set_to_none=True)
             loss, acc = meta_step(params, tasks)
+            penalty = hooks.regularizer(params, mask)
+            if penalty is not None:
+                penalty.backward()
             optimizer.step()
             done = it + 1
+            if hooks.after_step(done, params, mask, optimizer, learner, tasks):
+                log.write({"iteration": done, "split": "mask", "density": density(mask)})
+            stop = hooks.should_stop(done, params, mask)
             elapsed = time.perf_counter() - t0
             log.write({"iteration": done, "split": "train", "loss": loss, "accuracy": acc})
             best_val = f"{best['accuracy']:.3f}" if best["accuracy"] >= 0 else "n/a"
@@ -162,7 +188,7 @@ def train(
             bar.update(1)
             if snapshot_at is not None and done == snapshot_at:
                 atomic_torch_save(model.state_dict(), run / f"step_{done}.pt")
-            if done % cfg.train.val_every == 0 or done == cfg.train.iterations:
+            if test and (done % cfg.train.val_every == 0 or done == total):
                 res = evaluate(learner, params, val_tasks, cfg.train.val_tasks,
                                cfg.meta.eval_inner_steps, device)
                 log.write({"iteration": done, "split": "val", "loss": res["per_step"][-1]["loss"],
@@ -171,23 +197,41 @@ def train(
                 if res["accuracy"] > best["accuracy"]:
                     best = {"accuracy": res["accuracy"], "ci95": res["ci95"], "iteration": done}
                     atomic_torch_save(model.state_dict(), run / "best.pt")
-            if done % cfg.train.checkpoint_every == 0 or done == cfg.train.iterations:
+                    if hooks.moves_mask:
+                        save_mask(mask, run / "best_mask.pt")
+            if stop or done % cfg.train.checkpoint_every == 0 or done == total:
                 checkpoint(done)
+            if stop:
+                break
     finally:
         bar.close()
         log.close()
 
+    summary = {
+        "iterations": total,
+        "iterations_run": done,
+        "meta_batch": cfg.train.meta_batch,
+        "meta_tasks": done * cfg.train.meta_batch,
+        "train_seconds": elapsed,
+        "density": density(mask) if mask else 1.0,
+    }
+    if mask is not None:
+        save_mask(mask, run / "mask.pt")  # the final mask (a method may have moved it)
+    if not test:
+        result = {"split": None, **summary}
+        write_json(run / "eval.json", result)
+        return result
     model.load_state_dict(_load(run / "best.pt", device))
+    if (run / "best_mask.pt").exists():
+        for k, m in load_mask(run / "best_mask.pt").items():
+            mask[k].copy_(m.to(device))
     result = evaluate(learner, params, sampler_for(cfg, data, "test"), cfg.eval.tasks,
                       cfg.meta.eval_inner_steps, device, progress=progress)
     result.update({
         "val_accuracy": best["accuracy"],
         "val_ci95": best.get("ci95"),
         "best_iteration": best["iteration"],
-        "iterations": cfg.train.iterations,
-        "meta_batch": cfg.train.meta_batch,
-        "train_seconds": elapsed,
-        "density": density(mask) if mask else 1.0,
+        **summary,
     })
     write_json(run / "eval.json", result)
     return result

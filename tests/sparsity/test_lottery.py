@@ -11,8 +11,8 @@ from sparsemeta.config import build_config
 from sparsemeta.errors import UserError
 from sparsemeta.meta.core import MetaLearner
 from sparsemeta.report import write_report
-from sparsemeta.sparsity.lottery import level_dir, parse_controls, parse_seeds, run_lottery
 from sparsemeta.sparsity.masks import density, load_mask
+from sparsemeta.sparsity.runner import level_dir, parse_controls, parse_seeds, run_lottery
 from tests.conftest import make_data
 
 OVERRIDES = ["device=cpu", "data.image_size=16", "model.filters=8", "train.iterations=4",

@@ -1,0 +1,145 @@
+"""RigL, ERK, the L1 term and early-bird detection."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sparsemeta.meta.core import MetaLearner, Task
+from sparsemeta.models.conv4 import Conv4
+from sparsemeta.sparsity.hooks import EarlyBirdHooks, L1Hooks, RigLHooks
+from sparsemeta.sparsity.masks import density, full_mask
+from sparsemeta.sparsity.rigl import (
+    drop_and_grow,
+    drop_fraction,
+    erk_densities,
+    layer_counts,
+    random_mask,
+)
+
+
+def _model():
+    torch.manual_seed(0)
+    return Conv4(1, ways=5, image_size=16, filters=8)
+
+
+def _shapes(model):
+    return {k: v.shape for k, v in model.named_parameters() if v.dim() >= 2}
+
+
+@pytest.mark.parametrize("target", [0.05, 0.2, 0.5, 0.9])
+def test_erk_densities_hit_the_target_and_none_exceeds_one(target):
+    shapes = _shapes(_model())
+    dens = erk_densities(shapes, target)
+    sizes = {k: math.prod(s) for k, s in shapes.items()}
+    overall = sum(dens[k] * sizes[k] for k in shapes) / sum(sizes.values())
+    assert overall == pytest.approx(target, rel=1e-12)
+    assert all(0 < d <= 1.0 for d in dens.values())
+    # ERK gives the small first conv (9 inputs per filter) more density than the big ones
+    assert dens["blocks.0.conv.weight"] > dens["blocks.2.conv.weight"]
+    counts = layer_counts(shapes, target, "erk")
+    kept = sum(counts.values()) / sum(sizes.values())
+    assert kept == pytest.approx(target, abs=5 / sum(sizes.values()))
+
+
+def test_erk_makes_layers_dense_when_their_share_would_exceed_one():
+    shapes = {"small": torch.Size([4, 1, 3, 3]), "big": torch.Size([256, 256, 3, 3])}
+    dens = erk_densities(shapes, 0.5)
+    assert dens["small"] == 1.0 and dens["big"] < 0.5
+
+
+def test_drop_and_grow_keeps_counts_drops_smallest_and_grows_largest_gradient():
+    w = {"w": torch.tensor([[0.9, -0.1, 0.5, 0.0, 0.0, 0.0]])}
+    mask = {"w": torch.tensor([[True, True, True, False, False, False]])}
+    g = {"w": torch.tensor([[0.0, 0.0, 0.0, 0.2, -3.0, 1.0]])}
+    new, grown = drop_and_grow(w, g, mask, fraction=0.34)  # round(0.34 * 3) = 1
+    assert new["w"].tolist() == [[True, False, True, False, True, False]]
+    assert grown["w"].tolist() == [[False, False, False, False, True, False]]
+    assert int(new["w"].sum()) == 3
+
+
+def test_drop_fraction_follows_the_cosine_schedule_and_stops_at_t_end():
+    assert drop_fraction(0, 0.3, 100) == pytest.approx(0.3)
+    assert drop_fraction(50, 0.3, 100) == pytest.approx(0.15)
+    assert drop_fraction(100, 0.3, 100) == 0.0 and drop_fraction(150, 0.3, 100) == 0.0
+
+
+def _task():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(10, 1, 16, 16, generator=gen)
+    y = torch.arange(5).repeat(2)
+    return Task(x[:5], y[:5], x[5:], y[5:])
+
+
+def test_rigl_hook_keeps_density_exact_and_grows_where_the_meta_gradient_is_largest():
+    model = _model()
+    params = dict(model.named_parameters())
+    shapes = _shapes(model)
+    counts = layer_counts(shapes, 0.3, "erk")
+    mask = random_mask(shapes, counts, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for k, m in mask.items():
+            params[k].mul_(m)
+    learner = MetaLearner(model, inner_lr=0.4, inner_steps=1, mask=mask)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    tasks = [_task()]
+    for _ in range(3):  # build Adam state
+        opt.zero_grad()
+        learner.meta_gradient_step(params, tasks)
+        opt.step()
+    before = {k: m.clone() for k, m in mask.items()}
+    # the dense meta-gradient w.r.t. the effective weights, computed independently
+    eff = {k: (v * mask[k] if k in mask else v).detach().requires_grad_() for k, v in params.items()}
+    MetaLearner(model, inner_lr=0.4, inner_steps=1).meta_gradient_step(eff, tasks)
+    hook = RigLHooks(f0=0.3, every=1, end=100)
+    assert hook.after_step(1, params, mask, opt, learner, tasks)
+    assert {k: int(m.sum()) for k, m in mask.items()} == counts
+    assert density(mask) == pytest.approx(sum(counts.values()) / sum(m.numel() for m in mask.values()))
+    for k, m in mask.items():
+        grown = m & ~before[k]
+        if not grown.any():
+            continue
+        inactive_not_grown = ~before[k] & ~m
+        assert eff[k].grad.abs()[grown].min() >= eff[k].grad.abs()[inactive_not_grown].max()
+        assert torch.count_nonzero(params[k][grown]) == 0  # grown weights start at zero
+        state = opt.state[params[k]]
+        assert torch.count_nonzero(state["exp_avg"][grown]) == 0
+        assert torch.count_nonzero(state["exp_avg"][~m]) == 0
+        assert torch.count_nonzero(params[k][~m]) == 0
+    assert any((m != before[k]).any() for k, m in mask.items())
+
+
+def test_l1_term_gradient_is_lambda_times_sign_on_prunable_weights_only():
+    model = _model()
+    params = dict(model.named_parameters())
+    lam = 0.01
+    L1Hooks(lam).regularizer(params, None).backward()
+    for k, p in params.items():
+        expected = lam * torch.sign(p.detach()) if p.dim() >= 2 else torch.zeros_like(p)
+        got = p.grad if p.grad is not None else torch.zeros_like(p)
+        assert torch.allclose(got, expected), k
+
+
+def test_early_bird_fires_when_the_last_distances_fall_below_epsilon_and_not_before():
+    model = _model()
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    hook = EarlyBirdHooks(rate=0.2, scope="layerwise", output_rate_factor=0.5, epsilon=0.01,
+                          every=1, window=3)
+    gen = torch.Generator().manual_seed(0)
+    fired = []
+    for step in range(1, 13):
+        if step <= 6:  # weights still moving a lot: the masks differ
+            for v in params.values():
+                v.add_(torch.randn(v.shape, generator=gen))
+        fired.append(hook.should_stop(step, params, None))
+    # distances at steps 2..6 are large (the weights moved), from step 7 on they are zero
+    assert all(d > 0.01 for d in hook.distances[:5]) and hook.distances[5:8] == [0.0] * 3
+    assert fired.index(True) == 8  # step 9: the last 3 distances (steps 7, 8, 9) are zero
+    assert not any(fired[:8])
+    state = hook.state_dict()
+    again = EarlyBirdHooks(0.2, "layerwise", 0.5, 0.01, 1, 3)
+    again.load_state_dict(state)
+    assert again.fired() and again.distances == hook.distances
+    assert full_mask(params).keys() == state["previous"].keys()
