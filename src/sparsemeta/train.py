@@ -136,7 +136,7 @@ def train(
         ckpt = _load(run / "checkpoint.pt", device)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["torch_rng"])
+        torch.set_rng_state(ckpt["torch_rng"].cpu())
         start, elapsed, best = ckpt["iteration"], ckpt["elapsed"], ckpt["best"]
         hooks.load_state_dict(ckpt["hooks"])
         if mask is not None:  # a method may move the mask (RigL): the checkpoint's is current

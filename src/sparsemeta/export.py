@@ -1,0 +1,201 @@
+"""Compact export of a trained (sparse) model for the NumPy edge runtime (``sparsemeta_edge``).
+
+``export_run`` writes one run directory's ``best.pt`` (+ ``mask.pt``) as a ``.smz`` file: packed
+bitmasks plus only the kept values of each pruned tensor, small tensors dense, and a manifest
+with everything the runtime needs to adapt the model as meta-training did (architecture,
+batch-norm policy, inner learning rate and steps, input size, channels and normalisation).
+The format itself lives in ``sparsemeta_edge.smz`` so that writer and reader cannot drift apart.
+
+``export_experiment`` picks the model of a lottery experiment: without ``level``, the sparsest
+ticket level whose test accuracy lies within the dense model's 95% CI.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sparsemeta.errors import UserError
+from sparsemeta.experiment import load_run_config, read_json
+from sparsemeta.sparsity.masks import load_mask
+from sparsemeta_edge import smz
+from sparsemeta_edge.nn import param_shapes
+
+#: data sets whose loaders do not normalise (mean 0, std 1 on images / 255)
+_UNNORMALISED = ("glyphs", "omniglot")
+
+
+def _input_stats(cfg, channels: int) -> tuple[list[float] | None, list[float] | None, str]:  # noqa: ANN001
+    """The per-channel normalisation meta-training used, so the device feeds the same inputs."""
+    if cfg.data.name in _UNNORMALISED:
+        return [0.0] * channels, [1.0] * channels, cfg.data.name
+    try:  # folder / mini-ImageNet: statistics come from the (cached) data set
+        from sparsemeta.data.registry import load_data
+
+        data = load_data(cfg)
+        return [float(m) for m in data.mean], [float(s) for s in data.std], cfg.data.name
+    except Exception:  # data not on this machine: the runtime falls back to local statistics
+        return None, None, "unknown"
+
+
+def _numpy_state(run: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Weights (pruned entries zeroed: the effective θ ⊙ m) and masks of a run directory."""
+    best = run / "best.pt"
+    if not best.is_file():
+        raise UserError(f"'{run}' has no best.pt yet (no validation has run); train it further first")
+    state = torch.load(best, map_location="cpu", weights_only=True)
+    mask = load_mask(run / "mask.pt") if (run / "mask.pt").is_file() else {}
+    params, masks = {}, {}
+    for name, value in state.items():
+        arr = value.detach().to(torch.float32).numpy().copy()
+        if name in mask:
+            m = mask[name].numpy().astype(bool)
+            arr[~m] = 0.0
+            masks[name] = m
+        params[name] = arr
+    return params, masks
+
+
+def export_run(run_dir: str | Path, out_path: str | Path, fp16: bool = False) -> dict[str, Any]:
+    """Write ``run_dir``'s chosen model as ``out_path`` (.smz); returns sizes and density.
+
+    ``fp16`` stores the kept weight values in half precision (biases and batch norm stay fp32).
+    """
+    run = Path(run_dir)
+    cfg = load_run_config(run)
+    params, masks = _numpy_state(run)
+    w0 = params["blocks.0.conv.weight"]
+    filters, channels = int(w0.shape[0]), int(w0.shape[1])
+    ways = int(params["head.weight"].shape[0])
+    expected = param_shapes(channels, ways, cfg.data.image_size, filters, cfg.model.downsample)
+    got = {k: tuple(v.shape) for k, v in params.items()}
+    if got != expected:
+        raise UserError(f"'{run}/best.pt' does not match its config.yaml's Conv4 "
+                        f"({cfg.model.filters} filters, {cfg.data.image_size} px); is the run intact?")
+    mean, std, stats_source = _input_stats(cfg, channels)
+    ev = run / "eval.json"
+    result = read_json(ev) if ev.is_file() else {}
+    manifest = {
+        "architecture": {"name": cfg.model.name, "in_channels": channels,
+                         "image_size": cfg.data.image_size, "filters": filters,
+                         "downsample": cfg.model.downsample, "ways": ways},
+        "algorithm": cfg.meta.algorithm,
+        "first_order": cfg.meta.first_order,
+        "bn": cfg.meta.bn,
+        "inner_lr": cfg.meta.inner_lr,
+        "inner_steps": cfg.meta.eval_inner_steps,
+        "train_inner_steps": cfg.meta.inner_steps,
+        "shots": cfg.data.shots,
+        "input": {"size": cfg.data.image_size, "channels": channels, "mean": mean, "std": std,
+                  "invert": cfg.data.name == "omniglot", "stats_source": stats_source},
+        "class_names": None,
+        # the run's last path components only: the manifest must stay small (size bound)
+        "source": {"run": "/".join(run.resolve().parts[-4:]), "data": cfg.data.name,
+                   "test_accuracy": result.get("accuracy"), "test_ci95": result.get("ci95")},
+    }
+    out = Path(out_path)
+    if out.is_dir():
+        raise UserError(f"--out '{out}' is a directory; give a file name such as model.smz")
+    if not out.parent.is_dir():
+        raise UserError(f"directory '{out.parent}' does not exist; create it or choose another --out")
+    nbytes = smz.save(out, manifest, params, masks, fp16=fp16)
+    model = smz.load(out)
+    dense = 4 * sum(v.size for v in params.values())
+    return {
+        "path": str(out), "bytes": nbytes, "dense_fp32_bytes": dense, "ratio": nbytes / dense,
+        "bound_bytes": smz.size_bound(model), "density": model.density,
+        "nonzeros": model.manifest["nonzeros"], "values_dtype": model.manifest["values_dtype"],
+        "normalisation": stats_source, "run": str(run),
+    }
+
+
+def _ticket_rows(exp: Path) -> list[dict]:
+    """(level, density, accuracy, ci95) of the ticket branch: summary.json, else eval.json files."""
+    summary = exp / "summary.json"
+    if summary.is_file():
+        rows = [r for r in read_json(summary).get("rows", []) if r.get("method") == "ticket"]
+        if rows:
+            return rows
+    rows = []
+    for ev in sorted(exp.glob("seed_*/level_*/ticket/eval.json")):
+        r = read_json(ev)
+        rows.append({"level": int(ev.parent.parent.name.split("_")[1]), "density": r.get("density", 1.0),
+                     "accuracy": r["accuracy"], "ci95": r.get("ci95", 0.0)})
+    if not rows:
+        raise UserError(f"'{exp}' has no finished ticket runs (no summary.json with ticket rows and "
+                        "no seed_*/level_*/ticket/eval.json); run the lottery experiment first")
+    # several seeds: one row per level, mean accuracy (the CI of the first seed's run)
+    by_level: dict[int, list[dict]] = {}
+    for r in rows:
+        by_level.setdefault(r["level"], []).append(r)
+    return [{"level": lv, "density": float(np.mean([r["density"] for r in rs])),
+             "accuracy": float(np.mean([r["accuracy"] for r in rs])), "ci95": rs[0]["ci95"]}
+            for lv, rs in sorted(by_level.items())]
+
+
+def choose_level(rows: list[dict]) -> tuple[int, str]:
+    """The sparsest ticket level whose accuracy ≥ dense accuracy − dense CI, and why."""
+    dense = next((r for r in rows if r["level"] == 0), None)
+    if dense is None:
+        raise UserError("no dense (level 0) ticket result to compare against")
+    floor = dense["accuracy"] - (dense["ci95"] or 0.0)
+    ok = [r for r in rows if r["accuracy"] >= floor]
+    pick = min(ok, key=lambda r: (r["density"], -r["level"]))
+    why = (f"level {pick['level']} (density {pick['density']:.3f}, accuracy "
+           f"{100 * pick['accuracy']:.2f}%) is the sparsest ticket within the dense model's CI "
+           f"({100 * dense['accuracy']:.2f}% ± {100 * (dense['ci95'] or 0.0):.2f})")
+    return int(pick["level"]), why
+
+
+def export_experiment(exp_dir: str | Path, out: str | Path, level: int | None = None,
+                      fp16: bool = False, seed: int | None = None) -> dict[str, Any]:
+    """Export one ticket of a lottery experiment (``level`` or the automatic choice)."""
+    exp = Path(exp_dir)
+    if not exp.is_dir():
+        raise UserError(f"experiment directory '{exp}' does not exist")
+    if level is None:
+        level, why = choose_level(_ticket_rows(exp))
+    else:
+        why = f"level {level} as requested"
+    seeds = sorted(exp.glob("seed_*"), key=lambda p: int(p.name.split("_")[1]))
+    if seed is not None:
+        seeds = [s for s in seeds if s.name == f"seed_{seed}"]
+    runs = [s / f"level_{level:02d}" / "ticket" for s in seeds]
+    runs = [r for r in runs if (r / "best.pt").is_file()]
+    if not runs:
+        raise UserError(f"no trained ticket at level {level} under '{exp}'"
+                        + (f" for seed {seed}" if seed is not None else ""))
+    result = export_run(runs[0], out, fp16=fp16)
+    result.update({"level": level, "choice": why})
+    return result
+
+
+def format_export(result: dict[str, Any]) -> str:
+    """One human line per fact: where, how big against dense fp32, how sparse."""
+    lines = []
+    if "choice" in result:
+        lines.append(f"chose {result['choice']}")
+    lines.append(f"wrote {result['path']}: {result['bytes']} bytes vs {result['dense_fp32_bytes']} "
+                 f"dense fp32 ({result['ratio']:.3f}×; bound {result['bound_bytes']}), density "
+                 f"{result['density']:.4f}, values {result['values_dtype']}")
+    if result.get("normalisation") == "unknown":
+        lines.append("note: the data set's normalisation was not available here; the edge runtime "
+                     "will normalise with the local data's statistics")
+    return "\n".join(lines)
+
+
+def export_command(path: str | Path, out: str | Path, level: int | None = None,
+                   fp16: bool = False, seed: int | None = None, as_json: bool = False) -> str:
+    """``sparsemeta export``: a run directory (has config.yaml) or a lottery experiment."""
+    p = Path(path)
+    if (p / "config.yaml").is_file():
+        if level is not None:
+            raise UserError("--level applies to a lottery experiment directory, not a run directory")
+        result = export_run(p, out, fp16=fp16)
+    else:
+        result = export_experiment(p, out, level=level, fp16=fp16, seed=seed)
+    return json.dumps(result, indent=2) if as_json else format_export(result)

@@ -1,0 +1,13 @@
+"""sparsemeta-edge: run, fine-tune and inspect exported sparse Conv4 models with NumPy alone.
+
+Deliberately independent of ``sparsemeta`` and torch (only NumPy, the standard library and,
+to read images, Pillow), so it installs on a small device; the ``.smz`` format is defined here
+and written by ``sparsemeta.export``.
+"""
+
+from sparsemeta_edge.nn import Conv4, cross_entropy
+from sparsemeta_edge.runtime import adapt, finetune, network, predict, query_logits
+from sparsemeta_edge.smz import EdgeError, SmzError, SmzModel, load, save, save_model
+
+__all__ = ["Conv4", "EdgeError", "SmzError", "SmzModel", "adapt", "cross_entropy", "finetune",
+           "load", "network", "predict", "query_logits", "save", "save_model"]

@@ -1,0 +1,154 @@
+"""``sparsemeta-edge``: fine-tune, predict with and inspect ``.smz`` models on a device.
+
+Needs only NumPy (and Pillow to read images). User mistakes end as one line on stderr, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from sparsemeta_edge.smz import EdgeError, SmzModel, load, save_model, size_bound
+
+PROG = "sparsemeta-edge"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake in one line instead of a usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _dtype(name: str) -> type:
+    return np.float64 if name == "float64" else np.float32
+
+
+def _dense_bytes(model: SmzModel) -> int:
+    return 4 * sum(v.size for v in model.params.values())
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    model = load(args.model)
+    m = model.manifest
+    a = m["architecture"]
+    size = Path(args.model).stat().st_size
+    dense = _dense_bytes(model)
+    inp = m.get("input", {})
+    print(f"{args.model}: checksum OK (sha256 {m['payload_sha256'][:16]}…)")
+    print(f"architecture  Conv4-{a['filters']} ({a['downsample']}), input {a['in_channels']}×"
+          f"{a['image_size']}×{a['image_size']}, {a['ways']} ways")
+    print(f"density       {m['density']:.4f} ({m['nonzeros']} of {m['prunable']} prunable weights), "
+          f"values {m['values_dtype']}")
+    print(f"size          {size} bytes vs {dense} dense fp32 ({size / dense:.3f}×); "
+          f"bound {size_bound(model)}")
+    print(f"adaptation    {m.get('algorithm', 'maml')}, inner lr {m['inner_lr']}, "
+          f"{m['inner_steps']} step(s), batch norm '{m.get('bn')}'")
+    norm = ("unknown (the local data's statistics will be used)" if inp.get("mean") is None
+            else f"mean {inp['mean']} std {inp['std']}")
+    print(f"input         {norm}" + (", inverted" if inp.get("invert") else ""))
+    if m.get("class_names"):
+        print(f"classes       {', '.join(m['class_names'])}")
+    if m.get("finetuned"):
+        print(f"fine-tuned    {m['finetuned']}")
+    if m.get("source"):
+        print(f"source        {m['source']}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from sparsemeta_edge.data import load_folder
+    from sparsemeta_edge.runtime import finetune
+
+    out = Path(args.out) if args.out else Path(args.model).with_name(Path(args.model).stem + "-tuned.smz")
+    if not out.parent.is_dir():
+        raise EdgeError(f"directory '{out.parent}' does not exist; create it or choose another --out")
+    model = load(args.model, _dtype(args.dtype))
+    a = model.manifest["architecture"]
+    inp = model.manifest.get("input", {})
+    images, labels, names = load_folder(args.data, a["image_size"], a["in_channels"],
+                                        bool(inp.get("invert")))
+    print(f"{len(images)} images in {len(names)} classes from '{args.data}'", flush=True)
+    tuned, _ = finetune(model, images, labels, names, epochs=args.epochs, patience=args.patience,
+                        min_delta=args.min_delta, holdout=args.holdout, lr=args.lr,
+                        batch=args.batch, seed=args.seed, log=lambda s: print(s, flush=True))
+    nbytes = save_model(out, tuned)
+    print(f"saved {out} ({nbytes} bytes)")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from sparsemeta_edge.data import decode_many
+    from sparsemeta_edge.runtime import predict
+
+    model = load(args.model, _dtype(args.dtype))
+    a = model.manifest["architecture"]
+    for p in args.images:
+        if not Path(p).is_file():
+            raise EdgeError(f"image '{p}' does not exist")
+    images = decode_many(args.images, a["image_size"], a["in_channels"],
+                         bool(model.manifest.get("input", {}).get("invert")))
+    probs, note = predict(model, images, args.bn)
+    names = model.manifest.get("class_names") or [f"class_{i}" for i in range(a["ways"])]
+    print(f"# {note}", file=sys.stderr)
+    for path, p in zip(args.images, probs):
+        top = int(np.argmax(p))
+        rest = "  ".join(f"{names[i]}={p[i]:.3f}" for i in np.argsort(-p)[:args.top])
+        print(f"{path}\t{names[top]}\t{p[top]:.4f}\t{rest}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("info", help="check a model's checksum and describe it")
+    p.add_argument("model")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("finetune", help="fine-tune on local class folders (ROOT/CLASS/*.png)")
+    p.add_argument("model")
+    p.add_argument("--data", required=True, help="folder with one sub-folder of images per class")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--patience", type=int, default=3,
+                   help="stop after this many epochs without holdout-loss improvement")
+    p.add_argument("--min-delta", type=float, default=0.0, help="smallest improvement that counts")
+    p.add_argument("--holdout", type=float, default=0.2,
+                   help="fraction of each class held out for early stopping (0: none)")
+    p.add_argument("--lr", type=float, default=None, help="SGD step (default: the model's inner lr)")
+    p.add_argument("--batch", type=int, default=25, help="images per SGD step")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--out", default=None, help="output model (default MODEL-tuned.smz)")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("predict", help="classify images; prints class and probability")
+    p.add_argument("model")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--bn", choices=("auto", "batch", "stored"), default="auto",
+                   help="batch-norm statistics: the images' own (batch), fine-tuning's (stored), "
+                        "or by the model's policy (auto)")
+    p.add_argument("--top", type=int, default=3, help="probabilities shown per image")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except EdgeError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

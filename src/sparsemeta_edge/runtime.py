@@ -1,0 +1,260 @@
+"""Adaptation, fine-tuning and prediction with an exported model, in NumPy only.
+
+The batch-norm policy travels with the model (``bn`` in the manifest), as in
+``sparsemeta.meta.core``: a training step always normalises its batch with its own statistics;
+at prediction, ``transductive`` normalises the predicted batch with its own statistics and
+``support`` with the statistics of a reference (support) set. Fine-tuning stores the statistics
+of a class-balanced reference sample of its training data in the model (``bn_stats.*``), so a
+fine-tuned model can classify a single image under either policy.
+"""
+
+from __future__ import annotations
+
+import copy
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from sparsemeta_edge.data import channel_stats, to_float
+from sparsemeta_edge.nn import Conv4, cross_entropy, init_head, softmax
+from sparsemeta_edge.smz import EdgeError, SmzModel
+
+Stats = list[tuple[np.ndarray, np.ndarray]]
+
+
+def network(model: SmzModel) -> Conv4:
+    """The NumPy Conv4 over the model's parameters (shared, not copied) and masks."""
+    arch = model.manifest["architecture"]
+    if arch.get("name", "conv4") != "conv4":
+        raise EdgeError(f"architecture '{arch.get('name')}' is not supported by this runtime")
+    return Conv4(model.params, model.masks, arch["downsample"])
+
+
+def adapt(net: Conv4, support_x: np.ndarray, support_y: np.ndarray, lr: float, steps: int) -> None:
+    """MAML's inner loop: ``steps`` masked SGD steps on the whole support set, in place."""
+    for _ in range(steps):
+        net.sgd_step(support_x, support_y, lr)
+
+
+def query_logits(net: Conv4, support_x: np.ndarray, query_x: np.ndarray, bn: str) -> np.ndarray:
+    """Query logits under a batch-norm policy (``MetaLearner.query_logits``)."""
+    if bn == "transductive":
+        return net.forward(query_x)
+    n = support_x.shape[0]
+    return net.forward(np.concatenate([support_x, query_x]), stats_rows=n)[n:]
+
+
+def stored_stats(model: SmzModel) -> Stats | None:
+    """Batch-norm statistics saved by fine-tuning, if any."""
+    if "bn_stats.0.mean" not in model.extra:
+        return None
+    return [(model.extra[f"bn_stats.{i}.mean"], model.extra[f"bn_stats.{i}.var"]) for i in range(4)]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def balanced_sample(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to ``size`` indices, round-robin over classes: a support-set-like reference batch."""
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    out: list[int] = []
+    depth = 0
+    while len(out) < size and any(depth < len(p) for p in per_class):
+        out.extend(int(p[depth]) for p in per_class if depth < len(p))
+        depth += 1
+    return np.array(sorted(out[:size]), dtype=np.int64)
+
+
+def split_holdout(labels: np.ndarray, fraction: float, rng: np.random.Generator
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified split: ``fraction`` of each class held out (≥ 1 kept for training; ≥ 1 held
+    out where the class has at least 2 images and ``fraction`` > 0)."""
+    train, hold = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        k = 0 if fraction <= 0 else min(len(idx) - 1, max(1, round(fraction * len(idx))))
+        hold.extend(idx[:k].tolist())
+        train.extend(idx[k:].tolist())
+    return np.array(sorted(train), dtype=np.int64), np.array(sorted(hold), dtype=np.int64)
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    train_loss: float
+    train_acc: float
+    holdout_loss: float | None
+    holdout_acc: float | None
+    seconds: float
+    peak_rss_mb: float
+
+    def line(self, epochs: int) -> str:
+        hold = ("" if self.holdout_loss is None else
+                f"  holdout loss {self.holdout_loss:.4f} acc {100 * self.holdout_acc:5.1f}%")
+        return (f"epoch {self.epoch:>3}/{epochs}  train loss {self.train_loss:.4f} "
+                f"acc {100 * self.train_acc:5.1f}%{hold}  time {self.seconds:.2f}s  "
+                f"peak RSS {self.peak_rss_mb:.1f} MB")
+
+
+def evaluate(net: Conv4, x_u8: np.ndarray, y: np.ndarray, mean: list[float], std: list[float],
+             bn: str, stats: Stats | None, batch: int) -> tuple[float, float]:
+    """Mean loss and accuracy of a uint8 set in batches (own statistics, or ``stats``)."""
+    losses, hits = 0.0, 0
+    for i in range(0, len(y), batch):
+        xb = to_float(x_u8[i:i + batch], mean, std, net.dtype)
+        logits = net.forward(xb, stats=stats if bn == "support" else None)
+        loss, _ = cross_entropy(logits, y[i:i + batch])
+        losses += loss * len(xb)
+        hits += int((logits.argmax(axis=1) == y[i:i + batch]).sum())
+    return losses / len(y), hits / len(y)
+
+
+def finetune(
+    model: SmzModel,
+    images: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str],
+    *,
+    epochs: int = 20,
+    patience: int = 3,
+    min_delta: float = 0.0,
+    holdout: float = 0.2,
+    lr: float | None = None,
+    batch: int = 25,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> tuple[SmzModel, list[EpochLog]]:
+    """Fine-tune on a local labelled set (uint8 images) with masked SGD at the model's inner
+    learning rate and its batch-norm policy; early stopping on the held-out loss.
+
+    Returns a new model (the input is not modified) holding the best weights, the local class
+    names, the normalisation used and the reference batch-norm statistics.
+    """
+    if epochs < 1 or patience < 1 or batch < 1:
+        raise EdgeError("--epochs, --patience and --batch must be >= 1")
+    if not 0 <= holdout < 1:
+        raise EdgeError(f"--holdout must be in [0, 1), got {holdout}")
+    model = copy.deepcopy(model)
+    man = model.manifest
+    arch = man["architecture"]
+    bn = man.get("bn", "transductive")
+    lr = float(man["inner_lr"]) if lr is None else lr
+    if not lr > 0:
+        raise EdgeError(f"--lr must be > 0, got {lr}")
+    inp = man.setdefault("input", {})
+    if images.shape[1] != arch["in_channels"]:
+        raise EdgeError(f"images have {images.shape[1]} channel(s), the model expects {arch['in_channels']}")
+    if inp.get("mean") is None or inp.get("std") is None:
+        inp["mean"], inp["std"] = channel_stats(images)
+        inp["stats_source"] = "local data"
+        log(f"the model has no input normalisation; using the local data's mean {inp['mean']} "
+            f"and std {inp['std']}")
+    mean, std = inp["mean"], inp["std"]
+    ways = len(class_names)
+    dtype = model.params["head.weight"].dtype
+    if ways != arch["ways"]:
+        features = model.params["head.weight"].shape[1]
+        model.params["head.weight"], model.params["head.bias"] = init_head(ways, features, dtype, seed)
+        model.masks["head.weight"] = np.ones((ways, features), bool)
+        log(f"the local data has {ways} classes but the exported head has {arch['ways']}; "
+            f"re-initialised the head for {ways} classes (dense, Xavier-uniform)")
+        arch["ways"] = ways
+    net = network(model)
+    rng = np.random.default_rng(seed)
+    train_idx, hold_idx = split_holdout(labels, holdout, rng)
+    ref_idx = balanced_sample(labels[train_idx], batch, rng)
+    ref_u8 = images[train_idx[ref_idx]]
+    log(f"fine-tuning on {len(train_idx)} images of {ways} classes, {len(hold_idx)} held out; "
+        f"lr {lr}, batch {batch}, batch norm '{bn}', density {model.density:.3f}")
+
+    logs: list[EpochLog] = []
+    best_loss, best_params, bad = np.inf, None, 0
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        order = rng.permutation(train_idx)
+        loss_sum, acc_sum = 0.0, 0.0
+        for i in range(0, len(order), batch):
+            idx = np.sort(order[i:i + batch])
+            xb = to_float(images[idx], mean, std, dtype)
+            loss, acc = net.sgd_step(xb, labels[idx], lr)
+            loss_sum += loss * len(idx)
+            acc_sum += acc * len(idx)
+        hl = ha = None
+        if len(hold_idx):
+            stats = net.batch_stats(to_float(ref_u8, mean, std, dtype)) if bn == "support" else None
+            hl, ha = evaluate(net, images[hold_idx], labels[hold_idx], mean, std, bn, stats, batch)
+        entry = EpochLog(epoch, loss_sum / len(order), acc_sum / len(order), hl, ha,
+                         time.perf_counter() - start, peak_rss_mb())
+        logs.append(entry)
+        log(entry.line(epochs))
+        if hl is None:
+            continue
+        if hl < best_loss - min_delta:
+            best_loss, bad = hl, 0
+            best_params = {k: v.copy() for k, v in model.params.items()}
+        else:
+            bad += 1
+            if bad >= patience:
+                log(f"early stop: holdout loss has not improved by more than {min_delta} "
+                    f"for {patience} epoch(s)")
+                break
+    if best_params is not None:
+        best = min((e for e in logs if e.holdout_loss is not None), key=lambda e: e.holdout_loss)
+        model.params.update(best_params)
+        log(f"kept the weights of epoch {best.epoch} (holdout loss {best.holdout_loss:.4f}, "
+            f"accuracy {100 * best.holdout_acc:.1f}%)")
+    net = network(model)
+    for i, (m, v) in enumerate(net.batch_stats(to_float(ref_u8, mean, std, dtype))):
+        model.extra[f"bn_stats.{i}.mean"], model.extra[f"bn_stats.{i}.var"] = m, v
+    man["class_names"] = list(class_names)
+    man["finetuned"] = {
+        "epochs": len(logs), "lr": lr, "batch": batch, "train_images": int(len(train_idx)),
+        "holdout_images": int(len(hold_idx)), "seed": seed,
+        "holdout_loss": None if best_params is None else float(best_loss),
+        "holdout_accuracy": (None if best_params is None else
+                             float(min((e for e in logs if e.holdout_loss is not None),
+                                       key=lambda e: e.holdout_loss).holdout_acc)),
+        "reference_images": int(len(ref_idx)),
+    }
+    return model, logs
+
+
+def predict(model: SmzModel, images: np.ndarray, bn_mode: str = "auto"
+            ) -> tuple[np.ndarray, str]:
+    """Class probabilities of uint8 images and a note on which statistics normalised them.
+
+    ``auto``: stored (fine-tuning) statistics under the ``support`` policy, or for a single
+    image; otherwise the batch's own statistics (``transductive``).
+    """
+    man = model.manifest
+    inp = man.get("input", {})
+    mean, std = inp.get("mean"), inp.get("std")
+    note = []
+    if mean is None or std is None:
+        from sparsemeta_edge.data import channel_stats as stats_of
+
+        mean, std = stats_of(images)
+        note.append("no stored input normalisation: used these images' own mean/std")
+    stats = stored_stats(model)
+    bn = man.get("bn", "transductive")
+    use_stored = bn_mode == "stored" or (bn_mode == "auto" and (bn == "support" or len(images) < 2))
+    if use_stored and stats is None:
+        if bn_mode == "stored":
+            raise EdgeError("this model has no stored batch-norm statistics; fine-tune it first "
+                            "or use --bn batch")
+        use_stored = False
+    if use_stored:
+        note.append("batch norm: statistics stored by fine-tuning")
+    else:
+        note.append(f"batch norm: statistics of these {len(images)} image(s)")
+    net = network(model)
+    x = to_float(images, mean, std, net.dtype)
+    logits = net.forward(x, stats=stats if use_stored else None)
+    return softmax(logits.astype(np.float64)), "; ".join(note)
