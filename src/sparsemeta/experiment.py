@@ -1,44 +1,26 @@
 """Run directories: resolved config, metrics, checkpoints and results as plain files.
 
-Every write is atomic (temporary file in the same directory, fsync, rename), so a crash at any
-moment leaves either the old file or the new one, never a torn one.
+Every write is atomic (``sparsemeta.atomic``), so a crash at any moment leaves either the old
+file or the new one, never a torn one.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
+from sparsemeta.atomic import atomic_write, atomic_write_text
 from sparsemeta.config import Config, config_from_dict
 from sparsemeta.errors import UserError
 
 
-def _atomic_write(path: str | Path, write) -> None:  # noqa: ANN001
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    _atomic_write(path, lambda fh: torch.save(obj, fh))
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    _atomic_write(path, lambda fh: fh.write(text.encode()))
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def write_json(path: str | Path, obj: Any) -> None:

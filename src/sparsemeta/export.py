@@ -170,7 +170,9 @@ def export_experiment(exp_dir: str | Path, out: str | Path, level: int | None = 
         raise UserError(f"no trained ticket at level {level} under '{exp}'"
                         + (f" for seed {seed}" if seed is not None else ""))
     result = export_run(runs[0], out, fp16=fp16)
-    result.update({"level": level, "choice": why})
+    seed_name = runs[0].parent.parent.name
+    result.update({"level": level, "seed": int(seed_name.split("_")[1]),
+                   "choice": f"{why}; exported {seed_name}'s ticket"})
     return result
 
 

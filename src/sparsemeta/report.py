@@ -184,96 +184,83 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
-    methods = [m for m in dict.fromkeys(r["method"] for r in rows)]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
     dense = next((r for r in rows if r["level"] == 0 and r["method"] == "ticket"), None)
-    paths = []
+    paths: list[Path] = []
+
+    def figure(name: str, xlabel: str, ylabel: str, title: str, draw) -> None:  # noqa: ANN001
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        draw(ax)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+        fig.tight_layout()
+        paths.append(out / name)
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
 
     def density_axis(ax) -> None:  # noqa: ANN001
-        ticks = sorted({round(100 * r["density"], 1) for r in rows})
         ax.set_xscale("log")
-        ax.set_xticks(ticks)
+        ax.set_xticks(sorted({round(100 * r["density"], 1) for r in rows}))
         ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.invert_xaxis()
 
-    def series(method: str, key: str):
-        rs = sorted((r for r in rows if r["method"] == method), key=lambda r: -r["density"])
-        return (np.array([100 * r["density"] for r in rs]), np.array([r[key] for r in rs]),
-                np.array([r["ci95"] for r in rs]))
+    def by_density(method: str) -> list[dict]:
+        return sorted((r for r in rows if r["method"] == method), key=lambda r: -r["density"])
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m in methods:
-        x, y, ci = series(m, "accuracy")
-        ax.plot(x, 100 * y, "o-", label=m, color=COLORS.get(m))
-        ax.fill_between(x, 100 * (y - ci), 100 * (y + ci), alpha=0.2, color=COLORS.get(m))
-    if dense:
-        ax.axhline(100 * dense["accuracy"], color="gray", ls="--", lw=1, label="dense (level 0)")
-        ax.axhspan(100 * (dense["accuracy"] - dense["ci95"]),
-                   100 * (dense["accuracy"] + dense["ci95"]), color="gray", alpha=0.1)
-    density_axis(ax)
-    ax.set_xlabel("% of prunable weights remaining (log scale)")
-    ax.set_ylabel("test accuracy % (95% CI)")
-    ax.set_title("Meta-test accuracy vs sparsity")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    paths.append(out / "accuracy_vs_density.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    def accuracy(ax) -> None:  # noqa: ANN001
+        for m in methods:
+            rs = by_density(m)
+            x = [100 * r["density"] for r in rs]
+            y, ci = np.array([r["accuracy"] for r in rs]), np.array([r["ci95"] for r in rs])
+            ax.plot(x, 100 * y, "o-", label=m, color=COLORS.get(m))
+            ax.fill_between(x, 100 * (y - ci), 100 * (y + ci), alpha=0.2, color=COLORS.get(m))
+        if dense:
+            ax.axhline(100 * dense["accuracy"], color="gray", ls="--", lw=1, label="dense (level 0)")
+            ax.axhspan(100 * (dense["accuracy"] - dense["ci95"]),
+                       100 * (dense["accuracy"] + dense["ci95"]), color="gray", alpha=0.1)
+        density_axis(ax)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m in methods:
-        x, y, _ = series(m, "early_stop_iteration")
-        rs = sorted((r for r in rows if r["method"] == m), key=lambda r: -r["density"])
-        err = [r["early_stop_ci95"] or 0.0 for r in rs]
-        ax.errorbar(x, y, yerr=err if any(err) else None, fmt="o-", label=m,
-                    color=COLORS.get(m), capsize=3)
-    density_axis(ax)
-    ax.set_xlabel("% of prunable weights remaining (log scale)")
-    ax.set_ylabel("early-stopping meta-iteration (best validation)")
-    ax.set_title("Learning speed vs sparsity" + (" (95% CI over seeds)" if any(
-        r["early_stop_ci95"] for r in rows) else ""))
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    paths.append(out / "early_stop_vs_density.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    def early_stop(ax) -> None:  # noqa: ANN001
+        for m in methods:
+            rs = by_density(m)
+            err = [r["early_stop_ci95"] or 0.0 for r in rs]
+            ax.errorbar([100 * r["density"] for r in rs], [r["early_stop_iteration"] for r in rs],
+                        yerr=err if any(err) else None, fmt="o-", label=m, color=COLORS.get(m),
+                        capsize=3)
+        density_axis(ax)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m in methods:
-        rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["compute_tasks"])
-        ax.errorbar([r["compute_tasks"] for r in rs], [100 * r["accuracy"] for r in rs],
-                    yerr=[100 * r["ci95"] for r in rs], fmt="o", label=m, color=COLORS.get(m),
-                    capsize=3)
-    ax.set_xscale("log")
-    ax.set_xlabel("meta-training compute to produce the model (tasks, log scale)")
-    ax.set_ylabel("test accuracy % (95% CI)")
-    ax.set_title("Accuracy vs compute")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    paths.append(out / "accuracy_vs_compute.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    def compute(ax) -> None:  # noqa: ANN001
+        for m in methods:
+            rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["compute_tasks"])
+            ax.errorbar([r["compute_tasks"] for r in rs], [100 * r["accuracy"] for r in rs],
+                        yerr=[100 * r["ci95"] for r in rs], fmt="o", label=m,
+                        color=COLORS.get(m), capsize=3)
+        ax.set_xscale("log")
 
     tickets = sorted((r for r in rows if r["method"] == "ticket"), key=lambda r: r["level"])
-    if tickets:
-        pick = sorted({0, len(tickets) // 3, 2 * len(tickets) // 3, len(tickets) - 1})
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for i in pick:
+
+    def steps(ax) -> None:  # noqa: ANN001
+        for i in sorted({0, len(tickets) // 3, 2 * len(tickets) // 3, len(tickets) - 1}):
             r = tickets[i]
             ax.plot(range(len(r["per_step"])), 100 * np.array(r["per_step"]), "o-",
                     label=f"level {r['level']} ({100 * r['density']:.1f}% weights)")
-        ax.set_xlabel("adaptation step")
-        ax.set_ylabel("test accuracy %")
-        ax.set_title("Ticket accuracy vs adaptation step")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        paths.append(out / "accuracy_vs_step.png")
-        fig.tight_layout()
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+
+    density_label = "% of prunable weights remaining (log scale)"
+    seed_ci = " (95% CI over seeds)" if any(r["early_stop_ci95"] for r in rows) else ""
+    figure("accuracy_vs_density.png", density_label, "test accuracy % (95% CI)",
+           "Meta-test accuracy vs sparsity", accuracy)
+    figure("early_stop_vs_density.png", density_label,
+           "early-stopping meta-iteration (best validation)",
+           "Learning speed vs sparsity" + seed_ci, early_stop)
+    figure("accuracy_vs_compute.png", "meta-training compute to produce the model (tasks, log scale)",
+           "test accuracy % (95% CI)", "Accuracy vs compute", compute)
+    if tickets:
+        figure("accuracy_vs_step.png", "adaptation step", "test accuracy %",
+               "Ticket accuracy vs adaptation step", steps)
     return paths
 
 

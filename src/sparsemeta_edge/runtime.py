@@ -226,7 +226,7 @@ def finetune(
     return model, logs
 
 
-def predict(model: SmzModel, images: np.ndarray, bn_mode: str = "auto"
+def predict(model: SmzModel, images: np.ndarray, bn_mode: str = "auto", chunk: int = 64
             ) -> tuple[np.ndarray, str]:
     """Class probabilities of uint8 images and a note on which statistics normalised them.
 
@@ -255,6 +255,10 @@ def predict(model: SmzModel, images: np.ndarray, bn_mode: str = "auto"
     else:
         note.append(f"batch norm: statistics of these {len(images)} image(s)")
     net = network(model)
-    x = to_float(images, mean, std, net.dtype)
-    logits = net.forward(x, stats=stats if use_stored else None)
+    if not use_stored:  # transductive: the whole set is one batch, by definition
+        logits = net.forward(to_float(images, mean, std, net.dtype))
+    else:  # fixed statistics: chunks give the same result with bounded memory
+        logits = np.concatenate([net.forward(to_float(images[i:i + chunk], mean, std, net.dtype),
+                                             stats=stats)
+                                 for i in range(0, len(images), chunk)])
     return softmax(logits.astype(np.float64)), "; ".join(note)

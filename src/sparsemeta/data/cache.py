@@ -24,7 +24,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from sparsemeta.atomic import atomic_write_text
 from sparsemeta.data.base import SPLITS, FewShotData, cache_dir
 from sparsemeta.errors import UserError
 
@@ -287,20 +287,6 @@ def file_signature(root: Path, files: Iterable[Path], structure: object = None) 
     return h.hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def cache_paths(kind: str, key: dict, signature: str, directory: Path | None = None) -> tuple[Path, Path]:
     d = directory or decoded_dir()
     ident = _digest({"kind": kind, "version": CACHE_VERSION, **key})[:12]
@@ -347,7 +333,7 @@ def load_or_build(kind: str, key: dict, signature: str,
         os.replace(tmp, npy)
         record = {"key": key, "signature": signature, "shape": shape, "version": CACHE_VERSION,
                   "info": info}
-        _atomic_write_text(meta, json.dumps(record))  # written last: the commit mark
+        atomic_write_text(meta, json.dumps(record))  # written last: the commit mark
     except OSError as exc:
         raise UserError(
             f"cannot write the {kind} cache '{npy}' ({exc.strerror or exc}); free disk space or "

@@ -24,15 +24,14 @@ import json
 import math
 import multiprocessing
 import os
-import tempfile
-from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from sparsemeta.atomic import atomic_write
 
 __all__ = ["VERSION", "GlyphSpec", "generate", "load_or_generate", "pixel_nn_accuracy"]
 
@@ -433,22 +432,6 @@ def generate(spec: GlyphSpec, workers: int = 1) -> tuple[np.ndarray, np.ndarray]
 # --------------------------------------------------------------------------- cache
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Write via a temp file in the same directory + os.replace, so readers (possibly other
-    processes racing on the same cache) only ever see a complete file or none."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _try_load(spec: GlyphSpec, npy: Path, meta: Path) -> tuple[np.ndarray, np.ndarray] | None:
     """Return the cached arrays, or None if missing, truncated or inconsistent with spec."""
     n = spec.image_size
@@ -496,8 +479,8 @@ def load_or_generate(
         "alphabet_of_class": alphabet_of_class.tolist(),
     }
     # The .npy is written last: a crash in between leaves a state _try_load rejects.
-    _atomic_write(meta, lambda f: f.write(json.dumps(info).encode()))
-    _atomic_write(npy, lambda f: np.save(f, images))
+    atomic_write(meta, lambda f: f.write(json.dumps(info).encode()))
+    atomic_write(npy, lambda f: np.save(f, images))
     cached = _try_load(spec, npy, meta)
     if cached is None:  # pragma: no cover - only on a broken file system
         raise OSError(f"failed to write glyph cache {npy}")
