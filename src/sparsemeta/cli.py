@@ -113,11 +113,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError(f"'{run}' has no best.pt yet (no validation has run); train it further first")
     device = resolve_device(cfg.device)
     data = load_data(cfg)
-    mask = load_mask(run / "mask.pt") if (run / "mask.pt").exists() else None
+    # the mask of the chosen weights: a method that moves masks (RigL) saves it beside them
+    mask_file = next((run / f for f in ("best_mask.pt", "mask.pt") if (run / f).exists()), None)
+    mask = load_mask(mask_file) if mask_file else None
     mask = {k: v.to(device) for k, v in mask.items()} if mask else None
     learner = build_learner(cfg, data.channels, mask)
-    learner.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    learner.model.to(device)
+    learner.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    learner.to(device)
     tasks = args.tasks or cfg.eval.tasks
     steps = cfg.meta.eval_inner_steps if args.steps is None else args.steps
     if tasks < 1 or steps < 0:

@@ -63,15 +63,22 @@ class ModelConfig:
 
 @dataclass
 class MetaConfig:
-    algorithm: Literal["maml"] = "maml"
+    algorithm: Literal["maml", "mamlpp", "metasgd"] = "maml"
+    """maml (scalar inner lr), mamlpp (MAML++: see the mamlpp section), metasgd (a learned
+    inner learning rate α per weight)."""
     first_order: bool = False
     inner_lr: float = 0.4
     inner_steps: int = 1
     eval_inner_steps: int = 3
-    bn: Literal["transductive", "support"] = "transductive"
+    bn: Literal["transductive", "support", "running"] = "transductive"
     """Batch-norm statistics: 'transductive' normalises support and query each with their own
     batch statistics (original MAML); 'support' normalises the query with the support set's
-    statistics, so no query example influences another's prediction."""
+    statistics, so no query example influences another's prediction; 'running' trains with
+    batch statistics while accumulating running ones (per step under MAML++'s per-step BN) and
+    evaluates with the running statistics."""
+    mix: Literal["none", "metamix"] = "none"
+    """'metamix': the outer loss mixes the query with the permuted support set at a random
+    layer (MetaMix); needs data.queries == data.shots."""
 
 
 @dataclass
@@ -91,6 +98,39 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     tasks: int = 600
+    queries: int | None = None
+    """Query examples per class of validation and test tasks (default: data.queries), so
+    learners trained with different query sizes (MetaMix) are evaluated on the same tasks."""
+
+
+@dataclass
+class MamlppConfig:
+    """MAML++ (Antoniou et al., 2019): each part switchable; used when meta.algorithm=mamlpp."""
+
+    multi_step_loss: bool = True
+    """Outer loss over every inner step, weights annealed towards the last step."""
+    msl_epochs: int = 10
+    """Epochs of multi-step loss (then the last step only)."""
+    lslr: bool = True
+    """Learned inner learning rate per layer and per step."""
+    per_step_bn: bool = True
+    """Per-step BN weights and biases (BNWB), and per-step running statistics (BNRS) when
+    meta.bn=running."""
+    first_order_epochs: int = 50
+    """Derivative-order annealing: first order before this epoch, then second (0: off)."""
+    cosine_lr: bool = True
+    """Cosine annealing of the meta learning rate from train.meta_lr to min_meta_lr."""
+    min_meta_lr: float = 1e-5
+    epoch_iterations: int = 500
+    """Meta-iterations per epoch (the unit of msl_epochs and first_order_epochs)."""
+
+
+@dataclass
+class MetaMixConfig:
+    """MetaMix (Yao et al., 2021): λ ~ Beta(alpha, beta)."""
+
+    alpha: float = 2.0
+    beta: float = 2.0
 
 
 @dataclass
@@ -161,6 +201,8 @@ class Config:
     meta: MetaConfig = field(default_factory=MetaConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    mamlpp: MamlppConfig = field(default_factory=MamlppConfig)
+    metamix: MetaMixConfig = field(default_factory=MetaMixConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     l1: L1Config = field(default_factory=L1Config)
     rigl: RiglConfig = field(default_factory=RiglConfig)
@@ -188,6 +230,8 @@ class Config:
         for key, value in positive.items():
             if value < 1:
                 raise UserError(f"{key} must be >= 1, got {value}")
+        if self.eval.queries is not None and self.eval.queries < 1:
+            raise UserError(f"eval.queries must be >= 1, got {self.eval.queries}")
         nonneg = {"meta.eval_inner_steps": self.meta.eval_inner_steps, "data.shift": self.data.shift}
         for key, value in nonneg.items():
             if value < 0:
@@ -208,6 +252,22 @@ class Config:
             raise UserError(f"data.channels must be 1, 3 or null, got {self.data.channels}")
         if self.data.image_size < 16:
             raise UserError(f"data.image_size must be >= 16 for Conv4, got {self.data.image_size}")
+        if self.meta.mix == "metamix" and self.data.queries != self.data.shots:
+            raise UserError(
+                f"meta.mix=metamix mixes each query example with a support example, so it needs "
+                f"data.queries == data.shots (got {self.data.queries} and {self.data.shots})"
+            )
+        m = self.mamlpp
+        for key, value in {"mamlpp.msl_epochs": m.msl_epochs,
+                           "mamlpp.epoch_iterations": m.epoch_iterations}.items():
+            if value < 1:
+                raise UserError(f"{key} must be >= 1, got {value}")
+        if m.first_order_epochs < 0:
+            raise UserError(f"mamlpp.first_order_epochs must be >= 0, got {m.first_order_epochs}")
+        if not 0.0 <= m.min_meta_lr <= self.train.meta_lr:
+            raise UserError(f"mamlpp.min_meta_lr must be in [0, train.meta_lr], got {m.min_meta_lr}")
+        if not (self.metamix.alpha > 0 and self.metamix.beta > 0):
+            raise UserError("metamix.alpha and metamix.beta must be > 0")
         p = self.prune
         if not 0.0 < p.rate < 1.0:
             raise UserError(f"prune.rate must be in (0, 1), got {p.rate}")

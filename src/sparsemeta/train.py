@@ -38,14 +38,21 @@ from sparsemeta.experiment import (
 )
 from sparsemeta.meta.batched import vmap_meta_gradient_step
 from sparsemeta.meta.core import MetaLearner
+from sparsemeta.meta.mamlpp import schedule
 from sparsemeta.models.conv4 import build_model
 from sparsemeta.sparsity.hooks import TrainHooks
 from sparsemeta.sparsity.masks import Mask, density, load_mask, save_mask, zero_pruned_
 
+LR_RULE = {"maml": "scalar", "metasgd": "metasgd", "mamlpp": "lslr"}
+
 
 def build_learner(cfg: Config, in_channels: int, mask: Mask | None = None) -> MetaLearner:
+    """The learner ``cfg.meta`` names: every algorithm is an option set of the one core."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, in_channels)
+    lr_rule = LR_RULE[cfg.meta.algorithm]
+    if cfg.meta.algorithm == "mamlpp" and not cfg.mamlpp.lslr:
+        lr_rule = "scalar"
     return MetaLearner(
         model,
         inner_lr=cfg.meta.inner_lr,
@@ -53,6 +60,10 @@ def build_learner(cfg: Config, in_channels: int, mask: Mask | None = None) -> Me
         first_order=cfg.meta.first_order,
         bn=cfg.meta.bn,
         mask=mask,
+        lr_rule=lr_rule,
+        eval_steps=cfg.meta.eval_inner_steps,
+        mix=(cfg.metamix.alpha, cfg.metamix.beta) if cfg.meta.mix == "metamix" else None,
+        mix_seed=cfg.seed,
     )
 
 
@@ -118,23 +129,22 @@ def train(
     mask = {k: v.to(device) for k, v in mask.items()} if mask is not None else None
 
     learner = build_learner(cfg, data.channels, mask)
-    model = learner.model
     if (run / "init.pt").exists():
-        model.load_state_dict(_load(run / "init.pt", torch.device("cpu")))
+        learner.load_state_dict(_load(run / "init.pt", torch.device("cpu")))
     else:
         if init is not None:
-            model.load_state_dict(init)
-        atomic_torch_save(model.state_dict(), run / "init.pt")
-    model.to(device)
-    params = dict(model.named_parameters())
+            learner.load_state_dict(init)
+        atomic_torch_save(learner.state_dict(), run / "init.pt")
+    learner.to(device)
+    params = dict(learner.model.named_parameters())
     zero_pruned_(params, mask)
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.meta_lr)
+    optimizer = torch.optim.Adam(learner.parameters(), lr=cfg.train.meta_lr)
     start, elapsed = 0, 0.0
     best = {"accuracy": -1.0, "iteration": 0}
     if (run / "checkpoint.pt").exists():
         ckpt = _load(run / "checkpoint.pt", device)
-        model.load_state_dict(ckpt["model"])
+        learner.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"].cpu())
         start, elapsed, best = ckpt["iteration"], ckpt["elapsed"], ckpt["best"]
@@ -153,7 +163,7 @@ def train(
     def checkpoint(iteration: int) -> None:
         atomic_torch_save({
             "iteration": iteration, "elapsed": elapsed, "best": best,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "model": learner.state_dict(), "optimizer": optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(), "hooks": hooks.state_dict(),
             "mask": mask,
         }, run / "checkpoint.pt")
@@ -166,11 +176,15 @@ def train(
         res = evaluate(learner, params, val_tasks, cfg.train.val_tasks, cfg.meta.eval_inner_steps,
                        device)
         best = {"accuracy": res["accuracy"], "ci95": res["ci95"], "iteration": 0}
-        atomic_torch_save(model.state_dict(), run / "best.pt")
+        atomic_torch_save(learner.state_dict(), run / "best.pt")
     try:
         for it in range(start, total):
             mb = cfg.train.meta_batch
             tasks = [train_tasks.task(it * mb + b).to(device) for b in range(mb)]
+            if cfg.meta.algorithm == "mamlpp":
+                learner.first_order, learner.step_weights, lr = schedule(cfg, it)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
             loss, acc = meta_step(params, tasks)
             penalty = hooks.regularizer(params, mask)
@@ -187,7 +201,7 @@ def train(
             bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", best_val=best_val)
             bar.update(1)
             if snapshot_at is not None and done == snapshot_at:
-                atomic_torch_save(model.state_dict(), run / f"step_{done}.pt")
+                atomic_torch_save(learner.state_dict(), run / f"step_{done}.pt")
             if test and (done % cfg.train.val_every == 0 or done == total):
                 res = evaluate(learner, params, val_tasks, cfg.train.val_tasks,
                                cfg.meta.eval_inner_steps, device)
@@ -196,7 +210,7 @@ def train(
                            "per_step": [r["accuracy"] for r in res["per_step"]]})
                 if res["accuracy"] > best["accuracy"]:
                     best = {"accuracy": res["accuracy"], "ci95": res["ci95"], "iteration": done}
-                    atomic_torch_save(model.state_dict(), run / "best.pt")
+                    atomic_torch_save(learner.state_dict(), run / "best.pt")
                     if hooks.moves_mask:
                         save_mask(mask, run / "best_mask.pt")
             if stop or done % cfg.train.checkpoint_every == 0 or done == total:
@@ -221,7 +235,7 @@ def train(
         result = {"split": None, **summary}
         write_json(run / "eval.json", result)
         return result
-    model.load_state_dict(_load(run / "best.pt", device))
+    learner.load_state_dict(_load(run / "best.pt", device))
     if (run / "best_mask.pt").exists():
         for k, m in load_mask(run / "best_mask.pt").items():
             mask[k].copy_(m.to(device))

@@ -93,3 +93,14 @@ def test_too_many_ways_or_shots_is_a_user_error():
         TaskSampler(data, "val", ways=7, shots=1, queries=1, seed=0)
     with pytest.raises(UserError, match="data.shots \\+ data.queries = 9"):
         TaskSampler(data, "train", ways=2, shots=4, queries=5, seed=0)
+
+
+def test_eval_queries_apply_to_validation_and_test_tasks_only():
+    from sparsemeta.config import build_config
+    from sparsemeta.data.tasks import sampler_for
+
+    cfg = build_config(overrides=["data.queries=1", "eval.queries=3"])
+    data = make_data()
+    assert sampler_for(cfg, data, "train").task(0).query_x.shape[0] == 5 * 1
+    assert sampler_for(cfg, data, "val").task(0).query_x.shape[0] == 5 * 3
+    assert sampler_for(cfg, data, "test").task(0).query_x.shape[0] == 5 * 3

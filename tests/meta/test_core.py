@@ -18,7 +18,7 @@ class SmoothNet(nn.Module):
         self.fc1 = nn.Linear(4, 6)
         self.fc2 = nn.Linear(6, 3)
 
-    def forward(self, x: torch.Tensor, stats_rows: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, p: object = None) -> torch.Tensor:
         return self.fc2(torch.tanh(self.fc1(x)))
 
 

@@ -86,6 +86,7 @@ class TaskSampler:
             support_y=y[:, :s].reshape(-1),
             query_x=x[:, s:].reshape(-1, *x.shape[2:]),
             query_y=y[:, s:].reshape(-1),
+            index=i,
         )
 
     def _shift(self, batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -106,12 +107,13 @@ class TaskSampler:
 def sampler_for(cfg, data: FewShotData, split: str) -> TaskSampler:  # noqa: ANN001
     """The sampler a config implies: augmentation only on meta-train, never on val/test."""
     train = split == "train"
+    queries = cfg.data.queries if train or cfg.eval.queries is None else cfg.eval.queries
     return TaskSampler(
         data,
         split,
         ways=cfg.data.ways,
         shots=cfg.data.shots,
-        queries=cfg.data.queries,
+        queries=queries,
         seed=cfg.seed,
         rotations=cfg.data.rotations and train,
         shift=cfg.data.shift if train else 0,

@@ -29,6 +29,9 @@ def _check_supported(learner: MetaLearner, tasks: list[Task]) -> None:
     """Refuse the combinations whose vmapped result would not equal the loop's."""
     if not tasks:
         raise ValueError("vmap_meta_gradient_step needs at least one task")
+    if learner.step_weights is not None or learner.mix is not None or learner.bn == "running":
+        raise ValueError("train.vmap supports the last-step outer loss without MetaMix and "
+                         "batch statistics (meta.bn transductive or support); use the loop")
     first = tasks[0]
     for i, task in enumerate(tasks[1:], start=1):
         for field in _FIELDS:
@@ -64,25 +67,25 @@ def _per_task_fn(learner: MetaLearner, params: Params) -> Callable[..., tuple[to
     trainable = [k for k, v in params.items() if v.requires_grad]
 
     def support_loss(train: Params, frozen: Params, sx: torch.Tensor,
-                     sy: torch.Tensor) -> torch.Tensor:
+                     sy: torch.Tensor, step: int) -> torch.Tensor:
         merged = {k: train[k] if k in train else frozen[k] for k in order}
-        return F.cross_entropy(learner.logits(merged, sx), sy)
+        return F.cross_entropy(learner.logits(merged, sx, step=step), sy)
 
     def task_fn(p: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor,
                 qy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fast = dict(p)
-        for _ in range(learner.inner_steps):
+        for step in range(learner.inner_steps):
             train = {k: fast[k] for k in trainable}
             frozen = {k: v for k, v in fast.items() if k not in train}
             if learner.first_order:
                 # torch.func.grad ignores an enclosing no_grad for its own computation, but the
                 # outer autograd records nothing: the inner gradient is a constant, as in the loop.
                 with torch.no_grad():
-                    g = grad(support_loss)(train, frozen, sx, sy)
+                    g = grad(support_loss)(train, frozen, sx, sy, step)
             else:
-                g = grad(support_loss)(train, frozen, sx, sy)
-            fast = {k: fast[k] - learner.inner_lr * g[k] if k in g else fast[k] for k in order}
-        logits = learner.query_logits(fast, Task(sx, sy, qx, qy))
+                g = grad(support_loss)(train, frozen, sx, sy, step)
+            fast = {k: fast[k] - learner.lr(k, step) * g[k] if k in g else fast[k] for k in order}
+        logits = learner.query_logits(fast, Task(sx, sy, qx, qy), learner.inner_steps)
         return F.cross_entropy(logits, qy), logits
 
     return task_fn

@@ -4,6 +4,13 @@ A learner is a pure function of an explicit parameter dict: adaptation on the su
 produces fast weights with ``torch.autograd.grad`` (``create_graph`` for second order), and the
 outer loss is the query loss of the fast weights. No module is copied per task, the stored
 model is never written, and the mask is applied in one place (``sparsity.masks.apply_mask``).
+MAML, first-order MAML, MAML++, Meta-SGD and MetaMix are options of this one loop:
+
+* inner learning rate: a scalar (MAML), per layer and step learned (MAML++'s LSLR), or per
+  weight learned (Meta-SGD's α) — ``lr_rule``;
+* outer loss: last step only, or every step weighted (MAML++'s multi-step loss) —
+  ``step_weights``; query mixed with the support set at a random layer (MetaMix) — ``mix``;
+* derivative order — ``first_order`` (the trainer anneals it for MAML++).
 
 Batch-norm policy (``meta.bn``), never a side effect of train/eval mode:
 
@@ -12,6 +19,9 @@ Batch-norm policy (``meta.bn``), never a side effect of train/eval mode:
 * ``support`` — statistics are computed on the support set only and used for the query (the
   query is forwarded together with the support set, with statistics taken from the support rows),
   so each query prediction depends on the support set and itself alone.
+* ``running`` — meta-training normalises with batch statistics and accumulates running
+  statistics (per adaptation step if the model has per-step BN, MAML++'s BNRS); evaluation
+  normalises support and query with the running statistics of their step.
 """
 
 from __future__ import annotations
@@ -19,37 +29,47 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from sparsemeta.models.conv4 import Mix, Pass
 from sparsemeta.sparsity.masks import Mask, apply_mask
 
 Params = dict[str, torch.Tensor]
-BN_POLICIES = ("transductive", "support")
+BN_POLICIES = ("transductive", "support", "running")
+LR_RULES = ("scalar", "lslr", "metasgd")
 
 
 @dataclass
 class Task:
-    """One N-way K-shot episode; labels are 0..N-1 in a per-task shuffled order."""
+    """One N-way K-shot episode; labels are 0..N-1 in a per-task shuffled order.
+
+    ``index`` is the task's number in its split; it seeds per-task randomness (MetaMix)."""
 
     support_x: torch.Tensor
     support_y: torch.Tensor
     query_x: torch.Tensor
     query_y: torch.Tensor
+    index: int = 0
 
     def to(self, device: torch.device | str) -> Task:
         return Task(*(t.to(device, non_blocking=True) for t in (
-            self.support_x, self.support_y, self.query_x, self.query_y)))
+            self.support_x, self.support_y, self.query_x, self.query_y)), index=self.index)
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return float((logits.argmax(dim=1) == y).float().mean())
 
 
+def _rate_key(name: str) -> str:
+    return name.replace(".", "-")  # ParameterDict keys may not contain dots
+
+
 class MetaLearner:
-    """MAML / first-order MAML as options of one functional inner loop."""
+    """MAML-family learners as options of one functional inner loop (see the module doc)."""
 
     def __init__(
         self,
@@ -60,66 +80,147 @@ class MetaLearner:
         first_order: bool = False,
         bn: str = "transductive",
         mask: Mask | None = None,
+        lr_rule: str = "scalar",
+        eval_steps: int | None = None,
+        mix: tuple[float, float] | None = None,
+        mix_seed: int = 0,
     ) -> None:
         if bn not in BN_POLICIES:
             raise ValueError(f"meta.bn must be one of {BN_POLICIES}, got {bn!r}")
+        if lr_rule not in LR_RULES:
+            raise ValueError(f"lr_rule must be one of {LR_RULES}, got {lr_rule!r}")
         self.model = model
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
         self.first_order = first_order
         self.bn = bn
         self.mask = mask
+        self.lr_rule = lr_rule
+        self.mix = mix
+        self.mix_seed = mix_seed
+        self.step_weights: list[float] | None = None
+        self.tracking = False  # update running BN statistics (meta-training forwards only)
+        self.evaluating = False  # normalise with running statistics (bn='running')
+        steps = max(inner_steps, eval_steps or inner_steps)
+        self.rates = nn.ParameterDict()
+        for name, p in model.named_parameters():
+            if lr_rule == "lslr":
+                self.rates[_rate_key(name)] = nn.Parameter(torch.full((steps,), inner_lr))
+            elif lr_rule == "metasgd":
+                self.rates[_rate_key(name)] = nn.Parameter(torch.full_like(p, inner_lr))
+
+    # -- learnable state: the model plus learned inner learning rates ----------------------
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.model.parameters()) + list(self.rates.parameters())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat: the model's entries plus ``inner_lr.<parameter name>`` for learned rates."""
+        state = dict(self.model.state_dict())
+        state.update({f"inner_lr.{k.replace('-', '.')}": v.detach().clone()
+                      for k, v in self.rates.items()})
+        return state
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load a flat state; learned rates absent from it (a plain model's θ₀) keep their init."""
+        model = {k: v for k, v in state.items() if not k.startswith("inner_lr.")}
+        self.model.load_state_dict(model)
+        with torch.no_grad():
+            for k, v in state.items():
+                if k.startswith("inner_lr."):
+                    self.rates[_rate_key(k[len("inner_lr."):])].copy_(v)
+
+    def to(self, device: torch.device | str) -> MetaLearner:
+        self.model.to(device)
+        self.rates.to(device)
+        return self
+
+    def lr(self, name: str, step: int) -> torch.Tensor | float:
+        if self.lr_rule == "scalar":
+            return self.inner_lr
+        rate = self.rates[_rate_key(name)]
+        return rate[min(step, rate.shape[0] - 1)] if self.lr_rule == "lslr" else rate
 
     # -- forward ---------------------------------------------------------------------------
     def logits(self, params: Mapping[str, torch.Tensor], x: torch.Tensor,
-               stats_rows: int | None = None) -> torch.Tensor:
+               stats_rows: int | None = None, step: int = 0, mix: Mix | None = None) -> torch.Tensor:
         """The functional forward: the mask is applied here and nowhere else."""
-        return functional_call(self.model, apply_mask(params, self.mask), (x,),
-                               {"stats_rows": stats_rows})
+        p = Pass(stats_rows=stats_rows, step=step, mix=mix,
+                 running=self.evaluating and self.bn == "running",
+                 track=self.tracking and self.bn == "running")
+        return functional_call(self.model, apply_mask(params, self.mask), (x,), {"p": p})
 
-    def query_logits(self, params: Mapping[str, torch.Tensor], task: Task) -> torch.Tensor:
-        if self.bn == "transductive":
-            return self.logits(params, task.query_x)
+    def query_logits(self, params: Mapping[str, torch.Tensor], task: Task,
+                     step: int = 0) -> torch.Tensor:
+        if self.bn != "support":
+            return self.logits(params, task.query_x, step=step)
         n = task.support_x.shape[0]
         both = torch.cat([task.support_x, task.query_x])
-        return self.logits(params, both, stats_rows=n)[n:]
+        return self.logits(params, both, stats_rows=n, step=step)[n:]
 
     # -- inner loop ------------------------------------------------------------------------
-    def inner_step(self, params: Params, task: Task, create_graph: bool) -> Params:
+    def inner_step(self, params: Params, task: Task, step: int, create_graph: bool) -> Params:
         """One SGD step on the support loss; keeps the graph to ``params`` for the outer step."""
-        loss = F.cross_entropy(self.logits(params, task.support_x), task.support_y)
+        logits = self.logits(params, task.support_x, step=step)
+        loss = F.cross_entropy(logits, task.support_y)
         names = [k for k, v in params.items() if v.requires_grad]
         grads = torch.autograd.grad(loss, [params[k] for k in names], create_graph=create_graph)
         fast = dict(params)
         for name, grad in zip(names, grads):
-            fast[name] = params[name] - self.inner_lr * grad
+            fast[name] = params[name] - self.lr(name, step) * grad
         return fast
 
     def adapt(self, params: Params, task: Task, steps: int, create_graph: bool) -> list[Params]:
         """Fast weights after 0, 1, …, ``steps`` inner steps."""
         trajectory = [params]
-        for _ in range(steps):
-            trajectory.append(self.inner_step(trajectory[-1], task, create_graph))
+        for step in range(steps):
+            trajectory.append(self.inner_step(trajectory[-1], task, step, create_graph))
         return trajectory
 
     # -- outer loss ------------------------------------------------------------------------
+    def _query_loss(self, fast: Params, task: Task, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, logits) of the query after ``step`` steps, mixed with the support if MetaMix."""
+        if self.mix is None:
+            logits = self.query_logits(fast, task, step)
+            return F.cross_entropy(logits, task.query_y), logits
+        if task.query_x.shape[0] != task.support_x.shape[0]:
+            raise ValueError("MetaMix needs as many query as support examples per class")
+        rng = np.random.default_rng([self.mix_seed, 7717, task.index, step])
+        lam = float(rng.beta(*self.mix))
+        perm = torch.as_tensor(rng.permutation(task.support_x.shape[0]),
+                               device=task.support_x.device)
+        layer = int(rng.integers(0, 5))  # the input or the output of one of the 4 blocks
+        mix = Mix(layer=layer, lam=lam, n=task.query_x.shape[0], perm=perm)
+        logits = self.logits(fast, torch.cat([task.query_x, task.support_x]), step=step, mix=mix)
+        loss = (lam * F.cross_entropy(logits, task.query_y)
+                + (1.0 - lam) * F.cross_entropy(logits, task.support_y[perm]))
+        return loss, logits
+
     def outer_loss(self, params: Params, task: Task) -> tuple[torch.Tensor, float]:
-        """Query loss after adaptation; differentiable w.r.t. ``params`` (second or first order)."""
-        fast = self.adapt(params, task, self.inner_steps, create_graph=not self.first_order)[-1]
-        logits = self.query_logits(fast, task)
-        return F.cross_entropy(logits, task.query_y), accuracy(logits, task.query_y)
+        """Query loss after adaptation (weighted over steps under the multi-step loss);
+        differentiable w.r.t. ``params`` and the learned rates (second or first order)."""
+        trajectory = self.adapt(params, task, self.inner_steps, create_graph=not self.first_order)
+        if self.step_weights is None:
+            loss, logits = self._query_loss(trajectory[-1], task, self.inner_steps)
+        else:
+            loss = torch.zeros(())
+            for step, weight in enumerate(self.step_weights, start=1):
+                step_loss, logits = self._query_loss(trajectory[step], task, step)
+                loss = loss + weight * step_loss
+        return loss, accuracy(logits, task.query_y)
 
     def meta_gradient_step(self, params: Params, tasks: list[Task]) -> tuple[float, float]:
-        """Accumulate the mean meta-gradient of ``tasks`` into ``params[*].grad``.
-
-        One backward per task keeps only one task's graph alive at a time.
-        """
+        """Accumulate the mean meta-gradient of ``tasks`` into ``params[*].grad`` (and into the
+        learned rates). One backward per task keeps only one task's graph alive at a time."""
         total_loss, total_acc = 0.0, 0.0
-        for task in tasks:
-            loss, acc = self.outer_loss(params, task)
-            (loss / len(tasks)).backward()
-            total_loss += float(loss.detach())
-            total_acc += acc
+        self.tracking = True
+        try:
+            for task in tasks:
+                loss, acc = self.outer_loss(params, task)
+                (loss / len(tasks)).backward()
+                total_loss += float(loss.detach())
+                total_acc += acc
+        finally:
+            self.tracking = False
         return total_loss / len(tasks), total_acc / len(tasks)
 
     # -- evaluation ------------------------------------------------------------------------
@@ -127,13 +228,17 @@ class MetaLearner:
                       steps: int) -> tuple[list[float], list[float]]:
         """Query accuracy and loss after each of 0..``steps`` adaptation steps.
 
-        Works on detached copies, so the stored parameters are never written.
+        Works on detached copies, so the stored parameters and buffers are never written.
         """
         local = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
         accs, losses = [], []
-        for fast in self.adapt(local, task, steps, create_graph=False):
-            with torch.no_grad():
-                logits = self.query_logits(fast, task)
-                losses.append(float(F.cross_entropy(logits, task.query_y)))
-                accs.append(accuracy(logits, task.query_y))
+        self.evaluating = True
+        try:
+            for step, fast in enumerate(self.adapt(local, task, steps, create_graph=False)):
+                with torch.no_grad():
+                    logits = self.query_logits(fast, task, step)
+                    losses.append(float(F.cross_entropy(logits, task.query_y)))
+                    accs.append(accuracy(logits, task.query_y))
+        finally:
+            self.evaluating = False
         return accs, losses

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -53,35 +54,99 @@ def batch_norm(
     return torch.addcmul(bias.view(1, -1, 1, 1) - mean * scale, x, scale)
 
 
+@dataclass(frozen=True)
+class Mix:
+    """MetaMix inside the forward: rows ``[:n]`` and ``[n:]`` (permuted by ``perm``) are mixed
+    as λ·a + (1−λ)·b at ``layer`` (0 = the input, k = the output of block k)."""
+
+    layer: int
+    lam: float
+    n: int
+    perm: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Pass:
+    """How one forward pass treats batch norm, so the policy is explicit, never a mode flag.
+
+    ``stats_rows``: statistics from the first rows only (None: the whole batch). ``step``: the
+    adaptation step, selecting per-step BN weights and running statistics where the model has
+    them. ``running``: normalise with the step's running statistics instead of the batch's.
+    ``track``: update the step's running statistics from this batch (meta-training only).
+    """
+
+    stats_rows: int | None = None
+    step: int = 0
+    running: bool = False
+    track: bool = False
+    mix: Mix | None = None
+
+
 class BatchNorm(nn.Module):
-    """Affine batch norm without running buffers; statistics always come from the given rows."""
+    """Affine batch norm; optionally per-step weights/biases (BNWB) and per-step running
+    statistics (BNRS), as in MAML++. Without running statistics it has no buffers at all."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, steps: int = 1, running: bool = False,
+                 momentum: float = 0.1) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
+        self.steps = steps
+        shape = (channels,) if steps == 1 else (steps, channels)
+        self.weight = nn.Parameter(torch.ones(shape))
+        self.bias = nn.Parameter(torch.zeros(shape))
+        self.momentum = momentum
+        if running:
+            self.register_buffer("running_mean", torch.zeros(steps, channels))
+            self.register_buffer("running_var", torch.ones(steps, channels))
+        else:
+            self.running_mean = self.running_var = None
 
-    def forward(self, x: torch.Tensor, stats_rows: int | None = None) -> torch.Tensor:
-        return batch_norm(x, self.weight, self.bias, stats_rows)
+    def forward(self, x: torch.Tensor, p: Pass = Pass()) -> torch.Tensor:
+        slot = min(p.step, self.steps - 1)
+        weight = self.weight if self.steps == 1 else self.weight[slot]
+        bias = self.bias if self.steps == 1 else self.bias[slot]
+        if self.running_mean is None:
+            if p.running or p.track:
+                raise ValueError("this model has no running batch-norm statistics")
+            return batch_norm(x, weight, bias, p.stats_rows)
+        slot = min(p.step, self.running_mean.shape[0] - 1)
+        if p.track:
+            with torch.no_grad():
+                ref = x if p.stats_rows is None else x[:p.stats_rows]
+                var, mean = torch.var_mean(ref, dim=(0, 2, 3), correction=1)
+                self.running_mean[slot].lerp_(mean, self.momentum)
+                self.running_var[slot].lerp_(var, self.momentum)
+        if p.running:
+            return F.batch_norm(x, self.running_mean[slot], self.running_var[slot], weight, bias,
+                                training=False, eps=BN_EPS)
+        return batch_norm(x, weight, bias, p.stats_rows)
 
 
 class ConvBlock(nn.Module):
     """3×3 conv → batch norm → ReLU → 2×2 max-pool (or a stride-2 conv instead of the pool)."""
 
-    def __init__(self, in_channels: int, out_channels: int, downsample: str) -> None:
+    def __init__(self, in_channels: int, out_channels: int, downsample: str, bn_steps: int = 1,
+                 bn_running: bool = False) -> None:
         super().__init__()
         stride = 2 if downsample == "stride" else 1
         self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
-        self.bn = BatchNorm(out_channels)
+        self.bn = BatchNorm(out_channels, bn_steps, bn_running)
         self.pool = downsample == "maxpool"
 
-    def forward(self, x: torch.Tensor, stats_rows: int | None = None) -> torch.Tensor:
-        x = F.relu(self.bn(self.conv(x), stats_rows))
+    def forward(self, x: torch.Tensor, p: Pass = Pass()) -> torch.Tensor:
+        x = F.relu(self.bn(self.conv(x), p))
         return F.max_pool2d(x, 2) if self.pool else x
 
 
+def _mix(x: torch.Tensor, mix: Mix) -> torch.Tensor:
+    return mix.lam * x[:mix.n] + (1.0 - mix.lam) * x[mix.n:][mix.perm]
+
+
 class Conv4(nn.Module):
-    """Four conv blocks and a linear head (MAML: Omniglot 64 filters, mini-ImageNet 32)."""
+    """Four conv blocks and a linear head (MAML: Omniglot 64 filters, mini-ImageNet 32).
+
+    ``bn_steps > 1`` gives every adaptation step its own BN weights and biases (and running
+    statistics if ``bn_running``), MAML++'s BNWB/BNRS.
+    """
 
     def __init__(
         self,
@@ -90,13 +155,16 @@ class Conv4(nn.Module):
         image_size: int,
         filters: int = 64,
         downsample: str = "maxpool",
+        bn_steps: int = 1,
+        bn_running: bool = False,
     ) -> None:
         super().__init__()
         if downsample not in ("maxpool", "stride"):
             raise ValueError(f"downsample must be 'maxpool' or 'stride', got {downsample!r}")
         channels = [in_channels] + [filters] * 4
         self.blocks = nn.ModuleList(
-            ConvBlock(channels[i], channels[i + 1], downsample) for i in range(4)
+            ConvBlock(channels[i], channels[i + 1], downsample, bn_steps, bn_running)
+            for i in range(4)
         )
         size = image_size
         for _ in range(4):
@@ -110,18 +178,28 @@ class Conv4(nn.Module):
         nn.init.xavier_uniform_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, x: torch.Tensor, stats_rows: int | None = None) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x, stats_rows)
+    def forward(self, x: torch.Tensor, p: Pass = Pass()) -> torch.Tensor:
+        """Logits; with ``p.mix``, rows [:n] and permuted rows [n:] are mixed at one layer and
+        the result has n rows."""
+        for i, block in enumerate(self.blocks):
+            if p.mix is not None and p.mix.layer == i:
+                x = _mix(x, p.mix)
+            x = block(x, p)
+        if p.mix is not None and p.mix.layer == len(self.blocks):
+            x = _mix(x, p.mix)
         return self.head(x.flatten(1))
 
 
 def build_model(cfg, in_channels: int) -> Conv4:  # noqa: ANN001 - Config, kept import-light
-    """The backbone named by ``cfg.model`` for ``cfg.data``'s input size and ways."""
+    """The backbone named by ``cfg.model`` for ``cfg.data``'s input size and ways; MAML++'s
+    per-step BN gives one slot per adaptation step of meta-training (0..inner_steps)."""
+    per_step = cfg.meta.algorithm == "mamlpp" and cfg.mamlpp.per_step_bn
     return Conv4(
         in_channels=in_channels,
         ways=cfg.data.ways,
         image_size=cfg.data.image_size,
         filters=cfg.model.filters,
         downsample=cfg.model.downsample,
+        bn_steps=cfg.meta.inner_steps + 1 if per_step else 1,
+        bn_running=cfg.meta.bn == "running",
     )

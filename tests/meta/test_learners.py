@@ -1,0 +1,197 @@
+"""MAML++, Meta-SGD and MetaMix as options of the one core."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsemeta.config import build_config
+from sparsemeta.errors import UserError
+from sparsemeta.meta.core import MetaLearner, Task
+from sparsemeta.meta.mamlpp import msl_weights, schedule
+from sparsemeta.models.conv4 import Conv4, Mix, Pass
+from sparsemeta.train import build_learner, train
+from tests.conftest import make_data
+
+
+def _task(index: int = 0, shots: int = 2, queries: int = 2) -> Task:
+    gen = torch.Generator().manual_seed(index)
+    x = torch.randn(3 * (shots + queries), 1, 16, 16, generator=gen)
+    sy = torch.arange(3).repeat_interleave(shots)
+    qy = torch.arange(3).repeat_interleave(queries)
+    return Task(x[:3 * shots], sy, x[3 * shots:], qy, index=index)
+
+
+@pytest.mark.parametrize("rule", ["lslr", "metasgd"])
+def test_learned_inner_rates_receive_gradients_and_change(rule):
+    torch.manual_seed(0)
+    learner = MetaLearner(Conv4(1, 3, 16, filters=4), inner_lr=0.1, inner_steps=2,
+                          lr_rule=rule, eval_steps=3)
+    before = {k: v.detach().clone() for k, v in learner.rates.items()}
+    shape = (3,) if rule == "lslr" else learner.model.head.weight.shape
+    assert learner.rates["head-weight"].shape == shape
+    opt = torch.optim.Adam(learner.parameters(), lr=1e-2)
+    learner.meta_gradient_step(dict(learner.model.named_parameters()), [_task()])
+    assert all(r.grad is not None and r.grad.abs().sum() > 0 for r in learner.rates.values())
+    if rule == "lslr":  # the third rate is only used by evaluation (3 steps): no gradient
+        assert all(float(r.grad[2]) == 0.0 and float(r.grad[:2].abs().sum()) > 0
+                   for r in learner.rates.values())
+    opt.step()
+    # (a conv bias feeding batch norm has a ~1e-14 gradient: BN cancels it, so its rate stays)
+    moving = [k for k, v in learner.rates.items() if v.grad.abs().max() > 1e-6]
+    assert len(moving) >= 13
+    assert all(not torch.equal(before[k], learner.rates[k]) for k in moving)
+    # the flat state round-trips the rates
+    state = learner.state_dict()
+    assert "inner_lr.head.weight" in state
+    other = MetaLearner(Conv4(1, 3, 16, filters=4), inner_lr=0.1, inner_steps=2, lr_rule=rule,
+                        eval_steps=3)
+    other.load_state_dict(state)
+    assert torch.equal(other.rates["head-weight"], learner.rates["head-weight"])
+
+
+def test_per_step_bn_uses_the_weights_and_running_statistics_of_its_own_step():
+    torch.manual_seed(0)
+    model = Conv4(1, 3, 16, filters=4, bn_steps=3, bn_running=True)
+    bn = model.blocks[0].bn
+    assert bn.weight.shape == (3, 4) and bn.running_mean.shape == (3, 4)
+    x = torch.randn(6, 1, 16, 16) * 3 + 2
+    model(x, Pass(step=1, track=True))
+    h = model.blocks[0].conv(x).detach()
+    var, mean = torch.var_mean(h, dim=(0, 2, 3), correction=1)
+    assert torch.allclose(bn.running_mean[1], 0.1 * mean, atol=1e-6)
+    assert torch.allclose(bn.running_var[1], 0.9 + 0.1 * var, atol=1e-5)
+    assert torch.equal(bn.running_mean[0], torch.zeros(4)) and torch.equal(bn.running_mean[2],
+                                                                           torch.zeros(4))
+    # normalising with step 1's running statistics is exactly the formula
+    with torch.no_grad():
+        bn.weight[1] = torch.tensor([2.0, 1.0, 0.5, 1.5])
+        bn.bias[1] = torch.tensor([0.1, -0.1, 0.0, 0.3])
+    out = bn(h, Pass(step=1, running=True))
+    expected = ((h - bn.running_mean[1].view(1, -1, 1, 1))
+                / torch.sqrt(bn.running_var[1].view(1, -1, 1, 1) + 1e-5)
+                * bn.weight[1].view(1, -1, 1, 1) + bn.bias[1].view(1, -1, 1, 1))
+    assert torch.allclose(out, expected, atol=1e-5)
+    # step 0 uses its own weights (still 1/0), so the outputs differ
+    assert not torch.allclose(bn(h, Pass(step=0)), bn(h, Pass(step=1)))
+    assert torch.allclose(bn(h, Pass(step=5)), bn(h, Pass(step=2)))  # clamped to the last slot
+
+
+def test_running_policy_tracks_in_training_only_and_evaluates_with_running_statistics():
+    torch.manual_seed(0)
+    model = Conv4(1, 3, 16, filters=4, bn_steps=2, bn_running=True)
+    learner = MetaLearner(model, inner_lr=0.1, inner_steps=1, bn="running")
+    params = dict(model.named_parameters())
+    task = _task()
+    learner.evaluate_task(params, task, 2)
+    assert torch.equal(model.blocks[0].bn.running_mean, torch.zeros(2, 4))  # eval never writes
+    learner.meta_gradient_step(params, [task])
+    rm = model.blocks[0].bn.running_mean
+    assert rm[0].abs().sum() > 0 and rm[1].abs().sum() > 0
+    # at evaluation a query prediction no longer depends on the other query examples
+    other = task.query_x.clone()
+    other[1:] = torch.randn_like(other[1:])
+    changed = Task(task.support_x, task.support_y, other, task.query_y)
+    learner.evaluating = True
+    a = learner.query_logits(params, task, 1)[0]
+    b = learner.query_logits(params, changed, 1)[0]
+    learner.evaluating = False
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_multi_step_loss_weights_anneal_towards_the_last_step_and_sum_to_one():
+    steps, msl_epochs = 5, 10
+    first = msl_weights(steps, 0, msl_epochs)
+    assert first == pytest.approx([0.2] * 5)
+    previous = first
+    for epoch in range(1, 15):
+        w = msl_weights(steps, epoch, msl_epochs)
+        assert sum(w) == pytest.approx(1.0)
+        assert all(a <= b for a, b in zip(w[:-1], previous[:-1])) and w[-1] >= previous[-1]
+        assert min(w[:-1]) >= 0.03 / steps - 1e-12
+        previous = w
+    assert msl_weights(steps, 20, msl_epochs)[-1] == pytest.approx(1 - 4 * 0.03 / 5)
+
+
+def test_schedule_switches_derivative_order_and_msl_at_the_configured_epochs():
+    cfg = build_config(overrides=["meta.algorithm=mamlpp", "meta.inner_steps=3",
+                                  "train.iterations=100", "train.meta_lr=0.001",
+                                  "mamlpp.epoch_iterations=10", "mamlpp.first_order_epochs=2",
+                                  "mamlpp.msl_epochs=3", "mamlpp.min_meta_lr=0.00001"])
+    assert schedule(cfg, 19)[0] is True and schedule(cfg, 20)[0] is False
+    assert schedule(cfg, 29)[1] is not None and schedule(cfg, 30)[1] is None
+    assert schedule(cfg, 0)[2] == pytest.approx(1e-3)
+    assert schedule(cfg, 50)[2] == pytest.approx((1e-3 + 1e-5) / 2)
+    assert schedule(cfg, 100)[2] == pytest.approx(1e-5)
+    second = build_config(overrides=["meta.algorithm=mamlpp", "mamlpp.first_order_epochs=0"])
+    assert schedule(second, 0)[0] is False
+
+
+def test_metamix_loss_equals_the_formula_on_a_hand_built_case():
+    torch.manual_seed(0)
+    model = Conv4(1, 3, 16, filters=4).double()
+    learner = MetaLearner(model, inner_lr=0.1, inner_steps=1, mix=(2.0, 2.0), mix_seed=7)
+    task = _task(index=11)
+    task = Task(*(t.double() if t.is_floating_point() else t for t in (
+        task.support_x, task.support_y, task.query_x, task.query_y)), index=11)
+    params = dict(model.named_parameters())
+    loss, _ = learner._query_loss(params, task, 1)
+
+    rng = np.random.default_rng([7, 7717, 11, 1])
+    lam = rng.beta(2.0, 2.0)
+    perm = torch.as_tensor(rng.permutation(6))
+    layer = int(rng.integers(0, 5))
+    h = torch.cat([task.query_x, task.support_x])
+    for i, block in enumerate(model.blocks):
+        if i == layer:
+            h = lam * h[:6] + (1 - lam) * h[6:][perm]
+        h = block(h, Pass(step=1))
+    if layer == 4:
+        h = lam * h[:6] + (1 - lam) * h[6:][perm]
+    logits = model.head(h.flatten(1))
+    expected = (lam * F.cross_entropy(logits, task.query_y)
+                + (1 - lam) * F.cross_entropy(logits, task.support_y[perm]))
+    assert torch.allclose(loss, expected, rtol=1e-12)
+    assert 0 < lam < 1
+    # and the same mixing through the model's own Mix hook
+    direct = model(torch.cat([task.query_x, task.support_x]),
+                   Pass(step=1, mix=Mix(layer, float(lam), 6, perm)))
+    assert torch.allclose(direct, logits, rtol=1e-12)
+
+
+def test_metamix_needs_as_many_queries_as_shots():
+    with pytest.raises(UserError, match="needs data.queries == data.shots"):
+        build_config(overrides=["meta.mix=metamix", "data.shots=1", "data.queries=15"])
+
+
+OVERRIDES = ["device=cpu", "data.image_size=16", "model.filters=8", "train.iterations=4",
+             "train.meta_batch=2", "train.val_every=2", "train.val_tasks=4", "eval.tasks=6",
+             "data.queries=1", "data.shots=1", "mamlpp.epoch_iterations=2",
+             "mamlpp.first_order_epochs=1", "meta.inner_steps=2"]
+
+
+@pytest.mark.parametrize("extra", [
+    ["meta.algorithm=maml"],
+    ["meta.algorithm=mamlpp"],
+    ["meta.algorithm=mamlpp", "meta.bn=running"],
+    ["meta.algorithm=metasgd"],
+    ["meta.algorithm=maml", "meta.mix=metamix"],
+    ["meta.algorithm=mamlpp", "meta.mix=metamix", "meta.bn=support"],
+])
+def test_every_learner_trains_with_a_mask_that_stays_exact(tmp_path, extra):
+    cfg = build_config(overrides=OVERRIDES + extra)
+    data = make_data()
+    learner = build_learner(cfg, data.channels)
+    params = dict(learner.model.named_parameters())
+    mask = {k: torch.rand(v.shape, generator=torch.Generator().manual_seed(1)) > 0.5
+            for k, v in params.items() if v.dim() >= 2}
+    res = train(cfg, tmp_path, data=data, mask=mask, progress=False)
+    assert 0.0 <= res["accuracy"] <= 1.0 and len(res["per_step"]) == cfg.meta.eval_inner_steps + 1
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    for k, m in mask.items():
+        assert torch.count_nonzero(ckpt["model"][k][~m]) == 0
+        assert torch.count_nonzero(ckpt["model"][k][m]) > 0
+    if cfg.meta.algorithm != "maml":
+        assert any(k.startswith("inner_lr.") for k in ckpt["model"])
