@@ -101,14 +101,13 @@ class BatchNorm(nn.Module):
             self.running_mean = self.running_var = None
 
     def forward(self, x: torch.Tensor, p: Pass = Pass()) -> torch.Tensor:
-        slot = min(p.step, self.steps - 1)
+        slot = min(p.step, self.steps - 1)  # steps past meta-training's share the last slot
         weight = self.weight if self.steps == 1 else self.weight[slot]
         bias = self.bias if self.steps == 1 else self.bias[slot]
         if self.running_mean is None:
             if p.running or p.track:
                 raise ValueError("this model has no running batch-norm statistics")
             return batch_norm(x, weight, bias, p.stats_rows)
-        slot = min(p.step, self.running_mean.shape[0] - 1)
         if p.track:
             with torch.no_grad():
                 ref = x if p.stats_rows is None else x[:p.stats_rows]
