@@ -96,6 +96,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from sparsemeta.export import export_command
+
+    print(export_command(args.path, args.out, level=args.level, fp16=args.fp16,
+                         seed=args.seed, as_json=args.json))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
@@ -211,6 +219,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["val", "test"], default="test")
     p.add_argument("--steps", type=int, help="adaptation steps (default: meta.eval_inner_steps)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write a run's model (or a lottery experiment's chosen "
+                                      "ticket) as a compact .smz file for sparsemeta-edge")
+    p.add_argument("path", help="run directory (has config.yaml) or lottery experiment directory")
+    p.add_argument("--out", required=True, help="output file, e.g. model.smz")
+    p.add_argument("--level", type=int, default=None,
+                   help="experiment only: ticket level (default: the sparsest whose test "
+                        "accuracy is within the dense model's CI)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="experiment only: which seed's ticket (default: the first)")
+    p.add_argument("--fp16", action="store_true", help="store kept weights in half precision")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("data", help="data set tools")
     dsub = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser)

@@ -42,12 +42,32 @@ def _input_stats(cfg, channels: int) -> tuple[list[float] | None, list[float] | 
         return None, None, "unknown"
 
 
-def _numpy_state(run: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def _check_supported(cfg, state: dict[str, torch.Tensor], run: Path) -> None:  # noqa: ANN001
+    """Refuse, by name, what the edge runtime cannot reproduce yet (format v1): learned inner
+    rates (MAML++'s LSLR, Meta-SGD's α), per-step batch-norm weights, running statistics."""
+    found = []
+    if any(k.startswith("inner_lr.") for k in state):
+        found.append("learned inner learning rates")
+    if any(k.endswith("bn.weight") and v.dim() > 1 for k, v in state.items()):
+        found.append("per-step batch-norm weights")
+    if cfg.meta.bn == "running" or any("running_" in k for k in state):
+        found.append("running batch-norm statistics (meta.bn=running)")
+    if found:
+        raise UserError(
+            f"'{run}' uses {', '.join(found)} (meta.algorithm={cfg.meta.algorithm}, "
+            f"meta.bn={cfg.meta.bn}); the edge runtime (.smz v1) runs MAML with one scalar inner "
+            "learning rate and 'transductive' or 'support' batch norm — export a run trained "
+            "that way (e.g. meta.algorithm=maml, or mamlpp with mamlpp.lslr=false and "
+            "mamlpp.per_step_bn=false)")
+
+
+def _numpy_state(run: Path, cfg) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:  # noqa: ANN001
     """Weights (pruned entries zeroed: the effective θ ⊙ m) and masks of a run directory."""
     best = run / "best.pt"
     if not best.is_file():
         raise UserError(f"'{run}' has no best.pt yet (no validation has run); train it further first")
     state = torch.load(best, map_location="cpu", weights_only=True)
+    _check_supported(cfg, state, run)
     mask = load_mask(run / "mask.pt") if (run / "mask.pt").is_file() else {}
     params, masks = {}, {}
     for name, value in state.items():
@@ -67,7 +87,7 @@ def export_run(run_dir: str | Path, out_path: str | Path, fp16: bool = False) ->
     """
     run = Path(run_dir)
     cfg = load_run_config(run)
-    params, masks = _numpy_state(run)
+    params, masks = _numpy_state(run, cfg)
     w0 = params["blocks.0.conv.weight"]
     filters, channels = int(w0.shape[0]), int(w0.shape[1])
     ways = int(params["head.weight"].shape[0])

@@ -214,6 +214,8 @@ class _Block:
 class Conv4:
     """NumPy Conv4 over a parameter dict in PyTorch layout; ``masks`` zero pruned gradients.
 
+    Pruned weights must be stored as zeros (θ ⊙ m, as ``.smz`` files hold them): the forward
+    uses the weights as they are, and masked gradients keep the zeros exact through SGD.
     The dtype of ``head.weight`` (float32 or float64) is the compute dtype.
     """
 
@@ -291,7 +293,9 @@ class Conv4:
         if keep and stats is not None:
             raise ValueError("backward needs batch statistics; pass stats only without keep")
         n = x.shape[0]
-        rows = n if stats_rows is None else stats_rows
+        rows = n if stats_rows is None else min(stats_rows, n)
+        if rows < 1:
+            raise ValueError(f"batch-norm statistics need at least one row, got {stats_rows}")
         a = np.asarray(x, dtype=self.dtype)
         cache: list[_Block] = []
         for i in range(4):

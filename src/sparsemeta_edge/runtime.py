@@ -190,6 +190,9 @@ def finetune(
         if len(hold_idx):
             stats = net.batch_stats(to_float(ref_u8, mean, std, dtype)) if bn == "support" else None
             hl, ha = evaluate(net, images[hold_idx], labels[hold_idx], mean, std, bn, stats, batch)
+        if not np.isfinite(loss_sum) or (hl is not None and not np.isfinite(hl)):
+            raise EdgeError(f"fine-tuning diverged at epoch {epoch} (loss not finite); "
+                            f"lower --lr (now {lr})")
         entry = EpochLog(epoch, loss_sum / len(order), acc_sum / len(order), hl, ha,
                          time.perf_counter() - start, peak_rss_mb())
         logs.append(entry)

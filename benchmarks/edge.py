@@ -1,0 +1,181 @@
+"""NumPy edge runtime vs PyTorch CPU: time per fine-tuning step and peak memory, on one core.
+
+One step = MAML's inner step on a 5-way K-shot support set: forward, cross-entropy, gradients of
+all parameters, masked SGD update. Conv4-32 on 84×84×3 (mini-ImageNet) and Conv4-64 on 28×28×1
+(Omniglot), 1 and 5 shots, densities 100/50/20/10%. Every measurement runs in a fresh process
+pinned to CPU 0 with one BLAS/OpenMP thread, so peak RSS (``ru_maxrss``) is that runtime's own;
+the NumPy process makes ``import torch`` fail, so it cannot lean on torch by accident.
+
+Targets: NumPy ≤ 1.5× PyTorch's time per step, ≤ 100 MB peak RSS.
+
+Sparsity: the NumPy runtime computes dense (pruned weights are zeros). With NumPy only, the one
+way to save work on unstructured sparsity is to drop im2col columns (input channel × tap) whose
+weights are pruned in every filter; the benchmark reports the share of GEMM columns that would
+save (``skip%``) so the decision is measured, not guessed.
+
+    python benchmarks/edge.py            # full grid (~3-4 min on one core)
+    python benchmarks/edge.py --quick    # fewer steps, densities 100% and 10%
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONFIGS = {  # name: (image size, channels, filters)
+    "conv4-32@84x84x3": (84, 3, 32),
+    "conv4-64@28x28x1": (28, 1, 64),
+}
+WAYS = 5
+SRC = Path(__file__).resolve().parents[1] / "src"
+ENV_THREADS = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+def _pin() -> None:
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {0})
+
+
+def _peak_mb() -> float:
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+def _timed(step, steps: int) -> float:  # noqa: ANN001
+    """Median seconds per step after two warm-up steps (robust to a busy machine)."""
+    step()
+    step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def child_numpy(spec: dict) -> dict:
+    sys.modules["torch"] = None  # type: ignore[assignment]  # the runtime must not need torch
+    import numpy as np
+
+    from sparsemeta_edge.nn import Conv4, param_shapes
+
+    size, channels, filters = CONFIGS[spec["config"]]
+    rng = np.random.default_rng(0)
+    params, masks = {}, {}
+    for name, shape in param_shapes(channels, WAYS, size, filters, "maxpool").items():
+        if len(shape) >= 2:
+            fan = shape[1] * (9 if len(shape) == 4 else 1)
+            w = rng.normal(0, np.sqrt(2.0 / fan), size=shape).astype(np.float32)
+            m = rng.random(shape) < spec["density"]
+            params[name], masks[name] = w * m, m
+        else:
+            params[name] = (np.ones if name.endswith("bn.weight") else np.zeros)(shape, np.float32)
+    net = Conv4(params, masks, "maxpool")
+    n = WAYS * spec["shots"]
+    x = rng.normal(size=(n, channels, size, size)).astype(np.float32)
+    y = np.arange(n) % WAYS
+    seconds = _timed(lambda: net.sgd_step(x, y, 0.01), spec["steps"])
+    dead = total = 0
+    for i in range(4):  # im2col columns (c, kh, kw) pruned in every filter
+        m = masks[f"blocks.{i}.conv.weight"]
+        dead += int((~m.any(axis=0)).sum())
+        total += m[0].size
+    return {"seconds": seconds, "peak_mb": _peak_mb(), "skip_fraction": dead / total}
+
+
+def child_torch(spec: dict) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from sparsemeta.meta.core import MetaLearner
+    from sparsemeta.models.conv4 import Conv4
+    from sparsemeta.sparsity.masks import prunable_names
+
+    torch.set_num_threads(1)
+    size, channels, filters = CONFIGS[spec["config"]]
+    torch.manual_seed(0)
+    model = Conv4(channels, WAYS, size, filters, "maxpool")
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in model.named_parameters()}
+    mask = {k: torch.rand(params[k].shape) < spec["density"] for k in prunable_names(params)}
+    learner = MetaLearner(model, inner_lr=0.01, inner_steps=1, mask=mask)
+    n = WAYS * spec["shots"]
+    x = torch.randn(n, channels, size, size)
+    y = torch.arange(n) % WAYS
+
+    def step() -> None:  # the inner step of MetaLearner.evaluate_task (no second-order graph)
+        loss = F.cross_entropy(learner.logits(params, x), y)
+        grads = torch.autograd.grad(loss, list(params.values()))
+        with torch.no_grad():
+            for p, g in zip(params.values(), grads):
+                p.sub_(0.01 * g)
+
+    return {"seconds": _timed(step, spec["steps"]), "peak_mb": _peak_mb()}
+
+
+def measure(spec: dict) -> dict:
+    """Run one measurement in a fresh, pinned, single-threaded process."""
+    env = {**os.environ, **ENV_THREADS,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"measurement {spec} failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps; densities 100%% and 10%%")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    _pin()
+    if args.child:
+        spec = json.loads(args.child)
+        result = (child_numpy if spec["runtime"] == "numpy" else child_torch)(spec)
+        print(json.dumps(result))
+        return 0
+
+    densities = (1.0, 0.1) if args.quick else (1.0, 0.5, 0.2, 0.1)
+    steps = args.steps or (5 if args.quick else 15)
+    print(f"one core (CPU 0), 1 thread, median of {steps} steps after 2 warm-up; "
+          f"targets: time ratio ≤ 1.5, NumPy peak RSS ≤ 100 MB")
+    head = (f"{'config':<18} {'shots':>5} {'density':>7} {'numpy ms':>9} {'torch ms':>9} "
+            f"{'ratio':>6} {'numpy MB':>9} {'torch MB':>9} {'skip%':>6}  ok")
+    print(head)
+    print("-" * len(head))
+    rows = []
+    for config in CONFIGS:
+        for shots in (1, 5):
+            for density in densities:
+                spec = {"config": config, "shots": shots, "density": density, "steps": steps}
+                npy = measure({**spec, "runtime": "numpy"})
+                tor = measure({**spec, "runtime": "torch"})
+                ratio = npy["seconds"] / tor["seconds"]
+                ok = ratio <= 1.5 and npy["peak_mb"] <= 100
+                rows.append({**spec, "numpy": npy, "torch": tor, "ratio": ratio, "ok": ok})
+                print(f"{config:<18} {shots:>5} {density:>7.0%} {1e3 * npy['seconds']:>9.2f} "
+                      f"{1e3 * tor['seconds']:>9.2f} {ratio:>6.2f} {npy['peak_mb']:>9.1f} "
+                      f"{tor['peak_mb']:>9.1f} {100 * npy['skip_fraction']:>6.1f}  "
+                      f"{'yes' if ok else 'NO'}", flush=True)
+    worst = max(rows, key=lambda r: r["ratio"])
+    print(f"worst ratio {worst['ratio']:.2f} ({worst['config']}, {worst['shots']}-shot, "
+          f"{worst['density']:.0%}); max NumPy peak RSS "
+          f"{max(r['numpy']['peak_mb'] for r in rows):.1f} MB; all targets met: "
+          f"{all(r['ok'] for r in rows)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
