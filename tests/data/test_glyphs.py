@@ -127,17 +127,23 @@ def test_spec_rejects_invalid_values() -> None:
         GlyphSpec(pen_width=(2.0, 1.0))
 
 
-def test_load_or_generate_writes_once_then_memory_maps(
-    tmp_path: os.PathLike, monkeypatch: pytest.MonkeyPatch, small: tuple[np.ndarray, np.ndarray]
-) -> None:
-    calls = []
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> list[GlyphSpec]:
+    """Records every call of the generator, so a test can tell cache hits from regeneration."""
+    seen: list[GlyphSpec] = []
     real_generate = glyphs.generate
 
     def counting_generate(spec: GlyphSpec, workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        calls.append(spec)
+        seen.append(spec)
         return real_generate(spec, workers)
 
     monkeypatch.setattr(glyphs, "generate", counting_generate)
+    return seen
+
+
+def test_load_or_generate_writes_once_then_memory_maps(
+    tmp_path: os.PathLike, calls: list[GlyphSpec], small: tuple[np.ndarray, np.ndarray]
+) -> None:
     images, alphabet_of_class = load_or_generate(SMALL, tmp_path)
     assert len(calls) == 1
     npy = tmp_path / f"{SMALL.key()}.npy"
@@ -158,16 +164,8 @@ def test_load_or_generate_writes_once_then_memory_maps(
 
 
 def test_load_or_generate_regenerates_truncated_or_corrupt_cache(
-    tmp_path: os.PathLike, monkeypatch: pytest.MonkeyPatch, small: tuple[np.ndarray, np.ndarray]
+    tmp_path: os.PathLike, calls: list[GlyphSpec], small: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    calls = []
-    real_generate = glyphs.generate
-
-    def counting_generate(spec: GlyphSpec, workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        calls.append(spec)
-        return real_generate(spec, workers)
-
-    monkeypatch.setattr(glyphs, "generate", counting_generate)
     load_or_generate(SMALL, tmp_path)
     npy = tmp_path / f"{SMALL.key()}.npy"
     size = npy.stat().st_size
