@@ -131,6 +131,11 @@ class MetaMixConfig:
 
     alpha: float = 2.0
     beta: float = 2.0
+    channel_shuffle_from: int | None = None
+    """Meta-iteration from which Channel Shuffle is used, on half of the meta-batches as in the
+    MetaMix code (None: never): at the mixing layer, each class takes one of 6 contiguous channel
+    groups from another class of the task (support in the inner loop, support and query in the
+    outer loss), labels unchanged."""
 
 
 @dataclass
@@ -268,6 +273,12 @@ class Config:
             raise UserError(f"mamlpp.min_meta_lr must be in [0, train.meta_lr], got {m.min_meta_lr}")
         if not (self.metamix.alpha > 0 and self.metamix.beta > 0):
             raise UserError("metamix.alpha and metamix.beta must be > 0")
+        shuffle_from = self.metamix.channel_shuffle_from
+        if shuffle_from is not None and (shuffle_from < 0 or self.meta.mix != "metamix"):
+            raise UserError(
+                f"metamix.channel_shuffle_from must be >= 0 and needs meta.mix=metamix "
+                f"(got {shuffle_from} with meta.mix={self.meta.mix})"
+            )
         p = self.prune
         if not 0.0 < p.rate < 1.0:
             raise UserError(f"prune.rate must be in (0, 1), got {p.rate}")

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -181,6 +182,9 @@ def train(
         for it in range(start, total):
             mb = cfg.train.meta_batch
             tasks = [train_tasks.task(it * mb + b).to(device) for b in range(mb)]
+            shuffle_from = cfg.metamix.channel_shuffle_from
+            learner.channel_shuffle = (shuffle_from is not None and it >= shuffle_from
+                                       and np.random.default_rng([cfg.seed, 7719, it]).random() < 0.5)
             if cfg.meta.algorithm == "mamlpp":
                 learner.first_order, learner.step_weights, lr = schedule(cfg, it)
                 for group in optimizer.param_groups:

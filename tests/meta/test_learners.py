@@ -11,7 +11,7 @@ from sparsemeta.config import build_config
 from sparsemeta.errors import UserError
 from sparsemeta.meta.core import MetaLearner, Task
 from sparsemeta.meta.mamlpp import msl_weights, schedule
-from sparsemeta.models.conv4 import Conv4, Mix, Pass
+from sparsemeta.models.conv4 import Conv4, Mix, Pass, Shuffle
 from sparsemeta.train import build_learner, train
 from tests.conftest import make_data
 
@@ -161,6 +161,56 @@ def test_metamix_loss_equals_the_formula_on_a_hand_built_case():
     assert torch.allclose(direct, logits, rtol=1e-12)
 
 
+def test_channel_shuffle_swaps_one_channel_group_between_classes_and_keeps_labels():
+    torch.manual_seed(0)
+    model = Conv4(1, 3, 16, filters=12).double()
+    learner = MetaLearner(model, inner_lr=0.1, inner_steps=1, mix=(2.0, 2.0), mix_seed=3)
+    task = _task(index=5, shots=2, queries=2)
+    layer, group, classes = learner._shuffle_plan(task)
+    assert sorted(classes.tolist()) == [0, 1, 2] and all(classes[c] != c for c in range(3))
+    assert 0 <= layer <= 4 and 0 <= group < 6
+    # support rows 0,1 are class 0, 2,3 class 1, 4,5 class 2: same-rank rows of the mapped class
+    source = Shuffle(layer=1, group=2, source=torch.tensor([0])).bounds(12)
+    assert source == (4, 6)  # 12 channels in 6 groups of 2
+    h = torch.randn(6, 12, 4, 4, dtype=torch.float64)
+    src = torch.tensor([2 * int(classes[c]) + r for c in range(3) for r in range(2)])
+    shuffled = torch.cat([h[:, :4], h[src, 4:6], h[:, 6:]], dim=1)
+    assert torch.equal(shuffled[:, :4], h[:, :4]) and torch.equal(shuffled[:, 6:], h[:, 6:])
+    assert torch.equal(shuffled[0, 4:6], h[2 * int(classes[0]), 4:6])
+    # the model's hook does exactly that at the chosen layer, here the output of block 1
+    x = task.support_x.double()
+    shuffle = Shuffle(layer=2, group=2, source=src)
+    a = model.blocks[1](model.blocks[0](x))
+    hooked = model(x, Pass(shuffle=shuffle))
+    b = torch.cat([a[:, :4], a[src, 4:6], a[:, 6:]], dim=1)
+    expected = model.head(model.blocks[3](model.blocks[2](b)).flatten(1))
+    assert torch.allclose(hooked, expected, rtol=1e-12)
+
+
+def test_channel_shuffle_changes_the_outer_loss_only_when_switched_on():
+    torch.manual_seed(0)
+    model = Conv4(1, 3, 16, filters=12).double()
+    learner = MetaLearner(model, inner_lr=0.1, inner_steps=1, mix=(2.0, 2.0), mix_seed=3)
+    task = _task(index=5, shots=2, queries=2)
+    task = Task(*(t.double() if t.is_floating_point() else t for t in (
+        task.support_x, task.support_y, task.query_x, task.query_y)), index=5)
+    params = dict(model.named_parameters())
+    plain, _ = learner.outer_loss(params, task)
+    learner.channel_shuffle = True
+    shuffled, _ = learner.outer_loss(params, task)
+    again, _ = learner.outer_loss(params, task)
+    assert not torch.allclose(plain, shuffled) and torch.equal(shuffled, again)
+    evaluated_on = learner.evaluate_task(params, task, 1)
+    learner.channel_shuffle = False
+    assert torch.equal(learner.outer_loss(params, task)[0], plain)
+    assert learner.evaluate_task(params, task, 1) == evaluated_on  # evaluation never shuffles
+
+
+def test_channel_shuffle_needs_metamix():
+    with pytest.raises(UserError, match="metamix.channel_shuffle_from"):
+        build_config(overrides=["metamix.channel_shuffle_from=10"])
+
+
 def test_metamix_needs_as_many_queries_as_shots():
     with pytest.raises(UserError, match="needs data.queries == data.shots"):
         build_config(overrides=["meta.mix=metamix", "data.shots=1", "data.queries=15"])
@@ -177,7 +227,7 @@ OVERRIDES = ["device=cpu", "data.image_size=16", "model.filters=8", "train.itera
     ["meta.algorithm=mamlpp"],
     ["meta.algorithm=mamlpp", "meta.bn=running"],
     ["meta.algorithm=metasgd"],
-    ["meta.algorithm=maml", "meta.mix=metamix"],
+    ["meta.algorithm=maml", "meta.mix=metamix", "metamix.channel_shuffle_from=2"],
     ["meta.algorithm=mamlpp", "meta.mix=metamix", "meta.bn=support"],
 ])
 def test_every_learner_trains_with_a_mask_that_stays_exact(tmp_path, extra):

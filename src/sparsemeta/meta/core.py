@@ -9,7 +9,9 @@ MAML, first-order MAML, MAML++, Meta-SGD and MetaMix are options of this one loo
 * inner learning rate: a scalar (MAML), per layer and step learned (MAML++'s LSLR), or per
   weight learned (Meta-SGD's α) — ``lr_rule``;
 * outer loss: last step only, or every step weighted (MAML++'s multi-step loss) —
-  ``step_weights``; query mixed with the support set at a random layer (MetaMix) — ``mix``;
+  ``step_weights``; query mixed with the support set at a random layer (MetaMix) — ``mix``,
+  with classes swapping a channel group at that layer, support and query (Channel Shuffle) —
+  ``channel_shuffle``;
 * derivative order — ``first_order`` (the trainer anneals it for MAML++).
 
 Batch-norm policy (``meta.bn``), never a side effect of train/eval mode:
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from sparsemeta.models.conv4 import Mix, Pass
+from sparsemeta.models.conv4 import Mix, Pass, Shuffle
 from sparsemeta.sparsity.masks import Mask, apply_mask
 
 Params = dict[str, torch.Tensor]
@@ -62,6 +64,17 @@ class Task:
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return float((logits.argmax(dim=1) == y).float().mean())
+
+
+def _class_sources(y: torch.Tensor, classes: np.ndarray) -> torch.Tensor:
+    """For Channel Shuffle: row i of class c takes from the row of class ``classes[c]`` with the
+    same rank within its class (every class has as many rows in a set)."""
+    labels = y.cpu().numpy()
+    rows = {c: np.flatnonzero(labels == c) for c in range(len(classes))}
+    source = np.empty(len(labels), dtype=np.int64)
+    for c, r in rows.items():
+        source[r] = rows[int(classes[c])]
+    return torch.as_tensor(source, device=y.device)
 
 
 def _rate_key(name: str) -> str:
@@ -99,6 +112,7 @@ class MetaLearner:
         self.mix = mix
         self.mix_seed = mix_seed
         self.step_weights: list[float] | None = None
+        self.channel_shuffle = False  # MetaMix's Channel Shuffle (switched on by the trainer)
         self.tracking = False  # update running BN statistics (meta-training forwards only)
         self.evaluating = False  # normalise with running statistics (bn='running')
         steps = max(inner_steps, eval_steps or inner_steps)
@@ -142,9 +156,10 @@ class MetaLearner:
 
     # -- forward ---------------------------------------------------------------------------
     def logits(self, params: Mapping[str, torch.Tensor], x: torch.Tensor,
-               stats_rows: int | None = None, step: int = 0, mix: Mix | None = None) -> torch.Tensor:
+               stats_rows: int | None = None, step: int = 0, mix: Mix | None = None,
+               shuffle: Shuffle | None = None) -> torch.Tensor:
         """The functional forward: the mask is applied here and nowhere else."""
-        p = Pass(stats_rows=stats_rows, step=step, mix=mix,
+        p = Pass(stats_rows=stats_rows, step=step, mix=mix, shuffle=shuffle,
                  running=self.evaluating and self.bn == "running",
                  track=self.tracking and self.bn == "running")
         return functional_call(self.model, apply_mask(params, self.mask), (x,), {"p": p})
@@ -158,9 +173,10 @@ class MetaLearner:
         return self.logits(params, both, stats_rows=n, step=step)[n:]
 
     # -- inner loop ------------------------------------------------------------------------
-    def inner_step(self, params: Params, task: Task, step: int, create_graph: bool) -> Params:
+    def inner_step(self, params: Params, task: Task, step: int, create_graph: bool,
+                   shuffle: Shuffle | None = None) -> Params:
         """One SGD step on the support loss; keeps the graph to ``params`` for the outer step."""
-        logits = self.logits(params, task.support_x, step=step)
+        logits = self.logits(params, task.support_x, step=step, shuffle=shuffle)
         loss = F.cross_entropy(logits, task.support_y)
         names = [k for k, v in params.items() if v.requires_grad]
         grads = torch.autograd.grad(loss, [params[k] for k in names], create_graph=create_graph)
@@ -169,16 +185,29 @@ class MetaLearner:
             fast[name] = params[name] - self.lr(name, step) * grad
         return fast
 
-    def adapt(self, params: Params, task: Task, steps: int, create_graph: bool) -> list[Params]:
+    def adapt(self, params: Params, task: Task, steps: int, create_graph: bool,
+              shuffle: Shuffle | None = None) -> list[Params]:
         """Fast weights after 0, 1, …, ``steps`` inner steps."""
         trajectory = [params]
         for step in range(steps):
-            trajectory.append(self.inner_step(trajectory[-1], task, step, create_graph))
+            trajectory.append(self.inner_step(trajectory[-1], task, step, create_graph, shuffle))
         return trajectory
 
     # -- outer loss ------------------------------------------------------------------------
-    def _query_loss(self, fast: Params, task: Task, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, logits) of the query after ``step`` steps, mixed with the support if MetaMix."""
+    def _shuffle_plan(self, task: Task) -> tuple[int, int, np.ndarray]:
+        """(layer, channel group, class map) of this task's Channel Shuffle: the class map is
+        one cycle through a random order of the classes, so every class borrows from another."""
+        rng = np.random.default_rng([self.mix_seed, 7718, task.index])
+        order = rng.permutation(int(task.support_y.max()) + 1)
+        classes = np.empty_like(order)
+        classes[order] = np.roll(order, -1)
+        return int(rng.integers(0, 5)), int(rng.integers(0, 6)), classes
+
+    def _query_loss(self, fast: Params, task: Task, step: int,
+                    plan: tuple[int, int, np.ndarray] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, logits) of the query after ``step`` steps, mixed with the support if MetaMix
+        (and channel-shuffled at the mixing layer under ``plan``)."""
         if self.mix is None:
             logits = self.query_logits(fast, task, step)
             return F.cross_entropy(logits, task.query_y), logits
@@ -189,8 +218,16 @@ class MetaLearner:
         perm = torch.as_tensor(rng.permutation(task.support_x.shape[0]),
                                device=task.support_x.device)
         layer = int(rng.integers(0, 5))  # the input or the output of one of the 4 blocks
+        shuffle = None
+        if plan is not None:
+            layer, group, classes = plan
+            n = task.query_x.shape[0]
+            source = torch.cat([_class_sources(task.query_y, classes),
+                                _class_sources(task.support_y, classes) + n])
+            shuffle = Shuffle(layer=layer, group=group, source=source)
         mix = Mix(layer=layer, lam=lam, n=task.query_x.shape[0], perm=perm)
-        logits = self.logits(fast, torch.cat([task.query_x, task.support_x]), step=step, mix=mix)
+        logits = self.logits(fast, torch.cat([task.query_x, task.support_x]), step=step, mix=mix,
+                             shuffle=shuffle)
         loss = (lam * F.cross_entropy(logits, task.query_y)
                 + (1.0 - lam) * F.cross_entropy(logits, task.support_y[perm]))
         return loss, logits
@@ -198,13 +235,19 @@ class MetaLearner:
     def outer_loss(self, params: Params, task: Task) -> tuple[torch.Tensor, float]:
         """Query loss after adaptation (weighted over steps under the multi-step loss);
         differentiable w.r.t. ``params`` and the learned rates (second or first order)."""
-        trajectory = self.adapt(params, task, self.inner_steps, create_graph=not self.first_order)
+        plan = self._shuffle_plan(task) if self.channel_shuffle and self.mix else None
+        support_shuffle = None
+        if plan is not None:
+            support_shuffle = Shuffle(layer=plan[0], group=plan[1],
+                                      source=_class_sources(task.support_y, plan[2]))
+        trajectory = self.adapt(params, task, self.inner_steps, create_graph=not self.first_order,
+                                shuffle=support_shuffle)
         if self.step_weights is None:
-            loss, logits = self._query_loss(trajectory[-1], task, self.inner_steps)
+            loss, logits = self._query_loss(trajectory[-1], task, self.inner_steps, plan)
         else:
             loss = torch.zeros(())
             for step, weight in enumerate(self.step_weights, start=1):
-                step_loss, logits = self._query_loss(trajectory[step], task, step)
+                step_loss, logits = self._query_loss(trajectory[step], task, step, plan)
                 loss = loss + weight * step_loss
         return loss, accuracy(logits, task.query_y)
 

@@ -66,6 +66,24 @@ class Mix:
 
 
 @dataclass(frozen=True)
+class Shuffle:
+    """MetaMix's Channel Shuffle inside the forward: at ``layer`` the channels are split into
+    ``groups`` contiguous near-equal groups (fewer if there are fewer channels) and group
+    ``group`` of every row is replaced by that of row ``source[row]`` (a row of another class),
+    before any mixing at the same layer."""
+
+    layer: int
+    group: int
+    source: torch.Tensor
+    groups: int = 6
+
+    def bounds(self, channels: int) -> tuple[int, int]:
+        k = min(self.groups, channels)
+        g = self.group % k
+        return g * channels // k, (g + 1) * channels // k
+
+
+@dataclass(frozen=True)
 class Pass:
     """How one forward pass treats batch norm, so the policy is explicit, never a mode flag.
 
@@ -80,6 +98,7 @@ class Pass:
     running: bool = False
     track: bool = False
     mix: Mix | None = None
+    shuffle: Shuffle | None = None
 
 
 class BatchNorm(nn.Module):
@@ -140,6 +159,17 @@ def _mix(x: torch.Tensor, mix: Mix) -> torch.Tensor:
     return mix.lam * x[:mix.n] + (1.0 - mix.lam) * x[mix.n:][mix.perm]
 
 
+def _augment(x: torch.Tensor, p: Pass, layer: int) -> torch.Tensor:
+    """Channel Shuffle, then MetaMix, where either is set for this layer."""
+    s = p.shuffle
+    if s is not None and s.layer == layer:
+        start, end = s.bounds(x.shape[1])
+        x = torch.cat([x[:, :start], x[s.source, start:end], x[:, end:]], dim=1)
+    if p.mix is not None and p.mix.layer == layer:
+        x = _mix(x, p.mix)
+    return x
+
+
 class Conv4(nn.Module):
     """Four conv blocks and a linear head (MAML: Omniglot 64 filters, mini-ImageNet 32).
 
@@ -179,14 +209,10 @@ class Conv4(nn.Module):
 
     def forward(self, x: torch.Tensor, p: Pass = Pass()) -> torch.Tensor:
         """Logits; with ``p.mix``, rows [:n] and permuted rows [n:] are mixed at one layer and
-        the result has n rows."""
+        the result has n rows; ``p.shuffle`` swaps a channel group between classes first."""
         for i, block in enumerate(self.blocks):
-            if p.mix is not None and p.mix.layer == i:
-                x = _mix(x, p.mix)
-            x = block(x, p)
-        if p.mix is not None and p.mix.layer == len(self.blocks):
-            x = _mix(x, p.mix)
-        return self.head(x.flatten(1))
+            x = block(_augment(x, p, i), p)
+        return self.head(_augment(x, p, len(self.blocks)).flatten(1))
 
 
 def build_model(cfg, in_channels: int) -> Conv4:  # noqa: ANN001 - Config, kept import-light
