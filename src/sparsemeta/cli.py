@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -37,20 +38,33 @@ def _default_out(kind: str, cfg_dict: dict) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from sparsemeta import distributed
     from sparsemeta.data.registry import load_data
     from sparsemeta.evaluate import format_result
+    from sparsemeta.experiment import resolve_device
     from sparsemeta.train import train
 
     cfg = build_config(args.config, args.overrides)
-    data = load_data(cfg)  # fail on data problems before anything is written
-    out = make_dir(args.out or _default_out("train", cfg.to_dict()))
-    finished = (out / "eval.json").exists()
-    print(f"run directory: {out}" + (" (finished; printing its result)" if finished else ""),
-          file=sys.stderr)
-    result = train(cfg, out, data=data)
-    print(format_result(result))
-    print(f"best validation accuracy {100 * result['val_accuracy']:.2f}% at iteration "
-          f"{result['best_iteration']}; results in {out / 'eval.json'}")
+    distributed.init_from_env(resolve_device(cfg.device))  # under torchrun: join the job
+    g = distributed.group()
+    try:
+        if not g.main:
+            g.barrier()  # rank 0 loads (and, the first time, generates) the data first
+        data = load_data(cfg)  # fail on data problems before anything is written
+        if g.main:
+            g.barrier()
+        out = make_dir(args.out or _default_out("train", cfg.to_dict()))
+        finished = (out / "eval.json").exists()
+        if g.main:
+            print(f"run directory: {out}" + (" (finished; printing its result)" if finished else "")
+                  + (f"; {g.world} processes" if g.world > 1 else ""), file=sys.stderr)
+        result = train(cfg, out, data=data)
+    finally:
+        distributed.shutdown()
+    if g.main:
+        print(format_result(result))
+        print(f"best validation accuracy {100 * result['val_accuracy']:.2f}% at iteration "
+              f"{result['best_iteration']}; results in {out / 'eval.json'}")
     return 0
 
 
@@ -261,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command != "train":
+            raise UserError(f"'sparsemeta {args.command}' runs in one process; under torchrun "
+                            f"only 'sparsemeta train' is data-parallel (spread experiments "
+                            f"with 'sparsemeta sweep' instead)")
         return args.func(args)
     except UserError as exc:
         print(f"sparsemeta: error: {exc}", file=sys.stderr)

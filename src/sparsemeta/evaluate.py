@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from sparsemeta.data.tasks import TaskSampler
+from sparsemeta.distributed import group
 from sparsemeta.meta.core import MetaLearner
 
 
@@ -34,13 +35,19 @@ def evaluate(
     device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> dict:
-    """Adapt on each of ``tasks`` fixed tasks for ``steps`` steps; never writes ``params``."""
+    """Adapt on each of ``tasks`` fixed tasks for ``steps`` steps; never writes ``params``.
+    In a distributed job each rank adapts on its share and the results are gathered."""
+    g = group()
     accs = np.zeros((tasks, steps + 1))
     losses = np.zeros((tasks, steps + 1))
-    for i in tqdm(range(tasks), desc=f"eval {sampler.split}", disable=not progress,
+    for i in tqdm(g.share(tasks), desc=f"eval {sampler.split}", disable=not progress,
                   leave=False, unit="task"):
         a, loss = learner.evaluate_task(params, sampler.task(i).to(device), steps)
         accs[i], losses[i] = a, loss
+    if g.world > 1:  # every other rank's rows are zeros here: the sum gathers them
+        both = torch.tensor(np.stack([accs, losses]), device=device)
+        g.sum_([both])
+        accs, losses = both.cpu().numpy()
     per_step = []
     for s in range(steps + 1):
         m, ci = mean_ci95(accs[:, s])

@@ -28,6 +28,8 @@ from sparsemeta.config import Config
 from sparsemeta.data.base import FewShotData
 from sparsemeta.data.registry import load_data
 from sparsemeta.data.tasks import sampler_for
+from sparsemeta.distributed import Group, group
+from sparsemeta.errors import UserError
 from sparsemeta.evaluate import evaluate
 from sparsemeta.experiment import (
     atomic_torch_save,
@@ -73,10 +75,13 @@ def _load(path: Path, device: torch.device) -> dict:
 
 
 class MetricsLog:
-    """Append-only JSONL; on resume, lines past the checkpoint's iteration are dropped."""
+    """Append-only JSONL; on resume, lines past the checkpoint's iteration are dropped.
+    Without a path (ranks other than 0 of a distributed job) it writes nothing."""
 
-    def __init__(self, path: Path, keep_until: int) -> None:
-        self.path = path
+    def __init__(self, path: Path | None, keep_until: int) -> None:
+        self.fh = None
+        if path is None:
+            return
         if path.exists():
             kept = [ln for ln in path.read_text().splitlines()
                     if ln.strip() and json.loads(ln)["iteration"] <= keep_until]
@@ -84,11 +89,37 @@ class MetricsLog:
         self.fh = path.open("a")
 
     def write(self, record: dict) -> None:
-        self.fh.write(json.dumps(record) + "\n")
-        self.fh.flush()
+        if self.fh is not None:
+            self.fh.write(json.dumps(record) + "\n")
+            self.fh.flush()
 
     def close(self) -> None:
-        self.fh.close()
+        if self.fh is not None:
+            self.fh.close()
+
+
+def _sum_meta_gradient(g: Group, learner: MetaLearner, loss: float, acc: float, mine: int,
+                       total: int, device: torch.device) -> tuple[float, float]:
+    """Turn each rank's mean over its ``mine`` tasks into the mean over all ``total`` tasks:
+    gradients, loss and accuracy alike (every rank ends with the same values)."""
+    grads = [p.grad for p in learner.parameters() if p.grad is not None]
+    for grad in grads:
+        grad.mul_(mine / total)
+    stats = torch.tensor([loss * mine, acc * mine], dtype=torch.float64, device=device)
+    g.sum_(grads)
+    g.sum_([stats])
+    return float(stats[0]) / total, float(stats[1]) / total
+
+
+def _prepare(run: Path, learner: MetaLearner, init: Mapping[str, torch.Tensor] | None,
+             mask: Mask | None) -> None:
+    """First use of a run directory: save the mask and θ₀ that a resume will read back."""
+    if mask is not None and not (run / "mask.pt").exists():
+        save_mask(mask, run / "mask.pt")
+    if not (run / "init.pt").exists():
+        if init is not None:
+            learner.load_state_dict(init)
+        atomic_torch_save(learner.state_dict(), run / "init.pt")
 
 
 def train(
@@ -113,29 +144,31 @@ def train(
     ``hooks`` is what a sparsity method does inside the loop (L1 penalty, RigL mask updates,
     early-bird stop); ``iterations`` overrides ``train.iterations`` (short fine-tunes);
     ``test=False`` skips the test evaluation (search runs whose weights are only pruned).
+
+    Under ``torchrun`` (see :mod:`sparsemeta.distributed`) each rank takes its share of every
+    meta-batch and only rank 0 writes; the result equals one process's.
     """
     hooks = hooks or TrainHooks()
     total = cfg.train.iterations if iterations is None else iterations
     device = resolve_device(cfg.device)
     data = data if data is not None else load_data(cfg)
+    g = group()
+    if g.world > cfg.train.meta_batch:
+        raise UserError(f"{g.world} processes but train.meta_batch={cfg.train.meta_batch}: every "
+                        f"process needs at least one task; raise train.meta_batch or use fewer")
     run = make_dir(out)
-    bind_config(run, cfg)
+    if g.main:
+        bind_config(run, cfg)
+        if not (run / "eval.json").exists():
+            _prepare(run, build_learner(cfg, data.channels, mask), init, mask)
+    g.barrier()  # the other ranks read what rank 0 wrote
     if (run / "eval.json").exists():
         return read_json(run / "eval.json")
 
-    if (run / "mask.pt").exists():
-        mask = load_mask(run / "mask.pt")
-    elif mask is not None:
-        save_mask(mask, run / "mask.pt")
+    mask = load_mask(run / "mask.pt") if (run / "mask.pt").exists() else None
     mask = {k: v.to(device) for k, v in mask.items()} if mask is not None else None
-
     learner = build_learner(cfg, data.channels, mask)
-    if (run / "init.pt").exists():
-        learner.load_state_dict(_load(run / "init.pt", torch.device("cpu")))
-    else:
-        if init is not None:
-            learner.load_state_dict(init)
-        atomic_torch_save(learner.state_dict(), run / "init.pt")
+    learner.load_state_dict(_load(run / "init.pt", torch.device("cpu")))
     learner.to(device)
     params = dict(learner.model.named_parameters())
     zero_pruned_(params, mask)
@@ -159,9 +192,11 @@ def train(
         meta_step = partial(vmap_meta_gradient_step, learner)
     train_tasks = sampler_for(cfg, data, "train")
     val_tasks = sampler_for(cfg, data, "val")
-    log = MetricsLog(run / "metrics.jsonl", keep_until=start)
+    log = MetricsLog(run / "metrics.jsonl" if g.main else None, keep_until=start)
 
     def checkpoint(iteration: int) -> None:
+        if not g.main:
+            return
         atomic_torch_save({
             "iteration": iteration, "elapsed": elapsed, "best": best,
             "model": learner.state_dict(), "optimizer": optimizer.state_dict(),
@@ -170,14 +205,15 @@ def train(
         }, run / "checkpoint.pt")
 
     bar = tqdm(total=total, initial=start, desc=desc, unit="it",
-               disable=not progress, dynamic_ncols=True, leave=False)
+               disable=not (progress and g.main), dynamic_ncols=True, leave=False)
     t0 = time.perf_counter() - elapsed
     done = start
     if test and total == 0:  # evaluate-as-is run: the model is chosen as given
         res = evaluate(learner, params, val_tasks, cfg.train.val_tasks, cfg.meta.eval_inner_steps,
                        device)
         best = {"accuracy": res["accuracy"], "ci95": res["ci95"], "iteration": 0}
-        atomic_torch_save(learner.state_dict(), run / "best.pt")
+        if g.main:
+            atomic_torch_save(learner.state_dict(), run / "best.pt")
     try:
         for it in range(start, total):
             mb = cfg.train.meta_batch
@@ -187,10 +223,13 @@ def train(
                                        and np.random.default_rng([cfg.seed, 7719, it]).random() < 0.5)
             if cfg.meta.algorithm == "mamlpp":
                 learner.first_order, learner.step_weights, lr = schedule(cfg, it)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                for param_group in optimizer.param_groups:
+                    param_group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            loss, acc = meta_step(params, tasks)
+            mine = [tasks[b] for b in g.share(mb)]
+            loss, acc = meta_step(params, mine)
+            if g.world > 1:
+                loss, acc = _sum_meta_gradient(g, learner, loss, acc, len(mine), mb, device)
             penalty = hooks.regularizer(params, mask)
             if penalty is not None:
                 penalty.backward()
@@ -204,7 +243,7 @@ def train(
             best_val = f"{best['accuracy']:.3f}" if best["accuracy"] >= 0 else "n/a"
             bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", best_val=best_val)
             bar.update(1)
-            if snapshot_at is not None and done == snapshot_at:
+            if snapshot_at is not None and done == snapshot_at and g.main:
                 atomic_torch_save(learner.state_dict(), run / f"step_{done}.pt")
             if test and (done % cfg.train.val_every == 0 or done == total):
                 res = evaluate(learner, params, val_tasks, cfg.train.val_tasks,
@@ -214,8 +253,9 @@ def train(
                            "per_step": [r["accuracy"] for r in res["per_step"]]})
                 if res["accuracy"] > best["accuracy"]:
                     best = {"accuracy": res["accuracy"], "ci95": res["ci95"], "iteration": done}
-                    atomic_torch_save(learner.state_dict(), run / "best.pt")
-                    if hooks.moves_mask:
+                    if g.main:
+                        atomic_torch_save(learner.state_dict(), run / "best.pt")
+                    if hooks.moves_mask and g.main:
                         save_mask(mask, run / "best_mask.pt")
             if stop or done % cfg.train.checkpoint_every == 0 or done == total:
                 checkpoint(done)
@@ -233,23 +273,28 @@ def train(
         "train_seconds": elapsed,
         "density": density(mask) if mask else 1.0,
     }
-    if mask is not None:
+    if mask is not None and g.main:
         save_mask(mask, run / "mask.pt")  # the final mask (a method may have moved it)
     if not test:
         result = {"split": None, **summary}
-        write_json(run / "eval.json", result)
+        if g.main:
+            write_json(run / "eval.json", result)
+        g.barrier()
         return result
+    g.barrier()  # best.pt is rank 0's
     learner.load_state_dict(_load(run / "best.pt", device))
     if (run / "best_mask.pt").exists():
         for k, m in load_mask(run / "best_mask.pt").items():
             mask[k].copy_(m.to(device))
     result = evaluate(learner, params, sampler_for(cfg, data, "test"), cfg.eval.tasks,
-                      cfg.meta.eval_inner_steps, device, progress=progress)
+                      cfg.meta.eval_inner_steps, device, progress=progress and g.main)
     result.update({
         "val_accuracy": best["accuracy"],
         "val_ci95": best.get("ci95"),
         "best_iteration": best["iteration"],
         **summary,
     })
-    write_json(run / "eval.json", result)
+    if g.main:
+        write_json(run / "eval.json", result)
+    g.barrier()
     return result
