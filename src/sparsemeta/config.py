@@ -152,6 +152,11 @@ class PruneConfig:
     level 0, late rewinding) or 'none' (keep the trained weights: fine-tuning)."""
     output_rate_factor: float = 0.5
     """The output layer is pruned at rate × this factor (LTH convention: half)."""
+    structure: Literal["unstructured", "filters"] = "unstructured"
+    """'unstructured' removes single weights; 'filters' removes `rate` of the remaining output
+    filters of every conv layer by L2 norm (layerwise only; the output layer loses just the
+    columns of removed filters), so the ticket exports as a smaller dense network that
+    fine-tunes faster. Methods other than lottery, dense and random need 'unstructured'."""
 
     def rewind_step(self) -> int | None:
         return int(self.rewind.split(":", 1)[1]) if self.rewind.startswith("step:") else None
@@ -289,6 +294,9 @@ class Config:
                 f"prune.output_rate_factor × prune.rate must be in [0, 1), got "
                 f"{p.output_rate_factor} × {p.rate}"
             )
+        if p.structure == "filters" and p.scope == "global":
+            raise UserError("prune.scope=global needs prune.structure=unstructured: filter norms "
+                            "of layers with different fan-in are not comparable")
         if not re.fullmatch(r"init|none|step:[1-9][0-9]*", p.rewind):
             raise UserError(f"prune.rewind must be init, none or step:K (K >= 1), got {p.rewind!r}")
         for key, value in {"l1.lambda": self.l1.lambda_,

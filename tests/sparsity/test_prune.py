@@ -7,7 +7,18 @@ import torch
 
 from sparsemeta.models.conv4 import Conv4
 from sparsemeta.sparsity.masks import density, full_mask, hamming, layer_densities, nonzeros
-from sparsemeta.sparsity.prune import magnitude_prune, output_layer, random_mask_like
+from sparsemeta.sparsity.prune import (
+    clear_removed_filters,
+    conv_layers,
+    filter_counts,
+    filter_mask,
+    filter_prune,
+    kept_filters,
+    magnitude_prune,
+    output_layer,
+    random_filter_mask_like,
+    random_mask_like,
+)
 
 
 def _weights():
@@ -67,3 +78,80 @@ def test_hamming_distance_counts_differing_entries():
     a = {"w": torch.tensor([True, True, False, False])}
     b = {"w": torch.tensor([True, False, True, False])}
     assert hamming(a, b) == 0.5 and hamming(a, a) == 0.0
+
+
+# -- structured tickets ------------------------------------------------------------------------
+def _filter_weights(filters: int = 10):
+    torch.manual_seed(0)
+    return {k: v.detach() for k, v in Conv4(1, 5, 28, filters=filters).named_parameters()}
+
+
+def _assert_filter_structured(mask, keep):
+    """Removed filters: whole slice, next layer's input channels and head columns all pruned;
+    everything else kept; and ``filter_mask`` builds exactly this mask from the kept filters."""
+    built = filter_mask({k: m.shape for k, m in mask.items()}, keep)
+    assert all(torch.equal(built[k], mask[k]) for k in mask)
+    cin = torch.ones(1, dtype=torch.bool)
+    for name in conv_layers(mask):
+        want = keep[name][:, None, None, None] & cin[None, :, None, None]
+        assert torch.equal(mask[name], want.expand_as(mask[name])), name
+        cin = keep[name]
+    assert torch.equal(mask["head.weight"], cin.expand_as(mask["head.weight"]))  # 1×1 final map
+
+
+def test_filter_pruning_removes_exact_filter_counts_by_filter_norm_per_level():
+    w = _filter_weights(10)
+    mask = full_mask(w)
+    expected = [10, 7, 5, 3, 2]  # 10 − round(3) − round(2.1) − round(1.5) − round(0.9)
+    assert [c["blocks.2.conv.weight"] for c in filter_counts(mask, 0.3, 4)] == expected
+    for level in range(1, 5):
+        new = filter_prune(w, mask, rate=0.3)
+        keep = kept_filters(new)
+        for name in conv_layers(new):
+            assert int(keep[name].sum()) == expected[level], (name, level)
+            assert not (keep[name] & ~kept_filters(mask)[name]).any()  # removed stay removed
+            norms = (w[name] * mask[name]).flatten(1).norm(dim=1)
+            removed = kept_filters(mask)[name] & ~keep[name]
+            assert norms[removed].max() <= norms[keep[name]].min()  # the smallest L2 norms go
+        _assert_filter_structured(new, keep)
+        # weight counts follow from filter counts: out × in × 3 × 3 (the head: out × ways)
+        k = expected[level]
+        assert int(new["blocks.1.conv.weight"].sum()) == k * k * 9
+        assert int(new["blocks.0.conv.weight"].sum()) == k * 9
+        assert int(new["head.weight"].sum()) == 5 * k
+        mask = new
+
+
+def test_filter_pruning_never_removes_a_layers_last_filter():
+    w = _filter_weights(2)
+    mask = full_mask(w)
+    for _ in range(3):
+        mask = filter_prune(w, mask, rate=0.9)
+    assert all(int(k.sum()) == 1 for k in kept_filters(mask).values())
+    assert [c["blocks.0.conv.weight"] for c in filter_counts(full_mask(w), 0.9, 3)] == [2, 1, 1, 1]
+
+
+def test_random_filter_control_matches_filter_counts_but_not_the_filters():
+    w = _filter_weights(16)
+    ticket = filter_prune(w, full_mask(w), rate=0.5)
+    rand = random_filter_mask_like(ticket, torch.Generator().manual_seed(1))
+    assert {k: int(v.sum()) for k, v in kept_filters(rand).items()} == {
+        k: 8 for k in conv_layers(ticket)}
+    assert {k: int(m.sum()) for k, m in rand.items()} == {k: int(m.sum()) for k, m in ticket.items()}
+    _assert_filter_structured(rand, kept_filters(rand))
+    assert any(not torch.equal(kept_filters(rand)[k], kept_filters(ticket)[k])
+               for k in conv_layers(ticket))
+
+
+def test_clearing_removed_filters_zeroes_their_bias_and_batch_norm_only():
+    w = _filter_weights(8)
+    state = {k: torch.randn_like(v) for k, v in w.items()}
+    mask = filter_prune(w, full_mask(w), rate=0.5)
+    cleared = clear_removed_filters(state, mask)
+    for name, keep in kept_filters(mask).items():
+        prefix = name[: -len("conv.weight")]
+        for key in ("conv.bias", "bn.weight", "bn.bias"):
+            v = cleared[prefix + key]
+            assert not v[~keep].any() and torch.equal(v[keep], state[prefix + key][keep])
+    assert torch.equal(cleared["blocks.0.conv.weight"], state["blocks.0.conv.weight"])
+    assert torch.equal(cleared["head.bias"], state["head.bias"])

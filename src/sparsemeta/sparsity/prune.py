@@ -87,3 +87,112 @@ def density_after(levels: int, rate: float, output_rate_factor: float,
     kept = sum(n * (1 - (rate * output_rate_factor if k == output else rate)) ** levels
                for k, n in sizes.items())
     return kept / sum(sizes.values())
+
+
+# -- structured tickets: whole conv filters ---------------------------------------------------
+# A removed filter is an all-False [in, kh, kw] slice of its layer's mask; the next conv layer's
+# input channel from it and the output layer's columns it feeds are all-False as well. Nothing
+# downstream then reads the filter, so the network is exactly a smaller dense one (see
+# ``sparsemeta.export.compact``), and every parameter of the filter gets exactly zero gradient.
+
+
+def conv_layers(mask: Mask) -> list[str]:
+    """The conv weights (rank 4) in forward order; each feeds the next, the last feeds the
+    output layer (Conv4's chain)."""
+    return [k for k, m in mask.items() if m.dim() == 4]
+
+
+def kept_filters(mask: Mask) -> dict[str, torch.Tensor]:
+    """Per conv layer, which output filters survive: a filter is removed when its whole slice is
+    pruned."""
+    return {k: mask[k].flatten(1).any(1) for k in conv_layers(mask)}
+
+
+def filter_mask(shapes: Mapping[str, torch.Size], keep: Mapping[str, torch.Tensor]) -> Mask:
+    """The weight mask of a network whose conv layers keep the filters ``keep[layer]``.
+
+    A conv entry survives when both its output filter and its input channel (the previous
+    layer's filter; the image channels always) survive; the output layer keeps its rows and
+    loses the columns fed by removed filters of the last conv layer (flattened C, H, W order).
+    """
+    mask: Mask = {}
+    previous = None
+    for name, shape in shapes.items():
+        if len(shape) == 4:
+            cin = torch.ones(shape[1], dtype=torch.bool) if previous is None else previous
+            out = keep[name].cpu()
+            mask[name] = (out[:, None, None, None] & cin[None, :, None, None]).expand(shape).clone()
+            previous = out
+        else:
+            if previous is None or shape[1] % previous.numel():
+                raise ValueError(f"'{name}' {tuple(shape)} is not fed by a conv layer's filters")
+            mask[name] = previous.repeat_interleave(shape[1] // previous.numel()).expand(shape).clone()
+    return mask
+
+
+def filter_counts(mask: Mask, rate: float, levels: int) -> list[dict[str, int]]:
+    """Kept filters per conv layer after 0..levels rounds of ``filter_prune`` (its exact counts)."""
+    counts = [{k: int(v.sum()) for k, v in kept_filters(mask).items()}]
+    for _ in range(levels):
+        counts.append({k: c - _filters_to_remove(rate, c) for k, c in counts[-1].items()})
+    return counts
+
+
+def _filters_to_remove(rate: float, alive: int) -> int:
+    """``round(rate · alive)``, but never a layer's last filter (the network must stay connected)."""
+    return min(round(rate * alive), alive - 1)
+
+
+def filter_prune(weights: Mapping[str, torch.Tensor], mask: Mask, rate: float) -> Mask:
+    """Remove ``rate`` of the remaining filters of every conv layer with the smallest L2 norm
+    of the effective filter θ ⊙ m (the whole [in, kh, kw] slice).
+
+    Layerwise only: filter norms of layers with different fan-in are not comparable. The output
+    layer is not pruned by magnitude; it only loses the columns of removed filters.
+    """
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"prune rate must be in [0, 1), got {rate}")
+    keep = {}
+    for name, alive in kept_filters(mask).items():
+        norms = (weights[name].detach().cpu() * mask[name].cpu()).flatten(1).norm(dim=1)
+        drop = _smallest(norms, alive, _filters_to_remove(rate, int(alive.sum())))
+        keep[name] = alive.clone()
+        keep[name][drop] = False
+    new = filter_mask({k: m.shape for k, m in mask.items()}, keep)
+    return {k: m.to(mask[k].device) for k, m in new.items()}
+
+
+def random_filter_mask(shapes: Mapping[str, torch.Size], counts: Mapping[str, int],
+                       generator: torch.Generator) -> Mask:
+    """Random filters with exactly ``counts[layer]`` kept per conv layer (the structured
+    control: the same per-layer filter, hence weight, counts as the ticket)."""
+    keep = {}
+    for name, shape in shapes.items():
+        if len(shape) == 4:
+            keep[name] = torch.zeros(shape[0], dtype=torch.bool)
+            keep[name][torch.randperm(shape[0], generator=generator)[:counts[name]]] = True
+    return filter_mask(shapes, keep)
+
+
+def random_filter_mask_like(mask: Mask, generator: torch.Generator) -> Mask:
+    """A random structured mask with the same number of filters in every conv layer."""
+    counts = {k: int(v.sum()) for k, v in kept_filters(mask).items()}
+    new = random_filter_mask({k: m.shape for k, m in mask.items()}, counts, generator)
+    return {k: m.to(mask[k].device) for k, m in new.items()}
+
+
+def clear_removed_filters(state: Mapping[str, torch.Tensor], mask: Mask) -> dict[str, torch.Tensor]:
+    """A copy of ``state`` whose removed filters have zero conv bias and batch-norm weight and
+    bias, so their output is exactly zero (not the constant ReLU(β) that batch norm of an
+    all-zero channel gives): they get exactly zero gradient, so it stays zero while training."""
+    out = dict(state)
+    for name, keep in kept_filters(mask).items():
+        if keep.all():
+            continue
+        prefix = name[: -len("conv.weight")]
+        for key in (f"{prefix}conv.bias", f"{prefix}bn.weight", f"{prefix}bn.bias"):
+            if key in out:
+                value = out[key].clone()
+                value[..., ~keep.to(value.device)] = 0  # per-step BN (steps, C) included
+                out[key] = value
+    return out

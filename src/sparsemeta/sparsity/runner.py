@@ -15,10 +15,14 @@ Layout of an experiment directory (every leaf is a ``train`` run directory)::
     DIR/seed_S/level_LL/earlybird/         the early-bird ticket of level L, trained in full
 
 Level L always means the density that L rounds of ``prune.rate`` give, so every method is
-compared at the same densities. Every stage is idempotent: a finished run directory is skipped,
-an interrupted one resumes from its checkpoint, and every mask and initial weight is a
-deterministic function of files already on disk, so re-running after a crash (even SIGKILL)
-gives the same result as never crashing.
+compared at the same densities. With ``prune.structure=filters`` a level removes whole conv
+filters (``sparsity.prune.filter_prune``), the random control and method remove random filters
+at the same per-layer counts, and every start point has the removed filters' bias and batch-norm
+parameters zeroed (``clear_removed_filters``).
+
+Every stage is idempotent: a finished run directory is skipped, an interrupted one resumes from
+its checkpoint, and every mask and initial weight is a deterministic function of files already
+on disk, so re-running after a crash (even SIGKILL) gives the same result as never crashing.
 """
 
 from __future__ import annotations
@@ -43,11 +47,21 @@ from sparsemeta.experiment import atomic_write_text, config_difference, make_dir
 from sparsemeta.models.conv4 import build_model
 from sparsemeta.sparsity.hooks import EarlyBirdHooks, L1Hooks, RigLHooks
 from sparsemeta.sparsity.masks import Mask, full_mask, load_mask
-from sparsemeta.sparsity.prune import layer_rates, magnitude_prune, random_mask_like
+from sparsemeta.sparsity.prune import (
+    clear_removed_filters,
+    filter_counts,
+    filter_prune,
+    layer_rates,
+    magnitude_prune,
+    random_filter_mask,
+    random_filter_mask_like,
+    random_mask_like,
+)
 from sparsemeta.sparsity.rigl import layer_counts, random_mask
 from sparsemeta.train import train
 
 METHODS = ("lottery", "dense", "random", "l1", "rigl", "earlybird")
+STRUCTURED_METHODS = ("lottery", "dense", "random")
 CONTROLS = ("reinit", "random")
 
 
@@ -182,7 +196,10 @@ class SeedRun:
         model = build_model(self.cfg, data.channels)
         self.full = full_mask(dict(model.named_parameters()))
         p = self.cfg.prune
-        self.counts = imp_counts(self.full, p.rate, p.output_rate_factor, self.levels)
+        self.filters = p.structure == "filters"
+        # IMP's exact per-layer counts by level: kept weights, or kept filters if structured
+        self.counts = (filter_counts(self.full, p.rate, self.levels) if self.filters
+                       else imp_counts(self.full, p.rate, p.output_rate_factor, self.levels))
 
     def run(self, name: str, path: Path, **kwargs) -> dict:  # noqa: ANN003
         t0 = time.perf_counter()
@@ -197,6 +214,22 @@ class SeedRun:
     def _mask(self, path: Path, make) -> Mask:  # noqa: ANN001
         """The run's saved mask if it exists (it is authoritative), else a new one."""
         return load_mask(path / "mask.pt") if (path / "mask.pt").exists() else make()
+
+    # -- what prune.structure changes -------------------------------------------------------
+    def prune(self, weights: dict[str, torch.Tensor], mask: Mask) -> Mask:
+        p = self.cfg.prune
+        if self.filters:
+            return filter_prune(weights, mask, p.rate)
+        return magnitude_prune(weights, mask, p.rate, p.scope, p.output_rate_factor)
+
+    def random_like(self, mask: Mask, level: int) -> Mask:
+        generator = _generator(2, self.seed, level)
+        return random_filter_mask_like(mask, generator) if self.filters else random_mask_like(
+            mask, generator)
+
+    def start(self, state: dict[str, torch.Tensor], mask: Mask) -> dict[str, torch.Tensor]:
+        """Initial weights of a masked run: removed filters' outputs exactly zero (structured)."""
+        return clear_removed_filters(state, mask) if self.filters else state
 
     # -- dense and lottery -------------------------------------------------------------------
     def dense(self) -> dict:
@@ -216,20 +249,19 @@ class SeedRun:
         for level in range(1, self.levels + 1):
             path = self.dir(level, "ticket")
             trained = _state(previous / "checkpoint.pt")
-            mask = self._mask(path, lambda m=mask, w=trained: magnitude_prune(
-                w, m, p.rate, p.scope, p.output_rate_factor))
+            mask = self._mask(path, lambda m=mask, w=trained: self.prune(w, m))
             start = trained if p.rewind == "none" else rewind
             label = f"level {level}/{self.levels}"
-            self.run(f"{label} ticket", path, init=start, mask=mask)
+            self.run(f"{label} ticket", path, init=self.start(start, mask), mask=mask)
             if "reinit" in controls:
                 torch.manual_seed(_stream(1, self.seed, level))
                 fresh = build_model(self.cfg, self.data.channels).state_dict()
-                self.run(f"{label} reinit", self.dir(level, "reinit"), init=fresh, mask=mask)
+                self.run(f"{label} reinit", self.dir(level, "reinit"),
+                         init=self.start(fresh, mask), mask=mask)
             if "random" in controls:
                 rpath = self.dir(level, "random")
-                rand = self._mask(rpath, lambda m=mask, lv=level: random_mask_like(
-                    m, _generator(2, self.seed, lv)))
-                self.run(f"{label} random", rpath, init=start, mask=rand)
+                rand = self._mask(rpath, lambda m=mask, lv=level: self.random_like(m, lv))
+                self.run(f"{label} random", rpath, init=self.start(start, rand), mask=rand)
             previous = path
 
     # -- baselines ---------------------------------------------------------------------------
@@ -238,13 +270,15 @@ class SeedRun:
         return build_model(self.cfg, self.data.channels).state_dict()
 
     def random(self) -> None:
-        """Random masks with IMP's per-layer counts, trained from θ₀."""
+        """Random masks (random filters if structured) with IMP's per-layer counts, from θ₀."""
         shapes = {k: m.shape for k, m in self.full.items()}
+        make = random_filter_mask if self.filters else random_mask
         for level in range(1, self.levels + 1):
             path = self.dir(level, "random")
-            mask = self._mask(path, lambda lv=level: random_mask(
+            mask = self._mask(path, lambda lv=level: make(
                 shapes, self.counts[lv], _generator(2, self.seed, lv)))
-            self.run(f"level {level}/{self.levels} random", path, init=self.theta0(), mask=mask)
+            self.run(f"level {level}/{self.levels} random", path,
+                     init=self.start(self.theta0(), mask), mask=mask)
 
     def l1(self) -> None:
         """L1-regularised dense meta-training, then its magnitude mask at each level's density,
@@ -341,6 +375,10 @@ def run_experiment(cfg: Config, out: str | Path, methods: list[str], seeds: list
     small CPU two 1-thread processes out-run one 2-thread process (~1.35× measured on 2 cores),
     and on a GPU box small Conv4 runs leave the device mostly idle.
     """
+    unsupported = [m for m in methods if m not in STRUCTURED_METHODS]
+    if cfg.prune.structure == "filters" and unsupported:
+        raise UserError(f"--method {unsupported[0]} needs prune.structure=unstructured; with "
+                        f"filters use {', '.join(STRUCTURED_METHODS)}")
     data = data if data is not None else load_data(cfg)
     root = make_dir(out)
     bind_experiment(root, cfg, methods, seeds, controls)
