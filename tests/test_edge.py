@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sparsemeta.export import export_run
+from sparsemeta.export import export_run, torch_model
 from sparsemeta.meta.core import MetaLearner, Task
 from sparsemeta.models.conv4 import Conv4
 from sparsemeta.sparsity.masks import prunable_names
@@ -22,7 +22,7 @@ from sparsemeta_edge.cli import main as edge_main
 from sparsemeta_edge.nn import Conv4 as EdgeConv4
 from sparsemeta_edge.nn import cross_entropy
 from sparsemeta_edge.runtime import adapt, network, query_logits
-from tests.test_export import make_run
+from tests.test_export import make_filter_run, make_run
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -241,3 +241,49 @@ def test_float32_gradients_stay_accurate_at_mini_imagenet_scale():
     for k, g in truth.items():
         if not k.endswith("conv.bias"):
             assert _rel(grads[k], g) <= 1e-4, k
+
+
+# -- structured tickets: the compacted network is the masked one ---------------------------
+@pytest.mark.parametrize("bn", ["transductive", "support"])
+def test_compacted_filter_ticket_computes_the_masked_network(tmp_path, bn, capsys):
+    """float64: forward, and adaptation step by step, of the exported 8-filter network equal
+    the masked 16-filter network's (whose removed filters output a non-zero constant ReLU(β):
+    nothing reads it) — in NumPy and in a PyTorch model built from the file."""
+    made = make_filter_run(tmp_path / "run", 0.5, seed=2, overrides=[f"meta.bn={bn}"])
+    export_run(tmp_path / "run", tmp_path / "m.smz")
+    loaded = smz.load(tmp_path / "m.smz", dtype=np.float64)
+    assert loaded.manifest["architecture"]["layer_filters"] == [8] * 4
+    mask = made["mask"]
+    full = {k: (v * mask[k] if k in mask else v).double().numpy() for k, v in made["state"].items()}
+    masked = EdgeConv4(full, {k: m.numpy() for k, m in mask.items()})
+    small = network(loaded)
+    compact_torch, compact_mask = torch_model(loaded)
+    assert compact_torch.blocks[3].conv.weight.shape == (8, 8, 3, 3)
+    torch_small = MetaLearner(compact_torch, inner_lr=0.3, inner_steps=1, bn=bn, mask=compact_mask)
+    big = Conv4(1, 5, 28, filters=16).double()
+    big.load_state_dict(made["state"])
+    torch_big = MetaLearner(big, inner_lr=0.3, inner_steps=1, bn=bn, mask=mask)
+
+    rng = np.random.default_rng(0)
+    sx, qx = rng.normal(size=(5, 1, 28, 28)), rng.normal(size=(10, 1, 28, 28))
+    sy = np.arange(5)
+    task = Task(*(torch.from_numpy(a) for a in (sx, sy, qx, np.arange(10) % 5)))
+    out_big = torch_big.adapt(dict(big.named_parameters()), task, 3, create_graph=False)
+    out_small = torch_small.adapt(dict(compact_torch.named_parameters()), task, 3,
+                                  create_graph=False)
+    for step in range(4):
+        if step:
+            adapt(masked, sx, sy, 0.3, 1)
+            adapt(small, sx, sy, 0.3, 1)
+        want = query_logits(masked, sx, qx, bn)
+        assert _rel(query_logits(small, sx, qx, bn), want) <= 1e-10, step
+        t_big = torch_big.query_logits(out_big[step], task).detach().numpy()
+        t_small = torch_small.query_logits(out_small[step], task).detach().numpy()
+        assert _rel(t_small, t_big) <= 1e-10 and _rel(t_small, want) <= 1e-10, step
+    assert not np.allclose(want, query_logits(network(smz.load(tmp_path / "m.smz", np.float64)),
+                                              sx, qx, bn))  # it did adapt
+    assert edge_main(["info", str(tmp_path / "m.smz")]) == 0
+    info = capsys.readouterr().out
+    nonzeros = loaded.manifest["nonzeros"]
+    assert "Conv4-16 (maxpool), filters compacted to 8/8/8/8" in info
+    assert f"density       {nonzeros / 7136:.4f} ({nonzeros} of 7136 prunable" in info

@@ -13,9 +13,16 @@ import yaml
 from sparsemeta.config import build_config
 from sparsemeta.errors import UserError
 from sparsemeta.experiment import write_json
-from sparsemeta.export import choose_level, export_command, export_experiment, export_run
+from sparsemeta.export import (
+    choose_level,
+    export_bytes,
+    export_command,
+    export_experiment,
+    export_run,
+)
 from sparsemeta.models.conv4 import build_model
 from sparsemeta.sparsity.masks import prunable_names, save_mask
+from sparsemeta.sparsity.prune import random_filter_mask
 from sparsemeta_edge import smz
 
 OVERRIDES = ["device=cpu", "data.image_size=28", "model.filters=16", "meta.bn=support",
@@ -81,7 +88,8 @@ def test_manifest_carries_what_adaptation_needs(tmp_path):
     export_run(tmp_path / "run", tmp_path / "m.smz")
     m = smz.load(tmp_path / "m.smz").manifest
     assert m["architecture"] == {"name": "conv4", "in_channels": 1, "image_size": 28,
-                                 "filters": 16, "downsample": "maxpool", "ways": 5}
+                                 "filters": 16, "layer_filters": [16] * 4,
+                                 "downsample": "maxpool", "ways": 5}
     assert (m["bn"], m["inner_lr"], m["inner_steps"], m["algorithm"]) == ("support", 0.3, 5, "maml")
     assert m["input"]["size"] == 28 and m["input"]["channels"] == 1
     assert m["input"]["mean"] == [0.0] and m["input"]["std"] == [1.0]  # glyphs: x / 255
@@ -174,3 +182,55 @@ def test_runs_the_edge_runtime_cannot_reproduce_are_refused_by_name(tmp_path, ca
         needle = "running batch-norm statistics"
     with pytest.raises(UserError, match=needle):
         export_run(run, tmp_path / "m.smz")
+
+
+def make_filter_run(run: Path, keep_fraction: float = 0.5, seed: int = 0,
+                    overrides: list[str] | None = None) -> dict:
+    """A filter-pruned run (``prune.structure=filters``): ``make_run``'s random, non-trivial
+    weights — removed filters' bias and batch norm too, so their batch-norm output is a non-zero
+    constant — with ``keep_fraction`` of each conv layer's filters kept at random."""
+    made = make_run(run, 1.0, seed=seed, overrides=["prune.structure=filters", *(overrides or [])])
+    g = torch.Generator().manual_seed(seed + 7)
+    shapes = {k: v.shape for k, v in made["state"].items() if v.dim() >= 2}
+    counts = {k: round(keep_fraction * s[0]) for k, s in shapes.items() if len(s) == 4}
+    mask = random_filter_mask(shapes, counts, g)
+    save_mask(mask, run / "mask.pt")
+    return {**made, "mask": mask}
+
+
+def test_filter_pruned_ticket_exports_as_a_smaller_dense_conv4(tmp_path):
+    made = make_filter_run(tmp_path / "run", 0.5)
+    out = tmp_path / "m.smz"
+    result = export_run(tmp_path / "run", out)
+    model = smz.load(out)
+    man = model.manifest
+    assert man["architecture"]["filters"] == 16 and man["architecture"]["layer_filters"] == [8] * 4
+    assert {t["encoding"] for t in man["tensors"]} == {"dense"}  # no bitmask left to store
+    shapes = {k: v.shape for k, v in model.params.items()}
+    assert shapes["blocks.0.conv.weight"] == (8, 1, 3, 3)
+    assert shapes["blocks.2.conv.weight"] == (8, 8, 3, 3) and shapes["blocks.2.bn.bias"] == (8,)
+    assert shapes["head.weight"] == (5, 8)  # rows stay; columns of removed filters go
+    kept = {k: int(v.sum()) for k, v in made["mask"].items()}
+    assert man["nonzeros"] == sum(kept.values()) == 8 * 9 + 3 * 8 * 8 * 9 + 5 * 8
+    assert result["density"] == pytest.approx(man["nonzeros"] / 7136)  # of the 16-filter Conv4
+    # size: 4 bytes per value of the 8-filter network plus header and manifest, no mask bits
+    values = sum(v.size for v in model.params.values())
+    assert man["payload_bytes"] == 4 * values
+    assert result["bytes"] == 8 + len(json.dumps(man, separators=(",", ":")).encode()) + 4 * values
+    assert result["bytes"] == export_bytes(tmp_path / "run") == out.stat().st_size
+    assert result["dense_fp32_bytes"] == 4 * 7333 and 4 * values / result["dense_fp32_bytes"] < 0.27
+    # the same parameter count unstructured needs bitmasks: the structured file is smaller
+    make_run(tmp_path / "u", man["nonzeros"] / 7136)
+    assert result["bytes"] < export_run(tmp_path / "u", tmp_path / "u.smz")["bytes"]
+    assert "compacted to 8/8/8/8 filters" in export_command(tmp_path / "run", tmp_path / "c.smz")
+
+
+def test_export_refuses_to_compact_a_removed_filter_that_is_still_read(tmp_path):
+    """Cutting out a filter whose constant batch-norm output the next layer reads would change
+    the network's function: refused, not silently approximated."""
+    mask = make_filter_run(tmp_path / "run")["mask"]
+    removed = int((~mask["blocks.1.conv.weight"].flatten(1).any(1)).nonzero()[0])
+    mask["blocks.2.conv.weight"][0, removed, 1, 1] = True
+    save_mask(mask, tmp_path / "run" / "mask.pt")
+    with pytest.raises(UserError, match="blocks.2.conv.weight' reads removed filters"):
+        export_run(tmp_path / "run", tmp_path / "m.smz")

@@ -6,11 +6,13 @@ Needs only NumPy (and Pillow to read images). User mistakes end as one line on s
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from sparsemeta_edge.nn import param_shapes
 from sparsemeta_edge.smz import EdgeError, SmzModel, load, save_model, size_bound
 
 PROG = "sparsemeta-edge"
@@ -27,8 +29,15 @@ def _dtype(name: str) -> type:
     return np.float64 if name == "float64" else np.float32
 
 
+def _meta_trained_shapes(model: SmzModel) -> dict[str, tuple[int, ...]]:
+    """Shapes of the uncompacted Conv4 the model was meta-trained as (sizes compare to it)."""
+    a = model.manifest["architecture"]
+    return param_shapes(a["in_channels"], model.params["head.weight"].shape[0], a["image_size"],
+                        a["filters"], a["downsample"])
+
+
 def _dense_bytes(model: SmzModel) -> int:
-    return 4 * sum(v.size for v in model.params.values())
+    return 4 * sum(math.prod(s) for s in _meta_trained_shapes(model).values())
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -39,10 +48,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     dense = _dense_bytes(model)
     inp = m.get("input", {})
     print(f"{args.model}: checksum OK (sha256 {m['payload_sha256'][:16]}…)")
-    print(f"architecture  Conv4-{a['filters']} ({a['downsample']}), input {a['in_channels']}×"
-          f"{a['image_size']}×{a['image_size']}, {a['ways']} ways")
-    print(f"density       {m['density']:.4f} ({m['nonzeros']} of {m['prunable']} prunable weights), "
-          f"values {m['values_dtype']}")
+    widths = a.get("layer_filters", [a["filters"]] * 4)
+    compacted = ("" if widths == [a["filters"]] * 4 else
+                 f", filters compacted to {'/'.join(map(str, widths))} (a filter-pruned ticket)")
+    print(f"architecture  Conv4-{a['filters']} ({a['downsample']}){compacted}, input "
+          f"{a['in_channels']}×{a['image_size']}×{a['image_size']}, {a['ways']} ways")
+    prunable = sum(math.prod(s) for s in _meta_trained_shapes(model).values() if len(s) >= 2)
+    print(f"density       {m['nonzeros'] / prunable:.4f} ({m['nonzeros']} of {prunable} prunable "
+          f"weights), values {m['values_dtype']}")
     print(f"size          {size} bytes vs {dense} dense fp32 ({size / dense:.3f}×); "
           f"bound {size_bound(model)}")
     print(f"adaptation    {m.get('algorithm', 'maml')}, inner lr {m['inner_lr']}, "

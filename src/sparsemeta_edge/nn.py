@@ -132,6 +132,19 @@ def conv_forward(xp: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride: in
     return z
 
 
+def conv_backward_add(xp: np.ndarray, dz: np.ndarray, wm: np.ndarray, dwm: np.ndarray,
+                      dxp: np.ndarray | None, stride: int, nchw: bool = False) -> None:
+    """The adjoint of ``conv_forward`` for one group of images: adds the gradient of the
+    (9·C, F) weight matrix into ``dwm`` and, unless None (the image), of the padded input into
+    ``dxp``. im2col is rebuilt here rather than kept from the forward pass (memory)."""
+    _, _, ho, wo = _geometry(xp, stride, nchw)
+    cols = _im2col(xp, stride, ho, wo, nchw)
+    dwm += cols.T @ dz
+    del cols
+    if dxp is not None:
+        _col2im_add(dxp, dz @ wm.T, stride, ho, wo)
+
+
 # -- batch norm, ReLU, pooling -------------------------------------------------------------
 def rowsum(a: np.ndarray, b: np.ndarray | None = None, block: int = 256) -> np.ndarray:
     """Σ over the rows of ``a`` (or of ``a·b``) in float64.
@@ -391,11 +404,8 @@ class Conv4:
                 xr *= scale * dgamma / ref
                 xr += scale * dbeta / ref
                 dz[:len(xr)] -= xr
-            cols = _im2col(blk.xp[n0:n1], self.stride, h, w, nchw)
-            dwm += cols.T @ dz
-            del cols
-            if dxp is not None:
-                _col2im_add(dxp[n0:n1], dz @ wm.T, self.stride, h, w)
+            conv_backward_add(blk.xp[n0:n1], dz, wm, dwm, None if dxp is None else dxp[n0:n1],
+                              self.stride, nchw)
         grads[wname] = np.ascontiguousarray(
             dwm.T.reshape(f, c, 3, 3) if nchw else dwm.reshape(3, 3, c, f).transpose(3, 2, 0, 1))
         # batch norm cancels the conv bias for any reference rows: its gradient is exactly 0

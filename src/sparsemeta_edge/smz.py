@@ -13,6 +13,10 @@ A prunable tensor (rank ≥ 2) with pruned entries is stored as ``np.packbits`` 
 kept values only (float32, or float16 with ``fp16``); one with nothing pruned is stored dense
 (its mask would be all ones). Biases and batch-norm parameters are stored dense in float32.
 No zip container: per-member headers would cost more than the 4 KB of slack the size bound has.
+
+A filter-pruned ticket is stored compacted: a smaller dense Conv4 whose per-layer filter counts
+are ``architecture.layer_filters`` (``filters`` stays the meta-trained width). Readers take every
+tensor's shape from its entry, so format-1 readers run such files unchanged.
 """
 
 from __future__ import annotations
