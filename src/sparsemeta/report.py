@@ -1,7 +1,9 @@
 """Reports: ``summary.json``, a Markdown table and PNG plots from experiment directories.
 
-Everything is read back from the run directories (``eval.json``, ``mask.pt``), so a report can
-be rebuilt at any time, from any number of experiment directories (e.g. one per seed).
+Everything is read back from the run directories (``eval.json``, ``mask.pt``, ``best.pt``), so a
+report can be rebuilt at any time, from any number of experiment directories (e.g. one per seed).
+"Exported bytes" is the exact size of the model's ``sparsemeta export`` file (compact ``.smz``,
+fp32 values), computed through the export's own code path without writing it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 from sparsemeta.errors import UserError
 from sparsemeta.evaluate import mean_ci95
 from sparsemeta.experiment import atomic_write_text, read_json, write_json
+from sparsemeta.export import export_bytes
 from sparsemeta.sparsity.masks import density, layer_densities, load_mask, nonzeros
 
 METHOD_ORDER = ("ticket", "reinit", "random", "l1", "l1_oneshot", "rigl", "earlybird")
@@ -49,6 +52,15 @@ def _with_costs(records: list[dict]) -> list[dict]:
     return records
 
 
+def _exported_bytes(run: Path) -> int | None:
+    """Size of the run's export, or None where the edge format cannot hold the model (learned
+    inner rates, per-step or running batch norm: ``export`` refuses those by name)."""
+    try:
+        return export_bytes(run)
+    except UserError:
+        return None
+
+
 def collect(roots: list[Path]) -> list[dict]:
     """One record per finished run directory ``seed_S/level_LL/<method>`` under ``roots``
     (search runs that only find masks are counted for compute, not reported as models)."""
@@ -78,6 +90,7 @@ def collect(roots: list[Path]) -> list[dict]:
                     "val_accuracy": res["val_accuracy"],
                     "early_stop_iteration": res["best_iteration"],
                     "train_seconds": res["train_seconds"],
+                    "exported_bytes": _exported_bytes(run),
                 })
             records.append(record)
     return [r for r in _with_costs(records) if r.pop("model")]
@@ -116,6 +129,8 @@ def summarize(records: list[dict]) -> list[dict]:
                                     if all(r["compute_vs_full_imp"] for r in rs) else None),
             "nonzeros": rs[0]["nonzeros"],
             "layer_densities": rs[0]["layer_densities"],
+            "exported_bytes": (round(float(np.mean([r["exported_bytes"] for r in rs])))
+                               if all(r["exported_bytes"] for r in rs) else None),
         })
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
     rows.sort(key=lambda r: (order.get(r["method"], len(order)), r["method"], r["level"]))
@@ -127,12 +142,13 @@ def _pct(x: float) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """Levels × methods: accuracy ± CI, plus the ticket's early-stopping iteration."""
+    """Levels × methods: accuracy ± CI, plus the ticket's early-stopping iteration and the size
+    of its export."""
     methods = [m for m in dict.fromkeys(r["method"] for r in rows)]
     by = {(r["method"], r["level"]): r for r in rows}
     levels = sorted({r["level"] for r in rows})
     head = ["level", "weights remaining %"] + [f"{m} acc % ± CI" for m in methods]
-    head += ["ticket early-stop it.", "ticket meta-train s"]
+    head += ["ticket early-stop it.", "ticket meta-train s", "ticket exported bytes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for lvl in levels:
         ref = next(by[(m, lvl)] for m in methods if (m, lvl) in by)
@@ -142,12 +158,14 @@ def markdown_table(rows: list[dict]) -> str:
             cells.append(f"{_pct(r['accuracy'])} ± {_pct(r['ci95'])}" if r else "—")
         t = by.get(("ticket", lvl))
         cells += [f"{t['early_stop_iteration']:.0f}" if t else "—",
-                  f"{t['train_seconds']:.0f}" if t else "—"]
+                  f"{t['train_seconds']:.0f}" if t else "—",
+                  f"{t['exported_bytes']:,}" if t and t["exported_bytes"] else "—"]
         lines.append("| " + " | ".join(cells) + " |")
     seeds = sorted({r["seeds"] for r in rows})
     over = "seeds" if min(seeds) >= 2 else "test tasks (one seed)"
     lines.append("")
-    lines.append(f"Accuracy: mean test accuracy after the last adaptation step; CI: 95% over {over}.")
+    lines.append(f"Accuracy: mean test accuracy after the last adaptation step; CI: 95% over {over}. "
+                 "Exported bytes: size of the model's compact `sparsemeta export` file (fp32).")
     if len(methods) > 3 or any(m not in ("ticket", "reinit", "random") for m in methods):
         lines += ["", cost_table(rows)]
     return "\n".join(lines) + "\n"
@@ -241,6 +259,17 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
                         color=COLORS.get(m), capsize=3)
         ax.set_xscale("log")
 
+    def size(ax) -> None:  # noqa: ANN001
+        for m in methods:
+            rs = sorted((r for r in rows if r["method"] == m and r["exported_bytes"]),
+                        key=lambda r: r["exported_bytes"])
+            ax.errorbar([r["exported_bytes"] for r in rs], [100 * r["accuracy"] for r in rs],
+                        yerr=[100 * r["ci95"] for r in rs], fmt="o-", label=m,
+                        color=COLORS.get(m), capsize=3)
+        if dense:
+            ax.axhline(100 * dense["accuracy"], color="gray", ls="--", lw=1, label="dense (level 0)")
+        ax.set_xscale("log")
+
     tickets = sorted((r for r in rows if r["method"] == "ticket"), key=lambda r: r["level"])
 
     def steps(ax) -> None:  # noqa: ANN001
@@ -258,6 +287,9 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
            "Learning speed vs sparsity" + seed_ci, early_stop)
     figure("accuracy_vs_compute.png", "meta-training compute to produce the model (tasks, log scale)",
            "test accuracy % (95% CI)", "Accuracy vs compute", compute)
+    if any(r["exported_bytes"] for r in rows):
+        figure("accuracy_vs_bytes.png", "exported model size (bytes of the .smz file, log scale)",
+               "test accuracy % (95% CI)", "Accuracy vs exported size", size)
     if tickets:
         figure("accuracy_vs_step.png", "adaptation step", "test accuracy %",
                "Ticket accuracy vs adaptation step", steps)

@@ -91,8 +91,11 @@ def test_rewind_to_init_restores_theta0_and_none_keeps_trained_weights(tmp_path)
 
 
 def _rows(root):
+    """Summary rows without what may differ between two directories: wall time, and exported
+    bytes (the export's manifest names its run's path, so its size depends on the path)."""
     summary = write_report([root])
-    return [{k: v for k, v in r.items() if k != "train_seconds"} for r in summary["rows"]]
+    return [{k: v for k, v in r.items() if k not in ("train_seconds", "exported_bytes")}
+            for r in summary["rows"]]
 
 
 def test_interrupted_level_resumed_gives_same_summary(tmp_path, monkeypatch, experiment):
@@ -122,9 +125,13 @@ def test_report_files_contain_the_numbers_of_summary(experiment):
     md = (experiment / "report.md").read_text()
     for row in saved["rows"]:
         assert f"{100 * row['accuracy']:.2f} ± {100 * row['ci95']:.2f}" in md
+    tickets = sorted((r for r in saved["rows"] if r["method"] == "ticket"), key=lambda r: r["level"])
+    sizes = [r["exported_bytes"] for r in tickets]
+    assert sizes[0] > sizes[1] > sizes[2] and all(f"{n:,}" in md for n in sizes)
     assert {r["method"] for r in saved["rows"]} == {"ticket", "reinit", "random"}
     assert len(saved["rows"]) == 1 + 2 * 3
-    for name in ("accuracy_vs_density.png", "early_stop_vs_density.png", "accuracy_vs_step.png"):
+    for name in ("accuracy_vs_density.png", "early_stop_vs_density.png", "accuracy_vs_step.png",
+                 "accuracy_vs_bytes.png"):
         assert (experiment / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
