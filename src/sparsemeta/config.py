@@ -98,6 +98,9 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     tasks: int = 600
+    split: Literal["test", "val"] = "test"
+    """Split of a run's final evaluation; 'val' for tuning (``sparsemeta tune``), so a search
+    never sees a test task."""
     queries: int | None = None
     """Query examples per class of validation and test tasks (default: data.queries), so
     learners trained with different query sizes (MetaMix) are evaluated on the same tasks."""

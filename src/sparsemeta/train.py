@@ -286,7 +286,7 @@ def train(
     if (run / "best_mask.pt").exists():
         for k, m in load_mask(run / "best_mask.pt").items():
             mask[k].copy_(m.to(device))
-    result = evaluate(learner, params, sampler_for(cfg, data, "test"), cfg.eval.tasks,
+    result = evaluate(learner, params, sampler_for(cfg, data, cfg.eval.split), cfg.eval.tasks,
                       cfg.meta.eval_inner_steps, device, progress=progress and g.main)
     result.update({
         "val_accuracy": best["accuracy"],
