@@ -101,6 +101,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from sparsemeta.sweep import load_sweep, run_sweep
+
+    sweep = load_sweep(args.file, args.out)
+    print(run_sweep(sweep, args.engine, args.address))
+    print(f"report: {sweep.out / 'report.md'} (per-variant reports and plots under "
+          f"{sweep.out / 'reports'})")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from sparsemeta.tune import tune
+
+    cfg = build_config(args.config, args.overrides)
+    out = args.out or _default_out(f"tune-{args.method}", {**cfg.to_dict(), "tune": [
+        args.params, args.target_density]})
+    result = tune(args.config, args.overrides, args.method, out, args.trials, args.params,
+                  args.target_density, args.seed)
+    print(f"best of {result['trials']} trials: validation accuracy "
+          f"{100 * result['best_value']:.2f}% with " + " ".join(
+              f"--set {s}" for s in result["best_set"]))
+    print(f"study: {Path(out) / 'study.db'}; best: {Path(out) / 'best.json'}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from sparsemeta.report import write_report
 
@@ -221,6 +246,32 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "(default: the preset's, else 1)")
         p.add_argument("--out", help="experiment directory (default: runs/<methods>-<config hash>)")
         p.set_defaults(func=cmd_run, **({} if name == "run" else {"method": "lottery"}))
+
+    p = sub.add_parser("sweep", help="a grid of experiments (seeds × methods × config values) "
+                                     "as Ray tasks or one after another, then one report")
+    p.add_argument("file", help="sweep YAML (config, set, grid, controls, out, ray)")
+    p.add_argument("--out", help="sweep directory (default: the file's 'out', else "
+                                 "runs/sweep-<file name>)")
+    p.add_argument("--engine", choices=["auto", "ray", "local"], default="auto",
+                   help="auto: Ray if installed (pip install -e \".[ray]\"), else local")
+    p.add_argument("--address", help="an existing Ray cluster, e.g. ray://head:10001 "
+                                     "(default: start Ray on this machine)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("tune", help="Optuna search of a method's hyperparameters on validation "
+                                    "accuracy only (resumable SQLite study)")
+    _config_args(p, "glyphs-quick")
+    p.add_argument("--method", default="dense",
+                   help="lottery, dense, random, l1, rigl or earlybird (default dense)")
+    p.add_argument("--trials", type=int, default=20,
+                   help="finished trials the study should have (default 20); re-run to resume")
+    p.add_argument("--params", help="comma list of inner_lr, meta_lr, l1_lambda, metamix_alpha, "
+                                    "metamix_beta, prune_rate (default: the method's)")
+    p.add_argument("--target-density", type=float, default=0.2,
+                   help="score the method's model nearest this density (default 0.2)")
+    p.add_argument("--seed", type=int, default=0, help="training seed of every trial (default 0)")
+    p.add_argument("--out", help="study directory (default: runs/tune-<method>-<config hash>)")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("report", help="summary.json, Markdown table and plots of experiments")
     p.add_argument("dirs", nargs="+", help="experiment directories (e.g. one per seed)")

@@ -1,0 +1,231 @@
+"""``sparsemeta sweep``: a grid of experiments run as Ray tasks (or one after another), one report.
+
+A sweep file names a base config, fixed overrides and a grid; every combination is one
+experiment directory under the sweep's ``out``, run by the same code as ``sparsemeta run``::
+
+    config: glyphs-lottery            # preset or YAML path
+    set: {train.iterations: 300}      # overrides for every experiment (optional)
+    grid:                             # seeds × methods × any config keys
+      seeds: [0, 1]
+      methods: [lottery, dense]
+      prune.rate: [0.2, 0.3]
+      meta.algorithm: [maml, mamlpp]
+    controls: [reinit, random]        # lottery controls (optional)
+    out: runs/my-sweep                # optional (--out wins)
+    ray: {cpus_per_task: 1, gpus_per_task: 0}   # optional; --address for an existing cluster
+
+Each experiment is idempotent: a finished one has ``done.json`` and is skipped, an interrupted
+one resumes from its checkpoints. The report groups experiments by their grid point without
+seed and method (a *variant*), one table each, in ``report.md`` and ``summary.json`` at ``out``.
+On a Ray cluster, every node needs sparsemeta installed and ``out`` on a shared file system.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sparsemeta.config import build_config
+from sparsemeta.errors import UserError
+from sparsemeta.experiment import atomic_write_text, make_dir, write_json
+
+SWEEP_KEYS = {"config", "set", "grid", "controls", "out", "ray"}
+RAY_KEYS = {"cpus_per_task", "gpus_per_task"}
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One grid point: a ``sparsemeta run`` of one method and one seed."""
+
+    name: str
+    variant: str
+    method: str
+    seed: int
+    overrides: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Sweep:
+    config: str
+    out: Path
+    controls: list[str]
+    experiments: list[Experiment]
+    cpus_per_task: float
+    gpus_per_task: float
+
+
+def _value_text(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=+-]", "_", text)
+
+
+def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
+    """Read and validate a sweep file, building every experiment's config before any runs."""
+    from sparsemeta.sparsity.runner import parse_controls, parse_methods
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"sweep file '{path}' does not exist")
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"sweep file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(spec, dict):
+        raise UserError(f"sweep file '{path}' must be a mapping with a 'grid'")
+    unknown = sorted(set(spec) - SWEEP_KEYS)
+    if unknown:
+        raise UserError(f"unknown sweep key '{unknown[0]}' in '{path}' (known: {', '.join(sorted(SWEEP_KEYS))})")
+    grid = spec.get("grid")
+    if not isinstance(grid, dict) or not grid:
+        raise UserError(f"sweep file '{path}' needs a 'grid' mapping, e.g. grid: {{seeds: [0, 1]}}")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise UserError(f"grid.{key} must be a non-empty list, got {values!r}")
+    fixed = spec.get("set") or {}
+    if not isinstance(fixed, dict):
+        raise UserError(f"'set' must be a mapping of config keys to values, got {fixed!r}")
+    ray = spec.get("ray") or {}
+    if not isinstance(ray, dict) or set(ray) - RAY_KEYS:
+        raise UserError(f"'ray' takes only {', '.join(sorted(RAY_KEYS))}, got {ray!r}")
+    controls = spec.get("controls", ["reinit", "random"])
+    controls = parse_controls(",".join(controls) if isinstance(controls, list) else str(controls))
+    methods = parse_methods(",".join(str(m) for m in grid.get("methods", ["lottery"])))
+    seeds = grid.get("seeds", [0])
+    if not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise UserError(f"grid.seeds takes non-negative integers, got {seeds!r}")
+    config = str(spec.get("config", "glyphs-lottery"))
+    if Path(config).is_file():  # a YAML path: absolute, so Ray workers anywhere find it
+        config = str(Path(config).resolve())
+    base = [f"{k}={_value_text(v)}" for k, v in fixed.items()]
+    keys = [k for k in grid if k not in ("seeds", "methods")]
+    experiments = []
+    for point in itertools.product(*(grid[k] for k in keys)):
+        variant_over = [f"{k}={_value_text(v)}" for k, v in zip(keys, point)]
+        variant = _slug("-".join(variant_over)) or "base"
+        for method in methods:
+            for seed in seeds:
+                overrides = (*base, *variant_over, f"seed={seed}")
+                build_config(config, list(overrides))  # every config valid before any run
+                name = _slug("-".join([method, f"seed{seed}", *variant_over]))
+                experiments.append(Experiment(name, variant, method, seed, overrides))
+    out_dir = out or spec.get("out") or Path("runs") / f"sweep-{path.stem}"
+    return Sweep(config, Path(out_dir), controls, experiments,
+                 float(ray.get("cpus_per_task", 1)), float(ray.get("gpus_per_task", 0)))
+
+
+def run_one(config: str, out: str, exp: Experiment, controls: list[str], threads: int,
+            progress: bool) -> dict:
+    """Run (or resume) one experiment and mark it done; a done one returns at once."""
+    import torch
+
+    from sparsemeta.sparsity.runner import run_experiment
+
+    root = Path(out) / exp.name
+    done = root / "done.json"
+    if done.exists():
+        return {"name": exp.name, "skipped": True}
+    if threads > 0:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    cfg = build_config(config, list(exp.overrides))
+    run_experiment(cfg, root, [exp.method], [exp.seed], controls, progress=progress)
+    record = {"name": exp.name, "skipped": False, "seconds": time.perf_counter() - t0}
+    write_json(done, record)
+    return record
+
+
+def _report(sweep: Sweep) -> str:
+    """One report per variant (seeds and methods side by side), and the sweep's report.md."""
+    from sparsemeta.report import write_report
+
+    parts, summary = [f"# Sweep report ({len(sweep.experiments)} experiments)\n"], {}
+    variants: dict[str, list[Experiment]] = {}
+    for exp in sweep.experiments:
+        variants.setdefault(exp.variant, []).append(exp)
+    for variant, exps in variants.items():
+        # a dense run is a lottery run's level 0 (same config and seed): count it once
+        lottery_seeds = {e.seed for e in exps if e.method == "lottery"}
+        exps = [e for e in exps if not (e.method == "dense" and e.seed in lottery_seeds)]
+        roots = [sweep.out / e.name for e in exps if (sweep.out / e.name / "done.json").exists()]
+        if not roots:
+            continue
+        result = write_report(roots, sweep.out / "reports" / variant)
+        summary[variant] = {"experiments": [e.name for e in exps],
+                            "overrides": list(exps[0].overrides[:-1]), "rows": result["rows"]}
+        parts.append(f"## {variant}\n\n{result['table']}\n")
+    text = "\n".join(parts)
+    atomic_write_text(sweep.out / "report.md", text)
+    write_json(sweep.out / "summary.json", summary)
+    return text
+
+
+def ray_available() -> bool:
+    return importlib.util.find_spec("ray") is not None
+
+
+def run_sweep(sweep: Sweep, engine: str = "auto", address: str | None = None) -> str:
+    """Run every experiment not yet done (Ray tasks, or locally one after another), then
+    write the aggregated report; returns its Markdown."""
+    out = make_dir(sweep.out)
+    atomic_write_text(out / "sweep.yaml", yaml.safe_dump(
+        {"config": sweep.config, "controls": sweep.controls,
+         "experiments": [e.name for e in sweep.experiments]}, sort_keys=False))
+    if engine == "auto":
+        engine = "ray" if ray_available() else "local"
+    if engine == "ray" and not ray_available():
+        raise UserError("--engine ray needs Ray: pip install -e \".[ray]\" (or use --engine local)")
+    if engine == "local" and address:
+        raise UserError("--address needs the Ray engine")
+    todo = [e for e in sweep.experiments if not (out / e.name / "done.json").exists()]
+    total = len(sweep.experiments)
+    print(f"sweep: {total} experiments in {out}; {total - len(todo)} already done, "
+          f"{len(todo)} to run ({engine})", file=sys.stderr)
+    t0 = time.perf_counter()
+
+    def finished(i: int, record: dict) -> None:
+        spent = time.perf_counter() - t0
+        eta = spent / i * (len(todo) - i)
+        print(f"[{i}/{len(todo)}] {record['name']} done in {record['seconds'] / 60:.1f} min — "
+              f"elapsed {spent / 60:.1f} min, ETA {eta / 60:.1f} min", file=sys.stderr)
+
+    if engine == "local":
+        for i, exp in enumerate(todo, 1):
+            finished(i, run_one(sweep.config, str(out), exp, sweep.controls, 0, True))
+    elif todo:
+        _run_on_ray(sweep, todo, address, finished)
+    return _report(sweep)
+
+
+def _run_on_ray(sweep: Sweep, todo: list[Experiment], address: str | None, finished) -> None:  # noqa: ANN001
+    import ray
+
+    started = not ray.is_initialized()  # a caller's own Ray session is left running
+    if started:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    try:
+        task = ray.remote(num_cpus=sweep.cpus_per_task, num_gpus=sweep.gpus_per_task)(run_one)
+        threads = max(1, int(sweep.cpus_per_task))
+        pending = {task.remote(sweep.config, str(sweep.out.resolve()), exp, sweep.controls,
+                               threads, False): exp for exp in todo}
+        i = 0
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                pending.pop(ref)
+                i += 1
+                finished(i, ray.get(ref))
+    finally:
+        if started:
+            ray.shutdown()

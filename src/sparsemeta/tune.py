@@ -1,0 +1,166 @@
+"""``sparsemeta tune``: the same hyperparameter search for tickets and baselines, on validation only.
+
+Each Optuna trial is one ``sparsemeta run`` of one method and seed with ``eval.split=val``: the
+model is chosen and scored on validation tasks, so no test task is ever seen while tuning. The
+score is the validation accuracy of the method's model whose density is nearest the target
+(dense: the dense model). The study lives in SQLite and the trials' run directories are named
+by their parameters, so re-running the command continues the study: finished trials count,
+a trial that was interrupted is run again with the same parameters and resumes from its
+checkpoints. One ``tune`` process per study.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from sparsemeta.config import Config, build_config
+from sparsemeta.errors import UserError
+from sparsemeta.experiment import make_dir, write_json
+
+
+@dataclass(frozen=True)
+class Param:
+    key: str
+    low: float
+    high: float
+    log: bool
+
+
+PARAMS = {
+    "inner_lr": Param("meta.inner_lr", 0.01, 1.0, True),
+    "meta_lr": Param("train.meta_lr", 1e-4, 1e-2, True),
+    "l1_lambda": Param("l1.lambda", 1e-6, 1e-2, True),
+    "metamix_alpha": Param("metamix.alpha", 0.2, 5.0, True),
+    "metamix_beta": Param("metamix.beta", 0.2, 5.0, True),
+    "prune_rate": Param("prune.rate", 0.1, 0.5, False),
+}
+MODEL_METHOD = {"lottery": "ticket", "dense": "ticket", "random": "random", "l1": "l1",
+                "rigl": "rigl", "earlybird": "earlybird"}
+
+
+def default_params(cfg: Config, method: str) -> list[str]:
+    """What a fair search varies for ``method``: the learning rates always, plus the method's
+    own knob (λ, prune rate) and MetaMix's Beta parameters when MetaMix is on."""
+    names = ["inner_lr", "meta_lr"]
+    if method == "l1":
+        names.append("l1_lambda")
+    if method in ("lottery", "earlybird"):
+        names.append("prune_rate")
+    if cfg.meta.mix == "metamix":
+        names += ["metamix_alpha", "metamix_beta"]
+    return names
+
+
+def parse_params(text: str | None, cfg: Config, method: str) -> list[str]:
+    if not text:
+        return default_params(cfg, method)
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for n in names:
+        if n not in PARAMS:
+            raise UserError(f"unknown tuning parameter '{n}' (known: {', '.join(PARAMS)})")
+    return names
+
+
+def score(rows: list[dict], method: str, target_density: float) -> tuple[float, float]:
+    """(validation accuracy, density) of the method's model nearest ``target_density``."""
+    name = MODEL_METHOD[method]
+    candidates = [r for r in rows if r["method"] == name]
+    if method == "dense":
+        candidates = [r for r in candidates if r["level"] == 0]
+    if not candidates:
+        raise RuntimeError(f"the {method} run produced no '{name}' model")
+    best = min(candidates, key=lambda r: abs(r["density"] - target_density))
+    return best["accuracy"], best["density"]
+
+
+def _trial_dir(out: Path, overrides: list[str]) -> Path:
+    digest = hashlib.sha1(json.dumps(overrides).encode()).hexdigest()[:10]
+    return out / "trials" / digest
+
+
+def _requeue_interrupted(study) -> int:  # noqa: ANN001 - optuna.Study
+    """Trials left RUNNING by a killed process (or failed by an interrupt) are marked failed and
+    their parameters queued again, once; their run directories make the rerun resume."""
+    from optuna.trial import TrialState
+
+    done = {json.dumps(t.params, sort_keys=True) for t in study.trials
+            if t.state in (TrialState.COMPLETE, TrialState.WAITING)}
+    already = {t.user_attrs.get("requeued_from") for t in study.trials}
+    requeued = 0
+    for t in study.trials:
+        if t.state == TrialState.RUNNING:
+            study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+        elif t.state != TrialState.FAIL or t.number in already:
+            continue
+        key = json.dumps(t.params, sort_keys=True)
+        if key not in done:
+            study.enqueue_trial(t.params, user_attrs={"requeued_from": t.number})
+            done.add(key)
+            requeued += 1
+    return requeued
+
+
+def tune(config: str, overrides: list[str], method: str, out: str | Path, trials: int,
+         params: str | None, target_density: float, seed: int) -> dict:
+    """Run the study until it has ``trials`` finished trials; return the best one."""
+    try:
+        import optuna
+    except ImportError:
+        raise UserError('sparsemeta tune needs Optuna: pip install -e ".[tune]"') from None
+    from sparsemeta.report import collect, summarize
+    from sparsemeta.sparsity.runner import parse_methods, run_experiment
+
+    if method not in MODEL_METHOD or parse_methods(method) != [method]:
+        raise UserError(f"--method takes one of {', '.join(MODEL_METHOD)}, got '{method}'")
+    if trials < 1:
+        raise UserError(f"--trials must be >= 1, got {trials}")
+    if not 0.0 < target_density <= 1.0:
+        raise UserError(f"--target-density must be in (0, 1], got {target_density}")
+    base = [*overrides, "eval.split=val", f"seed={seed}"]
+    cfg = build_config(config, base)  # fail on config mistakes before anything is written
+    names = parse_params(params, cfg, method)
+    out = make_dir(out)
+    storage = f"sqlite:///{(out / 'study.db').resolve()}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name="sparsemeta", storage=storage, load_if_exists=True,
+                                direction="maximize",
+                                sampler=optuna.samplers.TPESampler(seed=seed))
+    study.set_user_attr("setting", {"config": config, "overrides": overrides, "method": method,
+                                    "params": names, "target_density": target_density})
+    requeued = _requeue_interrupted(study)
+    finished = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    print(f"tune: {method} on {config}; parameters {', '.join(names)}; {finished} of {trials} "
+          f"trials done" + (f", {requeued} interrupted one(s) queued again" if requeued else "")
+          + f"; study {out / 'study.db'}", file=sys.stderr)
+
+    def objective(trial) -> float:  # noqa: ANN001 - optuna.Trial
+        values = {n: trial.suggest_float(n, PARAMS[n].low, PARAMS[n].high, log=PARAMS[n].log)
+                  for n in names}
+        trial_over = base + [f"{PARAMS[n].key}={v!r}" for n, v in values.items()]
+        run_dir = _trial_dir(out, trial_over)
+        trial.set_user_attr("run_dir", str(run_dir))
+        run_experiment(build_config(config, trial_over), run_dir, [method], [seed], [],
+                       progress=False)
+        acc, dens = score(summarize(collect([run_dir])), method, target_density)
+        trial.set_user_attr("density", dens)
+        print(f"trial {trial.number}: " + ", ".join(f"{n}={v:.4g}" for n, v in values.items())
+              + f" → validation accuracy {100 * acc:.2f}% at {100 * dens:.1f}% density",
+              file=sys.stderr)
+        return acc
+
+    remaining = trials - finished
+    if remaining > 0:
+        study.optimize(objective, n_trials=remaining, catch=(RuntimeError,))
+    best = study.best_trial
+    result = {"method": method, "config": config, "overrides": overrides,
+              "trials": sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials),
+              "best_value": best.value, "best_params": best.params,
+              "best_set": [f"{PARAMS[n].key}={v!r}" for n, v in best.params.items()],
+              "best_run_dir": best.user_attrs.get("run_dir"),
+              "density": best.user_attrs.get("density")}
+    write_json(out / "best.json", result)
+    return result
