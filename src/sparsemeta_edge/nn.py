@@ -16,10 +16,14 @@ Memory, not FLOPs, is what an edge device runs out of, so:
 
 Batch norm: statistics from the first ``stats_rows`` examples (all if None) — or given
 ``stats`` — biased variance, eps 1e-5, exactly as ``sparsemeta.models.conv4.batch_norm``.
+MAML++'s per-step batch norm (weights and biases of shape (steps, C), optional running
+statistics ``blocks.{i}.bn.running_mean|var`` of the same shape) uses the slot of the pass's
+``step``, ``min(step, steps − 1)``, as ``sparsemeta.models.conv4.BatchNorm`` does.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,14 +38,29 @@ def block_names(i: int) -> tuple[str, str, str, str]:
             f"blocks.{i}.bn.weight", f"blocks.{i}.bn.bias")
 
 
-def param_shapes(in_channels: int, ways: int, image_size: int, filters: int,
-                 downsample: str) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of Conv4's parameters, in ``state_dict`` order."""
+def running_names(i: int) -> tuple[str, str]:
+    """Block ``i``'s running batch-norm statistics (``meta.bn=running``), (steps, C) each."""
+    return f"blocks.{i}.bn.running_mean", f"blocks.{i}.bn.running_var"
+
+
+def slot(array: np.ndarray, step: int) -> np.ndarray:
+    """Row ``min(step, steps − 1)`` of a per-step (steps, C) tensor; a (C,) tensor as it is."""
+    return array if array.ndim == 1 else array[min(step, array.shape[0] - 1)]
+
+
+def param_shapes(in_channels: int, ways: int, image_size: int, filters: int, downsample: str,
+                 bn_steps: int = 1, running: bool = False) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of Conv4's ``state_dict`` entries, in order: parameters, with per-step
+    batch norm if ``bn_steps > 1``, and running statistics if ``running``."""
     shapes: dict[str, tuple[int, ...]] = {}
     c = in_channels
+    bn = (filters,) if bn_steps == 1 else (bn_steps, filters)
     for i in range(4):
         w, b, g, beta = block_names(i)
-        shapes[w], shapes[b], shapes[g], shapes[beta] = (filters, c, 3, 3), (filters,), (filters,), (filters,)
+        shapes[w], shapes[b], shapes[g], shapes[beta] = (filters, c, 3, 3), (filters,), bn, bn
+        if running:
+            for name in running_names(i):
+                shapes[name] = (bn_steps, filters)
         c = filters
     size = image_size
     for _ in range(4):
@@ -225,11 +244,12 @@ class _Block:
 
 @dataclass
 class Conv4:
-    """NumPy Conv4 over a parameter dict in PyTorch layout; ``masks`` zero pruned gradients.
+    """NumPy Conv4 over a ``state_dict`` in PyTorch layout; ``masks`` zero pruned gradients.
 
     Pruned weights must be stored as zeros (θ ⊙ m, as ``.smz`` files hold them): the forward
     uses the weights as they are, and masked gradients keep the zeros exact through SGD.
-    The dtype of ``head.weight`` (float32 or float64) is the compute dtype.
+    The dtype of ``head.weight`` (float32 or float64) is the compute dtype. Running statistics,
+    if any, live in ``params`` too (as in the state_dict) but are never trained.
     """
 
     params: dict[str, np.ndarray]
@@ -238,6 +258,7 @@ class Conv4:
     _cache: list[_Block] | None = None
     _feat: np.ndarray | None = None
     _rows: int | None = None
+    _step: int = 0
 
     @property
     def stride(self) -> int:
@@ -248,7 +269,7 @@ class Conv4:
         return self.params["head.weight"].dtype
 
     def _block_forward(self, i: int, a: np.ndarray, rows: int,
-                       stats: tuple[np.ndarray, np.ndarray] | None, keep: bool
+                       stats: tuple[np.ndarray, np.ndarray] | None, keep: bool, step: int
                        ) -> tuple[np.ndarray, _Block | None, tuple[np.ndarray, np.ndarray]]:
         """conv → batch norm → ReLU → pool of one block; normalisation, ReLU and pooling run
         per group of images so that no second full-size activation is ever allocated."""
@@ -273,7 +294,7 @@ class Conv4:
             mean, var = stats
             z -= (mean - p[bname]).astype(z.dtype)
         inv = (1.0 / np.sqrt(var + BN_EPS)).astype(z.dtype)
-        gamma, beta = p[gname], p[betaname]
+        gamma, beta = slot(p[gname], step), slot(p[betaname], step)
         pool = self.downsample == "maxpool"
         oh, ow = (ho // 2, wo // 2) if pool else (ho, wo)
         out = np.empty((n, oh, ow, f), dtype=z.dtype)
@@ -300,11 +321,11 @@ class Conv4:
 
     def forward(self, x: np.ndarray, stats_rows: int | None = None,
                 stats: list[tuple[np.ndarray, np.ndarray]] | None = None,
-                keep: bool = False) -> np.ndarray:
-        """Logits of an NCHW batch. Batch-norm statistics come from ``stats`` when given, else
-        from the first ``stats_rows`` examples (all if None). ``keep`` caches for ``backward``."""
-        if keep and stats is not None:
-            raise ValueError("backward needs batch statistics; pass stats only without keep")
+                keep: bool = False, step: int = 0) -> np.ndarray:
+        """Logits of an NCHW batch at adaptation step ``step`` (per-step batch norm's slot).
+        Batch-norm statistics come from ``stats`` when given (fixed: no gradient through them,
+        as PyTorch's running statistics), else from the first ``stats_rows`` examples (all if
+        None). ``keep`` caches for ``backward``."""
         n = x.shape[0]
         rows = n if stats_rows is None else min(stats_rows, n)
         if rows < 1:
@@ -312,24 +333,33 @@ class Conv4:
         a = np.asarray(x, dtype=self.dtype)
         cache: list[_Block] = []
         for i in range(4):
-            a, blk, _ = self._block_forward(i, a, rows, None if stats is None else stats[i], keep)
+            a, blk, _ = self._block_forward(i, a, rows, None if stats is None else stats[i], keep,
+                                            step)
             if blk is not None:
                 cache.append(blk)
         feat = np.ascontiguousarray(a.transpose(0, 3, 1, 2)).reshape(n, -1)
         logits = feat @ self.params["head.weight"].T + self.params["head.bias"]
-        if keep:
-            self._cache, self._feat, self._rows = cache, feat, rows
+        if keep:  # no reference rows under fixed statistics: nothing flows through them
+            self._cache, self._feat = cache, feat
+            self._rows, self._step = (rows if stats is None else 0), step
         return logits
 
-    def batch_stats(self, x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Each block's batch-norm mean and variance on ``x`` (to store and reuse, e.g. the
-        support-set statistics of ``meta.bn=support``)."""
+    def batch_stats(self, x: np.ndarray, step: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each block's batch-norm mean and variance on ``x`` at ``step`` (to store and reuse,
+        e.g. the support-set statistics of ``meta.bn=support``)."""
         stats = []
         a = np.asarray(x, dtype=self.dtype)
         for i in range(4):
-            a, _, (mean, var) = self._block_forward(i, a, x.shape[0], None, False)
+            a, _, (mean, var) = self._block_forward(i, a, x.shape[0], None, False, step)
             stats.append((mean.astype(np.float64), var.astype(np.float64)))
         return stats
+
+    def running_stats(self, step: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The running statistics of ``step``'s slot (``meta.bn=running``), as ``stats``."""
+        if running_names(0)[0] not in self.params:
+            raise ValueError("this model has no running batch-norm statistics")
+        return [tuple(slot(self.params[n], step).astype(np.float64) for n in running_names(i))
+                for i in range(4)]
 
     def backward(self, dlogits: np.ndarray) -> dict[str, np.ndarray]:
         """Gradients of all parameters from the last ``forward(..., keep=True)``; pruned entries
@@ -391,7 +421,7 @@ class Conv4:
         dtype = blk.xhat.dtype
         dbeta, dgamma = dbeta.astype(dtype), dgamma.astype(dtype)
         ref = rows * per
-        scale = p[gname] * blk.inv
+        scale = slot(p[gname], self._step) * blk.inv
         wm = _weight_matrix(p[wname], nchw)
         dwm = np.zeros(wm.shape, dtype=wm.dtype)
         dxp = None if nchw else np.zeros_like(blk.xp)
@@ -408,19 +438,32 @@ class Conv4:
                               self.stride, nchw)
         grads[wname] = np.ascontiguousarray(
             dwm.T.reshape(f, c, 3, 3) if nchw else dwm.reshape(3, 3, c, f).transpose(3, 2, 0, 1))
-        # batch norm cancels the conv bias for any reference rows: its gradient is exactly 0
-        grads[bname], grads[gname], grads[betaname] = np.zeros(f, dtype=wm.dtype), dgamma, dbeta
+        # batch statistics cancel the conv bias (its gradient is exactly 0); fixed ones do not
+        grads[bname] = scale * dbeta if rows == 0 else np.zeros(f, dtype=wm.dtype)
+        grads[gname], grads[betaname] = self._per_step(gname, dgamma), self._per_step(betaname, dbeta)
         return None if dxp is None else dxp[:, 1:-1, 1:-1, :]
 
-    def sgd_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, float]:
-        """One masked SGD step on cross-entropy (batch statistics of ``x``), exactly MAML's
-        inner step; returns loss and accuracy before the step."""
-        logits = self.forward(x, keep=True)
+    def _per_step(self, name: str, grad: np.ndarray) -> np.ndarray:
+        """A slot's gradient as the gradient of the whole (steps, C) tensor: other rows get 0."""
+        value = self.params[name]
+        if value.ndim == 1:
+            return grad
+        full = np.zeros_like(value)
+        full[min(self._step, value.shape[0] - 1)] = grad
+        return full
+
+    def sgd_step(self, x: np.ndarray, y: np.ndarray, lr: float | Mapping[str, float | np.ndarray],
+                 step: int = 0, stats: list[tuple[np.ndarray, np.ndarray]] | None = None
+                 ) -> tuple[float, float]:
+        """One masked SGD step on cross-entropy, exactly ``MetaLearner.inner_step``: batch
+        statistics of ``x`` unless ``stats``; ``lr`` one rate or one per parameter (a scalar,
+        or Meta-SGD's α elementwise). Returns loss and accuracy before the step."""
+        logits = self.forward(x, stats=stats, keep=True, step=step)
         loss, dlogits = cross_entropy(logits, y)
         acc = float((logits.argmax(axis=1) == y).mean())
         grads = self.backward(dlogits)
         for name, grad in grads.items():
-            grad *= lr
+            grad *= lr[name] if isinstance(lr, Mapping) else lr
             self.params[name] -= grad
         return loss, acc
 
