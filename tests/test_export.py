@@ -1,8 +1,10 @@
-"""``.smz`` export: size bound, exact round trip, checksum, fp16, and the experiment's level choice."""
+"""``.smz`` export: size bound, exact round trip, checksum, fp16, learned inner rates, per-step
+batch norm, and the experiment's level choice."""
 
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -23,32 +25,59 @@ from sparsemeta.export import (
 from sparsemeta.models.conv4 import build_model
 from sparsemeta.sparsity.masks import prunable_names, save_mask
 from sparsemeta.sparsity.prune import random_filter_mask
+from sparsemeta.train import build_learner
 from sparsemeta_edge import smz
 
 OVERRIDES = ["device=cpu", "data.image_size=28", "model.filters=16", "meta.bn=support",
              "meta.inner_lr=0.3", "meta.eval_inner_steps=5"]
 
 
+#: learners beyond plain MAML, as the trainer builds them (``train.build_learner``)
+METASGD = ["meta.algorithm=metasgd"]
+LSLR_PER_STEP_BN = ["meta.algorithm=mamlpp", "mamlpp.lslr=true", "mamlpp.per_step_bn=true",
+                    "meta.inner_steps=2", "meta.eval_inner_steps=3"]
+RUNNING = ["meta.algorithm=mamlpp", "meta.bn=running", "mamlpp.lslr=true",
+           "mamlpp.per_step_bn=true", "meta.inner_steps=2", "meta.eval_inner_steps=3"]
+
+
 def make_run(run: Path, density: float, seed: int = 0, overrides: list[str] | None = None,
-             accuracy: float = 0.5, perturb: bool = True) -> dict[str, torch.Tensor]:
+             accuracy: float = 0.5, perturb: bool = True) -> dict:
     """A run directory as ``sparsemeta train`` leaves it (config, best.pt, mask.pt, eval.json),
     with random weights and a random mask at ``density``; pruned weights are left non-zero in
-    best.pt, as training may leave them (the mask, not the stored value, defines them)."""
+    best.pt, as training may leave them (the mask, not the stored value, defines them).
+
+    ``best.pt`` is the learner's flat state: learned inner rates (``inner_lr.*``), per-step batch
+    norm and running statistics where the config has them — those always random (every weight,
+    step and slot distinct, so a mix-up of steps or slots shows). The mask covers every
+    rank-≥2 parameter, per-step batch norm included, as the lottery runner's does."""
     run.mkdir(parents=True, exist_ok=True)
     cfg = build_config(None, OVERRIDES + (overrides or []))
+    learned = {k: v for k, v in build_learner(cfg, 1).state_dict().items()
+               if k.startswith("inner_lr.")}
     torch.manual_seed(seed)
     model = build_model(cfg, in_channels=1)
-    if perturb:  # every tensor non-trivial (Conv4's init zeroes biases)
-        with torch.no_grad():
-            for p in model.parameters():
+    g = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if perturb:  # every tensor non-trivial (Conv4's init zeroes biases)
                 p.normal_()
-    state = model.state_dict()
+            elif p.dim() == 2 and ".bn." in name:  # per-step batch norm
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5 if name.endswith("weight")
+                        else 0.2 * torch.randn(p.shape, generator=g))
+        for name, b in model.named_buffers():  # running statistics (meta.bn=running)
+            b.copy_(0.3 * torch.randn(b.shape, generator=g) if name.endswith("mean")
+                    else 0.5 + torch.rand(b.shape, generator=g))
+    state = dict(model.state_dict())
+    for name, rate in learned.items():
+        state[name] = cfg.meta.inner_lr * (0.5 + torch.rand(rate.shape, generator=g))
     (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     torch.save(state, run / "best.pt")
     mask = {}
     if density < 1.0:
         g = torch.Generator().manual_seed(seed + 1)
-        mask = {k: torch.rand(state[k].shape, generator=g) < density for k in prunable_names(state)}
+        params = dict(model.named_parameters())
+        mask = {k: torch.rand(params[k].shape, generator=g) < density
+                for k in prunable_names(params)}
         save_mask(mask, run / "mask.pt")
     write_json(run / "eval.json", {"accuracy": accuracy, "ci95": 0.02, "density": density})
     return {"state": state, "mask": mask}
@@ -168,20 +197,110 @@ def test_export_user_errors(tmp_path):
         export_experiment(tmp_path / "run", tmp_path / "m.smz")
 
 
-@pytest.mark.parametrize("case", ["metasgd", "running"])
-def test_runs_the_edge_runtime_cannot_reproduce_are_refused_by_name(tmp_path, case):
+def test_a_best_pt_that_does_not_fit_its_config_is_refused_in_one_line(tmp_path):
     run = tmp_path / "run"
-    if case == "metasgd":
-        made = make_run(run, 1.0, overrides=["meta.algorithm=metasgd"])
-        state = dict(made["state"])
-        state["inner_lr.head.weight"] = torch.full_like(state["head.weight"], 0.1)
-        torch.save(state, run / "best.pt")  # the learner's flat state, as train.py saves it
-        needle = "learned inner learning rates"
-    else:
-        make_run(run, 1.0, overrides=["meta.bn=running"])
-        needle = "running batch-norm statistics"
-    with pytest.raises(UserError, match=needle):
+    made = make_run(run, 1.0, overrides=METASGD)
+    state = {k: v for k, v in made["state"].items() if k != "inner_lr.head.bias"}
+    torch.save(state, run / "best.pt")
+    with pytest.raises(UserError, match="learned inner learning rates that do not fit") as err:
         export_run(run, tmp_path / "m.smz")
+    assert "\n" not in str(err.value)
+    make_run(run, 1.0, overrides=["meta.bn=running"])
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("running", "support"))
+    with pytest.raises(UserError, match="does not match its config.yaml"):
+        export_run(run, tmp_path / "m.smz")
+
+
+# -- learned inner rates and per-step batch norm ---------------------------------------------
+def _kept_bits(state: dict, mask: dict) -> tuple[int, int, int]:
+    """(mask bits, kept weights, other values) of a model's conv and linear weights vs the rest."""
+    weights = [k for k in state if not k.startswith("inner_lr.") and state[k].dim() >= 2
+               and ".bn." not in k]
+    kept = sum(int(mask[k].sum()) if k in mask else state[k].numel() for k in weights)
+    bits = sum(state[k].numel() for k in weights)
+    return bits, kept, sum(v.numel() for k, v in state.items()
+                           if k not in weights and not k.startswith("inner_lr."))
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_metasgd_alpha_is_stored_for_kept_weights_only(tmp_path, fp16):
+    """α travels packed under its weight's bitmask: kept entries only, in the weight's dtype; a
+    pruned weight's α is not in the file. The bound counts 32 more bits per kept weight."""
+    made = make_run(tmp_path / "run", 0.25, overrides=METASGD)
+    state, mask = made["state"], made["mask"]
+    result = export_run(tmp_path / "run", tmp_path / "m.smz", fp16=fp16)
+    model = smz.load(tmp_path / "m.smz")
+    man = model.manifest
+    assert (man["algorithm"], man["lr_rule"], man["version"]) == ("metasgd", "metasgd", 2)
+    width = 2 if fp16 else 4
+    for t in man["tensors"]:
+        name, shape = t["name"], tuple(t["shape"])
+        alpha = state[f"inner_lr.{name}"]
+        kept = int(mask[name].sum()) if t["encoding"] == "sparse" else alpha.numel()
+        small = name not in mask or ".bn." in name
+        assert t["inner_lr"][1] == kept * (4 if small else width), name  # no α of pruned weights
+        expect = (alpha * mask[name] if name in mask else alpha).numpy()
+        if fp16 and not small:
+            np.testing.assert_allclose(model.rates[name], expect, rtol=1e-3)
+        else:
+            np.testing.assert_array_equal(model.rates[name], expect)
+        assert model.rates[name].shape == shape
+    # size: mask bits + 32 bits per kept weight for θ and again for α, small tensors likewise
+    bits, kept, small = _kept_bits(state, mask)
+    bound = (bits + 2 * 32 * kept + 2 * 32 * small) / 8 + 4096
+    assert result["bytes"] == (tmp_path / "m.smz").stat().st_size <= bound
+    assert result["bytes"] <= smz.size_bound(model) <= bound
+    values = sum(t["values"][1] for t in man["tensors"])
+    assert sum(t["inner_lr"][1] for t in man["tensors"]) == values  # α costs what θ costs
+    assert result["dense_fp32_bytes"] == 4 * sum(v.numel() for v in state.values())
+    assert result["bytes"] - man["payload_bytes"] <= 4096  # header and manifest: the slack
+
+
+def test_lslr_per_step_and_running_batch_norm_round_trip_exactly(tmp_path):
+    """MAML++'s per-layer-per-step rates, per-step BN weights and biases (steps, C) and per-step
+    running statistics arrive bit-exact, with the manifest saying how to use them."""
+    made = make_run(tmp_path / "run", 0.3, overrides=RUNNING)
+    state, mask = made["state"], made["mask"]
+    export_run(tmp_path / "run", tmp_path / "m.smz")
+    model = smz.load(tmp_path / "m.smz")
+    man = model.manifest
+    assert (man["algorithm"], man["lr_rule"], man["bn"], man["bn_steps"]) == (
+        "mamlpp", "lslr", "running", 3)
+    assert (man["inner_steps"], man["train_inner_steps"], man["version"]) == (3, 2, 2)
+    assert list(model.params) == [k for k in state if not k.startswith("inner_lr.")]
+    for k, v in state.items():
+        if k.startswith("inner_lr."):
+            assert v.shape == (3,)  # max(inner_steps, eval_inner_steps) rates per tensor
+            np.testing.assert_array_equal(model.rates[k[len("inner_lr."):]], v.numpy())
+        else:
+            np.testing.assert_array_equal(model.params[k], (v * mask[k] if k in mask else v).numpy())
+    assert model.params["blocks.2.bn.running_var"].shape == (3, 16)
+    assert "blocks.2.bn.running_var" not in model.masks  # statistics are never pruned
+    # per-step batch norm that the trainer masked keeps its mask; density counts weights only
+    np.testing.assert_array_equal(model.masks["blocks.1.bn.weight"],
+                                  mask["blocks.1.bn.weight"].numpy())
+    bits, kept, _ = _kept_bits(state, mask)
+    assert man["nonzeros"] == kept and man["prunable"] == bits
+    assert (tmp_path / "m.smz").stat().st_size <= smz.size_bound(model)
+    plain = make_run(tmp_path / "plain", 0.3)
+    export_run(tmp_path / "plain", tmp_path / "p.smz")
+    assert smz.load(tmp_path / "p.smz").manifest["version"] == 1  # nothing of version 2 used
+    assert not plain["state"].keys() - smz.load(tmp_path / "p.smz").params.keys()
+    text = export_command(tmp_path / "run", tmp_path / "c.smz")
+    assert "adaptation: mamlpp, learned rates per layer and step, batch norm 'running', " \
+           "per-step batch norm (3 slots)" in text
+
+
+def test_newer_format_versions_are_refused_with_what_to_do(tmp_path):
+    make_run(tmp_path / "run", 0.5)
+    export_run(tmp_path / "run", tmp_path / "m.smz")
+    raw = (tmp_path / "m.smz").read_bytes()
+    (n,) = struct.unpack_from("<I", raw, 4)
+    manifest = json.loads(raw[8:8 + n])
+    manifest["version"] = smz.FORMAT_VERSION + 1
+    text = json.dumps(manifest).encode()
+    with pytest.raises(smz.SmzError, match="version 3; .* update sparsemeta-edge"):
+        smz.decode(raw[:4] + struct.pack("<I", len(text)) + text + raw[8 + n:])
 
 
 def make_filter_run(run: Path, keep_fraction: float = 0.5, seed: int = 0,
@@ -191,7 +310,8 @@ def make_filter_run(run: Path, keep_fraction: float = 0.5, seed: int = 0,
     constant — with ``keep_fraction`` of each conv layer's filters kept at random."""
     made = make_run(run, 1.0, seed=seed, overrides=["prune.structure=filters", *(overrides or [])])
     g = torch.Generator().manual_seed(seed + 7)
-    shapes = {k: v.shape for k, v in made["state"].items() if v.dim() >= 2}
+    shapes = {k: v.shape for k, v in made["state"].items()  # the parameters, as the runner
+              if v.dim() >= 2 and not k.startswith("inner_lr.") and "running" not in k}
     counts = {k: round(keep_fraction * s[0]) for k, s in shapes.items() if len(s) == 4}
     mask = random_filter_mask(shapes, counts, g)
     save_mask(mask, run / "mask.pt")

@@ -3,15 +3,19 @@
 ``export_run`` writes one run directory's ``best.pt`` (+ ``mask.pt``) as a ``.smz`` file: packed
 bitmasks plus only the kept values of each pruned tensor, small tensors dense, and a manifest
 with everything the runtime needs to adapt the model as meta-training did (architecture,
-batch-norm policy, inner learning rate and steps, input size, channels and normalisation).
+algorithm, batch-norm policy, inner learning rate rule and steps, input size, channels and
+normalisation). Every learner exports: Meta-SGD's α travels with its weight (kept entries only:
+a pruned weight's α has no effect), MAML++'s per-layer-per-step rates, per-step batch-norm
+weights and (``meta.bn=running``) per-step running statistics as they are in ``best.pt``.
 The format itself lives in ``sparsemeta_edge.smz`` so that writer and reader cannot drift apart.
 
 A filter-pruned ticket (``prune.structure=filters``) is exported *compacted*: its removed
 filters, the next layer's input channels from them and the head columns they feed are cut out,
 so the file holds a smaller dense Conv4 (``architecture.layer_filters`` in the manifest) that
-both runtimes fine-tune faster. Nothing downstream reads a removed filter, so the compacted
-network computes exactly what the masked one does (tested). ``export_bytes`` gives a run's
-exported size through the same code path without writing a file (the report's bytes column).
+both runtimes fine-tune faster; Meta-SGD's α and per-step batch norm are cut the same way.
+Nothing downstream reads a removed filter, so the compacted network computes exactly what the
+masked one does (tested). ``export_bytes`` gives a run's exported size through the same code
+path without writing a file (the report's bytes column).
 
 ``export_experiment`` picks the model of a lottery experiment: without ``level``, the sparsest
 ticket level whose test accuracy lies within the dense model's 95% CI.
@@ -30,10 +34,11 @@ from torch import nn
 
 from sparsemeta.errors import UserError
 from sparsemeta.experiment import load_run_config, read_json
+from sparsemeta.meta.core import MetaLearner
 from sparsemeta.models.conv4 import BatchNorm, Conv4
 from sparsemeta.sparsity.masks import load_mask
 from sparsemeta_edge import smz
-from sparsemeta_edge.nn import block_names, param_shapes
+from sparsemeta_edge.nn import block_names, param_shapes, running_names
 
 #: data sets whose loaders do not normalise (mean 0, std 1 on images / 255)
 _UNNORMALISED = ("glyphs", "omniglot")
@@ -60,98 +65,116 @@ def _input_stats(cfg, channels: int) -> Stats:  # noqa: ANN001
     return _STATS[key]
 
 
-def _check_supported(cfg, state: dict[str, torch.Tensor], run: Path) -> None:  # noqa: ANN001
-    """Refuse, by name, what the edge runtime cannot reproduce yet (format v1): learned inner
-    rates (MAML++'s LSLR, Meta-SGD's α), per-step batch-norm weights, running statistics."""
-    found = []
-    if any(k.startswith("inner_lr.") for k in state):
-        found.append("learned inner learning rates")
-    if any(k.endswith("bn.weight") and v.dim() > 1 for k, v in state.items()):
-        found.append("per-step batch-norm weights")
-    if cfg.meta.bn == "running" or any("running_" in k for k in state):
-        found.append("running batch-norm statistics (meta.bn=running)")
-    if found:
-        raise UserError(
-            f"'{run}' uses {', '.join(found)} (meta.algorithm={cfg.meta.algorithm}, "
-            f"meta.bn={cfg.meta.bn}); the edge runtime (.smz v1) runs MAML with one scalar inner "
-            "learning rate and 'transductive' or 'support' batch norm — export a run trained "
-            "that way (e.g. meta.algorithm=maml, or mamlpp with mamlpp.lslr=false and "
-            "mamlpp.per_step_bn=false)")
+Arrays = dict[str, np.ndarray]
+_RATES = "inner_lr."  # MetaLearner.state_dict's prefix of learned inner learning rates
 
 
-def _numpy_state(run: Path, cfg) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:  # noqa: ANN001
-    """Weights (pruned entries zeroed: the effective θ ⊙ m) and masks of a run directory."""
+def _lr_rule(cfg, params: Arrays, rates: Arrays, run: Path) -> str:  # noqa: ANN001
+    """The inner learning-rate rule ``best.pt`` holds (``MetaLearner.lr_rule``), checked: no
+    learned rates — ``scalar``; Meta-SGD — α shaped like each parameter; else MAML++'s LSLR —
+    one rate per inner step of each parameter."""
+    if not rates:
+        return "scalar"
+    rule = "metasgd" if cfg.meta.algorithm == "metasgd" else "lslr"
+    trained = {k: v for k, v in params.items() if not k.endswith(("running_mean", "running_var"))}
+    ok = rates.keys() == trained.keys() and all(
+        rates[k].shape == v.shape if rule == "metasgd" else rates[k].ndim == 1
+        for k, v in trained.items())
+    if not ok:
+        raise UserError(f"'{run}/best.pt' has learned inner learning rates that do not fit "
+                        f"meta.algorithm={cfg.meta.algorithm} ({rule}); is the run intact?")
+    return rule
+
+
+def _numpy_state(run: Path) -> tuple[Arrays, Arrays, Arrays]:
+    """State (pruned entries zeroed: the effective θ ⊙ m), masks and learned inner learning
+    rates (by parameter name; Meta-SGD's α of pruned weights zeroed too) of a run directory."""
     best = run / "best.pt"
     if not best.is_file():
         raise UserError(f"'{run}' has no best.pt yet (no validation has run); train it further first")
     state = torch.load(best, map_location="cpu", weights_only=True)
-    _check_supported(cfg, state, run)
     mask = load_mask(run / "mask.pt") if (run / "mask.pt").is_file() else {}
-    params, masks = {}, {}
+    params, masks, rates = {}, {}, {}
     for name, value in state.items():
         arr = value.detach().to(torch.float32).numpy().copy()
-        if name in mask:
-            m = mask[name].numpy().astype(bool)
-            arr[~m] = 0.0
-            masks[name] = m
-        params[name] = arr
-    return params, masks
+        if name.startswith(_RATES):
+            rates[name[len(_RATES):]] = arr
+        else:
+            params[name] = arr
+    for name, m in mask.items():
+        masks[name] = m.numpy().astype(bool)
+        params[name][~masks[name]] = 0.0
+        if name in rates and rates[name].shape == masks[name].shape:
+            rates[name][~masks[name]] = 0.0
+    return params, masks, rates
 
 
-def compact(params: dict[str, np.ndarray], masks: dict[str, np.ndarray]
-            ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def compact(params: Arrays, masks: Arrays, alpha: Arrays | None = None
+            ) -> tuple[Arrays, Arrays, Arrays]:
     """Cut the removed filters (all-pruned slices) out of a filter-pruned Conv4.
 
-    Each conv layer keeps its surviving filters (rows, with their bias and batch norm) and the
-    input channels of the previous layer's survivors; the head keeps the columns of the last
-    layer's survivors. Exact only if nothing reads a removed filter — its batch-norm output is
-    the constant ReLU(β), not 0 — so a mask where something does is refused.
+    Each conv layer keeps its surviving filters (rows, with their bias, batch norm — per-step
+    slots and running statistics included — and Meta-SGD ``alpha``) and the input channels of
+    the previous layer's survivors; the head keeps the columns of the last layer's survivors.
+    Exact only if nothing reads a removed filter — its batch-norm output is the constant
+    ReLU(β), not 0 — so a mask where something does is refused.
     """
-    params, masks = dict(params), dict(masks)
+    params, masks, alpha = dict(params), dict(masks), dict(alpha or {})
+    shaped = (params, masks, alpha)  # every dict here holds arrays in the parameters' shapes
     previous = None  # surviving filters of the layer before (None: the image channels)
     for i in range(4):
-        names = block_names(i)
-        mask = masks[names[0]]
+        wname = block_names(i)[0]
+        mask = masks[wname]
         keep = mask.reshape(mask.shape[0], -1).any(axis=1)
-        if previous is not None:
-            if mask[:, ~previous].any():
-                raise ValueError(f"'{names[0]}' reads removed filters of the layer before; "
-                                 "the mask is not filter-structured")
-            for d in (params, masks):
-                d[names[0]] = d[names[0]][:, previous]
-        for d in (params, masks):
-            d[names[0]] = d[names[0]][keep]
-        for name in names[1:]:
-            params[name] = params[name][..., keep]
+        if previous is not None and mask[:, ~previous].any():
+            raise ValueError(f"'{wname}' reads removed filters of the layer before; "
+                             "the mask is not filter-structured")
+        for d in shaped:
+            for name in [k for k in d if k.startswith(f"blocks.{i}.")]:
+                if name != wname:  # bias, batch norm: one entry per filter on the last axis
+                    d[name] = d[name][..., keep]
+                elif previous is None:
+                    d[name] = d[name][keep]
+                else:
+                    d[name] = d[name][keep][:, previous]
         previous = keep
     head = masks["head.weight"]
     columns = np.repeat(previous, head.shape[1] // previous.size)
     if head[:, ~columns].any():
         raise ValueError("'head.weight' reads removed filters; the mask is not filter-structured")
-    for d in (params, masks):
-        d["head.weight"] = d["head.weight"][:, columns]
-    return params, masks
+    for d in shaped:
+        if "head.weight" in d:
+            d["head.weight"] = d["head.weight"][:, columns]
+    return params, masks, alpha
 
 
-def _export_parts(run: Path) -> tuple[dict[str, Any], dict[str, np.ndarray],
-                                                  dict[str, np.ndarray], dict[str, Any]]:
-    """Manifest, parameters and masks of a run's ``.smz`` (what ``smz.encode`` takes), plus
-    facts for the caller: the dense fp32 size and prunable weights of the meta-trained Conv4."""
+def _export_parts(run: Path) -> tuple[dict[str, Any], Arrays, Arrays, Arrays, dict[str, Any]]:
+    """Manifest, state, masks and learned rates of a run's ``.smz`` (what ``smz.encode``
+    takes), plus facts for the caller: the dense fp32 size (learned rates included) and
+    prunable weights of the meta-trained Conv4."""
     cfg = load_run_config(run)
-    params, masks = _numpy_state(run, cfg)
+    params, masks, rates = _numpy_state(run)
     w0 = params["blocks.0.conv.weight"]
     filters, channels = int(w0.shape[0]), int(w0.shape[1])
     ways = int(params["head.weight"].shape[0])
-    expected = param_shapes(channels, ways, cfg.data.image_size, filters, cfg.model.downsample)
+    gamma = params["blocks.0.bn.weight"]
+    bn_steps = int(gamma.shape[0]) if gamma.ndim == 2 else 1  # MAML++'s per-step batch norm
+    expected = param_shapes(channels, ways, cfg.data.image_size, filters, cfg.model.downsample,
+                            bn_steps, running=cfg.meta.bn == "running")
     got = {k: tuple(v.shape) for k, v in params.items()}
     if got != expected:
         raise UserError(f"'{run}/best.pt' does not match its config.yaml's Conv4 "
-                        f"({cfg.model.filters} filters, {cfg.data.image_size} px); is the run intact?")
-    facts = {"dense_fp32_bytes": 4 * sum(v.size for v in params.values()),
-             "prunable": sum(v.size for v in params.values() if smz.is_prunable(v))}
+                        f"({cfg.model.filters} filters, {cfg.data.image_size} px, "
+                        f"meta.bn={cfg.meta.bn}); is the run intact?")
+    lr_rule = _lr_rule(cfg, params, rates, run)
+    facts = {"dense_fp32_bytes": 4 * sum(v.size for v in [*params.values(), *rates.values()]),
+             "prunable": sum(v.size for k, v in params.items() if smz.is_prunable(k, v.shape))}
     if cfg.prune.structure == "filters" and masks:
         try:
-            params, masks = compact(params, masks)
+            if lr_rule == "metasgd":  # α is cut like its weight; per-step rates are per tensor
+                params, masks, rates = compact(params, masks, rates)
+            else:
+                params, masks, _ = compact(params, masks)
         except ValueError as exc:
             raise UserError(f"'{run}': {exc}; was mask.pt changed after training?") from None
     layer_filters = [int(params[block_names(i)[0]].shape[0]) for i in range(4)]
@@ -164,8 +187,10 @@ def _export_parts(run: Path) -> tuple[dict[str, Any], dict[str, np.ndarray],
                          "layer_filters": layer_filters, "downsample": cfg.model.downsample,
                          "ways": ways},
         "algorithm": cfg.meta.algorithm,
+        "lr_rule": lr_rule,
         "first_order": cfg.meta.first_order,
         "bn": cfg.meta.bn,
+        "bn_steps": bn_steps,
         "inner_lr": cfg.meta.inner_lr,
         "inner_steps": cfg.meta.eval_inner_steps,
         "train_inner_steps": cfg.meta.inner_steps,
@@ -177,29 +202,30 @@ def _export_parts(run: Path) -> tuple[dict[str, Any], dict[str, np.ndarray],
         "source": {"run": "/".join(run.resolve().parts[-4:]), "data": cfg.data.name,
                    "test_accuracy": result.get("accuracy"), "test_ci95": result.get("ci95")},
     }
-    return manifest, params, masks, {**facts, "normalisation": stats_source}
+    return manifest, params, masks, rates, {**facts, "normalisation": stats_source}
 
 
 def export_bytes(run_dir: str | Path, fp16: bool = False) -> int:
     """The exact size of ``export_run``'s file for this run, computed without writing it."""
-    manifest, params, masks, _ = _export_parts(Path(run_dir))
-    return sum(len(chunk) for chunk in smz.encode(manifest, params, masks, fp16=fp16))
+    manifest, params, masks, rates, _ = _export_parts(Path(run_dir))
+    return sum(len(chunk) for chunk in smz.encode(manifest, params, masks, fp16=fp16, rates=rates))
 
 
 def export_run(run_dir: str | Path, out_path: str | Path, fp16: bool = False) -> dict[str, Any]:
     """Write ``run_dir``'s chosen model as ``out_path`` (.smz); returns sizes and density.
 
-    ``fp16`` stores the kept weight values in half precision (biases and batch norm stay fp32).
-    ``density`` counts the file's weights against the meta-trained (uncompacted) Conv4.
+    ``fp16`` stores the kept weight values, and Meta-SGD's α of them, in half precision (biases,
+    batch norm and their rates stay fp32). ``density`` counts the file's weights against the
+    meta-trained (uncompacted) Conv4; ``dense_fp32_bytes`` includes its learned rates.
     """
     run = Path(run_dir)
-    manifest, params, masks, facts = _export_parts(run)
+    manifest, params, masks, rates, facts = _export_parts(run)
     out = Path(out_path)
     if out.is_dir():
         raise UserError(f"--out '{out}' is a directory; give a file name such as model.smz")
     if not out.parent.is_dir():
         raise UserError(f"directory '{out.parent}' does not exist; create it or choose another --out")
-    nbytes = smz.save(out, manifest, params, masks, fp16=fp16)
+    nbytes = smz.save(out, manifest, params, masks, fp16=fp16, rates=rates)
     model = smz.load(out)
     dense = facts["dense_fp32_bytes"]
     arch = manifest["architecture"]
@@ -210,26 +236,44 @@ def export_run(run_dir: str | Path, out_path: str | Path, fp16: bool = False) ->
         "nonzeros": model.manifest["nonzeros"], "values_dtype": model.manifest["values_dtype"],
         "layer_filters": arch["layer_filters"],
         "compacted": arch["layer_filters"] != [arch["filters"]] * 4,
+        "algorithm": manifest["algorithm"], "lr_rule": manifest["lr_rule"],
+        "bn": manifest["bn"], "bn_steps": manifest["bn_steps"],
         "normalisation": facts["normalisation"], "run": str(run),
     }
 
 
 def torch_model(model: smz.SmzModel) -> tuple[Conv4, dict[str, torch.Tensor]]:
-    """The PyTorch Conv4 of a loaded ``.smz`` (at the file's, possibly compacted, widths and in
-    its dtype) and its mask: to adapt or time an export with ``MetaLearner``."""
+    """The PyTorch Conv4 of a loaded ``.smz`` (at the file's, possibly compacted, widths, with
+    its per-step and running batch norm, in its dtype) and its mask: to adapt or time an export
+    with ``MetaLearner`` (whose learned rates are ``model.rates``)."""
     a, p = model.manifest["architecture"], model.params
     net = Conv4(a["in_channels"], p["head.weight"].shape[0], a["image_size"], a["filters"],
                 a["downsample"])
     channels = a["in_channels"]
+    steps, running = model.manifest.get("bn_steps", 1), running_names(0)[0] in p
     for i, block in enumerate(net.blocks):  # a compacted file's widths, per layer
         width = p[block_names(i)[0]].shape[0]
         block.conv = nn.Conv2d(channels, width, 3, stride=block.conv.stride, padding=1)
-        block.bn = BatchNorm(width)
+        block.bn = BatchNorm(width, steps, running)
         channels = width
     net.head = nn.Linear(p["head.weight"].shape[1], p["head.weight"].shape[0])
     net = net.to(torch.float64 if p["head.weight"].dtype == np.float64 else torch.float32)
     net.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in p.items()})
     return net, {k: torch.from_numpy(m.copy()) for k, m in model.masks.items()}
+
+
+def torch_learner(model: smz.SmzModel) -> MetaLearner:
+    """The ``MetaLearner`` of a loaded ``.smz``: ``torch_model`` with the file's mask, batch-norm
+    policy, inner learning-rate rule and learned rates (in the file's dtype), as meta-trained."""
+    net, mask = torch_model(model)
+    m = model.manifest
+    learner = MetaLearner(net, inner_lr=m["inner_lr"], inner_steps=m["train_inner_steps"],
+                          bn=m["bn"], mask=mask, lr_rule=m.get("lr_rule", "scalar"),
+                          eval_steps=m["inner_steps"])
+    learner.rates.to(net.head.weight.dtype)
+    learner.load_state_dict({**net.state_dict(), **{f"{_RATES}{k}": torch.from_numpy(v.copy())
+                                                    for k, v in model.rates.items()}})
+    return learner
 
 
 def _ticket_rows(exp: Path) -> list[dict]:
@@ -305,6 +349,10 @@ def format_export(result: dict[str, Any]) -> str:
     lines.append(f"wrote {result['path']}: {result['bytes']} bytes vs {result['dense_fp32_bytes']} "
                  f"dense fp32 ({result['ratio']:.3f}×; bound {result['bound_bytes']}), density "
                  f"{result['density']:.4f}{compacted}, values {result['values_dtype']}")
+    rates = {"scalar": "one inner learning rate", "lslr": "learned rates per layer and step",
+             "metasgd": "Meta-SGD α of the kept weights"}[result["lr_rule"]]
+    per_step = f", per-step batch norm ({result['bn_steps']} slots)" if result["bn_steps"] > 1 else ""
+    lines.append(f"adaptation: {result['algorithm']}, {rates}, batch norm '{result['bn']}'{per_step}")
     if result.get("normalisation") == "unknown":
         lines.append("note: the data set's normalisation was not available here; the edge runtime "
                      "will normalise with the local data's statistics")
