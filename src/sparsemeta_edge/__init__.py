@@ -6,8 +6,8 @@ and written by ``sparsemeta.export``.
 """
 
 from sparsemeta_edge.nn import Conv4, cross_entropy
-from sparsemeta_edge.runtime import adapt, finetune, network, predict, query_logits
+from sparsemeta_edge.runtime import Adapter, finetune, network, predict
 from sparsemeta_edge.smz import EdgeError, SmzError, SmzModel, load, save, save_model
 
-__all__ = ["Conv4", "EdgeError", "SmzError", "SmzModel", "adapt", "cross_entropy", "finetune",
-           "load", "network", "predict", "query_logits", "save", "save_model"]
+__all__ = ["Adapter", "Conv4", "EdgeError", "SmzError", "SmzModel", "cross_entropy", "finetune",
+           "load", "network", "predict", "save", "save_model"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from sparsemeta_edge.nn import param_shapes
-from sparsemeta_edge.smz import EdgeError, SmzModel, load, save_model, size_bound
+from sparsemeta_edge.smz import EdgeError, SmzModel, is_prunable, load, save_model, size_bound
 
 PROG = "sparsemeta-edge"
 
@@ -31,13 +31,19 @@ def _dtype(name: str) -> type:
 
 def _meta_trained_shapes(model: SmzModel) -> dict[str, tuple[int, ...]]:
     """Shapes of the uncompacted Conv4 the model was meta-trained as (sizes compare to it)."""
-    a = model.manifest["architecture"]
+    m = model.manifest
+    a = m["architecture"]
     return param_shapes(a["in_channels"], model.params["head.weight"].shape[0], a["image_size"],
-                        a["filters"], a["downsample"])
+                        a["filters"], a["downsample"], m.get("bn_steps", 1), m.get("bn") == "running")
 
 
 def _dense_bytes(model: SmzModel) -> int:
-    return 4 * sum(math.prod(s) for s in _meta_trained_shapes(model).values())
+    """fp32 bytes of the meta-trained Conv4 with its learned rates (Meta-SGD: one per weight)."""
+    shapes = _meta_trained_shapes(model)
+    rates = {k: r.size for k, r in model.rates.items()}
+    if model.manifest.get("lr_rule") == "metasgd":
+        rates = {k: math.prod(shapes[k]) for k in rates}
+    return 4 * (sum(math.prod(s) for s in shapes.values()) + sum(rates.values()))
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -53,13 +59,20 @@ def cmd_info(args: argparse.Namespace) -> int:
                  f", filters compacted to {'/'.join(map(str, widths))} (a filter-pruned ticket)")
     print(f"architecture  Conv4-{a['filters']} ({a['downsample']}){compacted}, input "
           f"{a['in_channels']}×{a['image_size']}×{a['image_size']}, {a['ways']} ways")
-    prunable = sum(math.prod(s) for s in _meta_trained_shapes(model).values() if len(s) >= 2)
+    prunable = sum(math.prod(s) for k, s in _meta_trained_shapes(model).items()
+                   if is_prunable(k, s))
     print(f"density       {m['nonzeros'] / prunable:.4f} ({m['nonzeros']} of {prunable} prunable "
           f"weights), values {m['values_dtype']}")
     print(f"size          {size} bytes vs {dense} dense fp32 ({size / dense:.3f}×); "
           f"bound {size_bound(model)}")
-    print(f"adaptation    {m.get('algorithm', 'maml')}, inner lr {m['inner_lr']}, "
-          f"{m['inner_steps']} step(s), batch norm '{m.get('bn')}'")
+    from sparsemeta_edge.runtime import describe_rates
+
+    slots = m.get("bn_steps", 1)
+    per_step = f" with per-step weights ({slots} slots; later steps use the last)" if slots > 1 else ""
+    print(f"adaptation    {m.get('algorithm', 'maml')}: {describe_rates(model)}; "
+          f"{m['inner_steps']} step(s), batch norm '{m.get('bn')}'{per_step}")
+    if m.get("adapted_steps"):
+        print(f"adapted       {m['adapted_steps']} SGD step(s) since export (selects rate and slot)")
     norm = ("unknown (the local data's statistics will be used)" if inp.get("mean") is None
             else f"mean {inp['mean']} std {inp['std']}")
     print(f"input         {norm}" + (", inverted" if inp.get("invert") else ""))

@@ -1,11 +1,18 @@
 """Adaptation, fine-tuning and prediction with an exported model, in NumPy only.
 
 The batch-norm policy travels with the model (``bn`` in the manifest), as in
-``sparsemeta.meta.core``: a training step always normalises its batch with its own statistics;
-at prediction, ``transductive`` normalises the predicted batch with its own statistics and
-``support`` with the statistics of a reference (support) set. Fine-tuning stores the statistics
-of a class-balanced reference sample of its training data in the model (``bn_stats.*``), so a
-fine-tuned model can classify a single image under either policy.
+``sparsemeta.meta.core``: under ``transductive`` and ``support`` a training step normalises its
+batch with its own statistics; at prediction, ``transductive`` normalises the predicted batch
+with its own statistics and ``support`` with the statistics of a reference (support) set.
+Fine-tuning stores the statistics of a class-balanced reference sample of its training data in
+the model (``bn_stats.*``), so a fine-tuned model can classify a single image under either
+policy. Under ``running`` every step and prediction normalises with meta-training's running
+statistics of its step, as ``MetaLearner.evaluate_task`` does; they are never updated on the
+device (PyTorch's adaptation does not update them either).
+
+The inner learning rate follows the manifest's ``lr_rule`` (see ``Adapter``). A model counts
+the SGD steps its weights have taken since export (``adapted_steps``): step k uses the rate and
+the per-step batch-norm slot of step k, capped at the last one meta-training learned.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from sparsemeta_edge.nn import Conv4, cross_entropy, init_head, softmax
 from sparsemeta_edge.smz import EdgeError, SmzModel
 
 Stats = list[tuple[np.ndarray, np.ndarray]]
+Rates = float | dict[str, float | np.ndarray]
 
 
 def network(model: SmzModel) -> Conv4:
@@ -34,18 +42,83 @@ def network(model: SmzModel) -> Conv4:
     return Conv4(model.params, model.masks, arch["downsample"])
 
 
-def adapt(net: Conv4, support_x: np.ndarray, support_y: np.ndarray, lr: float, steps: int) -> None:
-    """MAML's inner loop: ``steps`` masked SGD steps on the whole support set, in place."""
-    for _ in range(steps):
-        net.sgd_step(support_x, support_y, lr)
+class Adapter:
+    """``MetaLearner``'s inner loop on an exported model, in place, one SGD step at a time.
+
+    Step k (counted from the model's ``adapted_steps``, 0 for a fresh export) uses, as
+    ``MetaLearner.lr`` and ``BatchNorm.forward`` do: the scalar ``inner_lr``; or MAML++'s learned
+    rate of each tensor at step min(k, steps − 1); or Meta-SGD's α elementwise — and per-step
+    batch norm's slot min(k, bn_steps − 1). So steps beyond meta-training's reuse the last rate
+    and slot. ``lr`` replaces every rate by one scalar (plain SGD).
+    """
+
+    def __init__(self, model: SmzModel, lr: float | None = None) -> None:
+        self.model, self.lr = model, lr
+        self.net = network(model)
+        self.bn = model.manifest.get("bn", "transductive")
+        self.step = int(model.manifest.get("adapted_steps", 0))
+
+    def rates(self) -> Rates:
+        """The inner learning rate(s) of the current step."""
+        rule = self.model.manifest.get("lr_rule", "scalar")
+        if self.lr is not None or rule == "scalar":
+            return float(self.model.manifest["inner_lr"]) if self.lr is None else self.lr
+        if rule == "metasgd":
+            return self.model.rates
+        return {k: r[min(self.step, len(r) - 1)] for k, r in self.model.rates.items()}
+
+    def stats(self) -> Stats | None:
+        """Fixed statistics of the current step: the running ones under ``running``, else None
+        (the batch's own)."""
+        return self.net.running_stats(self.step) if self.bn == "running" else None
+
+    def sgd_step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        """One masked SGD step (``MetaLearner.inner_step``); loss and accuracy before it."""
+        out = self.net.sgd_step(x, y, self.rates(), self.step, self.stats())
+        self.step += 1
+        return out
+
+    def adapt(self, support_x: np.ndarray, support_y: np.ndarray, steps: int) -> None:
+        """``steps`` steps on the whole support set, as ``MetaLearner.adapt``."""
+        for _ in range(steps):
+            self.sgd_step(support_x, support_y)
+
+    def query_logits(self, support_x: np.ndarray, query_x: np.ndarray) -> np.ndarray:
+        """Query logits at the current step under the batch-norm policy
+        (``MetaLearner.query_logits`` during ``evaluate_task``)."""
+        if self.bn == "support":
+            n = support_x.shape[0]
+            both = np.concatenate([support_x, query_x])
+            return self.net.forward(both, stats_rows=n, step=self.step)[n:]
+        return self.net.forward(query_x, stats=self.stats(), step=self.step)
 
 
-def query_logits(net: Conv4, support_x: np.ndarray, query_x: np.ndarray, bn: str) -> np.ndarray:
-    """Query logits under a batch-norm policy (``MetaLearner.query_logits``)."""
-    if bn == "transductive":
-        return net.forward(query_x)
-    n = support_x.shape[0]
-    return net.forward(np.concatenate([support_x, query_x]), stats_rows=n)[n:]
+def describe_rates(model: SmzModel) -> str:
+    """The inner learning-rate rule in words, for logs and ``info``."""
+    rule, rates = model.manifest.get("lr_rule", "scalar"), model.rates
+    if rule == "metasgd":
+        kept = np.concatenate([r[model.masks[k]] if k in model.masks else r.ravel()
+                               for k, r in rates.items()])
+        return (f"Meta-SGD α per weight (mean {kept.mean():.4g}, range {kept.min():.4g}…"
+                f"{kept.max():.4g})")
+    if rule == "lslr":
+        steps = max(len(r) for r in rates.values())
+        last = np.mean([r[-1] for r in rates.values()])
+        return (f"learned rate per tensor and step (LSLR, {steps} step(s); later steps use the "
+                f"last, mean {last:.4g})")
+    return f"inner lr {model.manifest['inner_lr']}"
+
+
+def _head_alpha(model: SmzModel, ways: int, features: int, dtype: np.dtype) -> str:
+    """Meta-SGD α of a re-initialised head: new classes have no learned α, so every entry gets
+    the old head's mean α over its kept weights (and over its bias), which keeps the step size
+    meta-learned for that layer. Returns what was done, for the log."""
+    old, mask = model.rates["head.weight"], model.masks["head.weight"]
+    aw = float(old[mask].mean()) if mask.any() else float(model.manifest["inner_lr"])
+    ab = float(model.rates["head.bias"].mean())
+    model.rates["head.weight"] = np.full((ways, features), aw, dtype=dtype)
+    model.rates["head.bias"] = np.full(ways, ab, dtype=dtype)
+    return f"; its Meta-SGD α is the old head's mean (weight {aw:.4g}, bias {ab:.4g})"
 
 
 def stored_stats(model: SmzModel) -> Stats | None:
@@ -104,12 +177,13 @@ class EpochLog:
 
 
 def evaluate(net: Conv4, x_u8: np.ndarray, y: np.ndarray, mean: list[float], std: list[float],
-             bn: str, stats: Stats | None, batch: int) -> tuple[float, float]:
-    """Mean loss and accuracy of a uint8 set in batches (own statistics, or ``stats``)."""
+             stats: Stats | None, batch: int, step: int) -> tuple[float, float]:
+    """Mean loss and accuracy of a uint8 set in batches at adaptation step ``step`` (own
+    statistics, or ``stats``)."""
     losses, hits = 0.0, 0
     for i in range(0, len(y), batch):
         xb = to_float(x_u8[i:i + batch], mean, std, net.dtype)
-        logits = net.forward(xb, stats=stats if bn == "support" else None)
+        logits = net.forward(xb, stats=stats, step=step)
         loss, _ = cross_entropy(logits, y[i:i + batch])
         losses += loss * len(xb)
         hits += int((logits.argmax(axis=1) == y[i:i + batch]).sum())
@@ -132,10 +206,13 @@ def finetune(
     log: Callable[[str], None] = print,
 ) -> tuple[SmzModel, list[EpochLog]]:
     """Fine-tune on a local labelled set (uint8 images) with masked SGD at the model's inner
-    learning rate and its batch-norm policy; early stopping on the held-out loss.
+    learning rate(s) (``Adapter``; ``lr`` replaces them by one scalar) and its batch-norm
+    policy; early stopping on the held-out loss. Every mini-batch is one adaptation step, so
+    past meta-training's inner steps the last learned rate and batch-norm slot are used.
 
-    Returns a new model (the input is not modified) holding the best weights, the local class
-    names, the normalisation used and the reference batch-norm statistics.
+    Returns a new model (the input is not modified) holding the best weights, the SGD steps
+    they took (``adapted_steps``), the local class names, the normalisation used and the
+    reference batch-norm statistics.
     """
     if epochs < 1 or patience < 1 or batch < 1:
         raise EdgeError("--epochs, --patience and --batch must be >= 1")
@@ -145,8 +222,7 @@ def finetune(
     man = model.manifest
     arch = man["architecture"]
     bn = man.get("bn", "transductive")
-    lr = float(man["inner_lr"]) if lr is None else lr
-    if not lr > 0:
+    if lr is not None and not lr > 0:
         raise EdgeError(f"--lr must be > 0, got {lr}")
     inp = man.setdefault("input", {})
     if images.shape[1] != arch["in_channels"]:
@@ -161,21 +237,29 @@ def finetune(
     dtype = model.params["head.weight"].dtype
     if ways != arch["ways"]:
         features = model.params["head.weight"].shape[1]
+        rates = ""
+        if man.get("lr_rule") == "metasgd":
+            rates = _head_alpha(model, ways, features, dtype)
+        elif man.get("lr_rule") == "lslr":
+            rates = "; its learned per-step rates are kept (they are per tensor, not per class)"
         model.params["head.weight"], model.params["head.bias"] = init_head(ways, features, dtype, seed)
         model.masks["head.weight"] = np.ones((ways, features), bool)
         log(f"the local data has {ways} classes but the exported head has {arch['ways']}; "
-            f"re-initialised the head for {ways} classes (dense, Xavier-uniform)")
+            f"re-initialised the head for {ways} classes (dense, Xavier-uniform){rates}")
         arch["ways"] = ways
-    net = network(model)
+    adapter = Adapter(model, lr)
+    net = adapter.net
     rng = np.random.default_rng(seed)
     train_idx, hold_idx = split_holdout(labels, holdout, rng)
     ref_idx = balanced_sample(labels[train_idx], batch, rng)
     ref_u8 = images[train_idx[ref_idx]]
+    rule = describe_rates(model) if lr is None else f"lr {lr} for every tensor (--lr)"
+    slots = f" ({man['bn_steps']} per-step slots)" if man.get("bn_steps", 1) > 1 else ""
     log(f"fine-tuning on {len(train_idx)} images of {ways} classes, {len(hold_idx)} held out; "
-        f"lr {lr}, batch {batch}, batch norm '{bn}', density {model.density:.3f}")
+        f"{rule}, batch {batch}, batch norm '{bn}'{slots}, density {model.density:.3f}")
 
     logs: list[EpochLog] = []
-    best_loss, best_params, bad = np.inf, None, 0
+    best_loss, best_params, best_steps, bad = np.inf, None, adapter.step, 0
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
         order = rng.permutation(train_idx)
@@ -183,16 +267,18 @@ def finetune(
         for i in range(0, len(order), batch):
             idx = np.sort(order[i:i + batch])
             xb = to_float(images[idx], mean, std, dtype)
-            loss, acc = net.sgd_step(xb, labels[idx], lr)
+            loss, acc = adapter.sgd_step(xb, labels[idx])
             loss_sum += loss * len(idx)
             acc_sum += acc * len(idx)
         hl = ha = None
         if len(hold_idx):
-            stats = net.batch_stats(to_float(ref_u8, mean, std, dtype)) if bn == "support" else None
-            hl, ha = evaluate(net, images[hold_idx], labels[hold_idx], mean, std, bn, stats, batch)
+            stats = (net.batch_stats(to_float(ref_u8, mean, std, dtype), adapter.step)
+                     if bn == "support" else adapter.stats())
+            hl, ha = evaluate(net, images[hold_idx], labels[hold_idx], mean, std, stats, batch,
+                              adapter.step)
         if not np.isfinite(loss_sum) or (hl is not None and not np.isfinite(hl)):
-            raise EdgeError(f"fine-tuning diverged at epoch {epoch} (loss not finite); "
-                            f"lower --lr (now {lr})")
+            raise EdgeError(f"fine-tuning diverged at epoch {epoch} (loss not finite) with "
+                            f"{rule}; pass a lower --lr")
         entry = EpochLog(epoch, loss_sum / len(order), acc_sum / len(order), hl, ha,
                          time.perf_counter() - start, peak_rss_mb())
         logs.append(entry)
@@ -200,7 +286,7 @@ def finetune(
         if hl is None:
             continue
         if hl < best_loss - min_delta:
-            best_loss, bad = hl, 0
+            best_loss, best_steps, bad = hl, adapter.step, 0
             best_params = {k: v.copy() for k, v in model.params.items()}
         else:
             bad += 1
@@ -213,12 +299,17 @@ def finetune(
         model.params.update(best_params)
         log(f"kept the weights of epoch {best.epoch} (holdout loss {best.holdout_loss:.4f}, "
             f"accuracy {100 * best.holdout_acc:.1f}%)")
-    net = network(model)
-    for i, (m, v) in enumerate(net.batch_stats(to_float(ref_u8, mean, std, dtype))):
-        model.extra[f"bn_stats.{i}.mean"], model.extra[f"bn_stats.{i}.var"] = m, v
+    man["adapted_steps"] = best_steps if best_params is not None else adapter.step
+    if bn != "running":  # under 'running' predictions use the running statistics instead
+        net = network(model)
+        ref = to_float(ref_u8, mean, std, dtype)
+        for i, (m, v) in enumerate(net.batch_stats(ref, man["adapted_steps"])):
+            model.extra[f"bn_stats.{i}.mean"], model.extra[f"bn_stats.{i}.var"] = m, v
     man["class_names"] = list(class_names)
+    scalar = lr is not None or man.get("lr_rule", "scalar") == "scalar"
     man["finetuned"] = {
-        "epochs": len(logs), "lr": lr, "batch": batch, "train_images": int(len(train_idx)),
+        "epochs": len(logs), "lr_rule": "scalar" if scalar else man["lr_rule"],
+        "lr": adapter.rates() if scalar else None, "batch": batch, "train_images": int(len(train_idx)),
         "holdout_images": int(len(hold_idx)), "seed": seed,
         "holdout_loss": None if best_params is None else float(best_loss),
         "holdout_accuracy": (None if best_params is None else
@@ -234,7 +325,9 @@ def predict(model: SmzModel, images: np.ndarray, bn_mode: str = "auto", chunk: i
     """Class probabilities of uint8 images and a note on which statistics normalised them.
 
     ``auto``: stored (fine-tuning) statistics under the ``support`` policy, or for a single
-    image; otherwise the batch's own statistics (``transductive``).
+    image; otherwise the batch's own statistics (``transductive``). Under ``running``, ``auto``
+    and ``stored`` use the running statistics of the model's step. Per-step batch norm uses the
+    slot of the steps the weights have taken (``adapted_steps``).
     """
     man = model.manifest
     inp = man.get("input", {})
@@ -245,23 +338,25 @@ def predict(model: SmzModel, images: np.ndarray, bn_mode: str = "auto", chunk: i
 
         mean, std = stats_of(images)
         note.append("no stored input normalisation: used these images' own mean/std")
-    stats = stored_stats(model)
     bn = man.get("bn", "transductive")
-    use_stored = bn_mode == "stored" or (bn_mode == "auto" and (bn == "support" or len(images) < 2))
-    if use_stored and stats is None:
-        if bn_mode == "stored":
+    net = network(model)
+    step = int(man.get("adapted_steps", 0))
+    if bn == "running" and bn_mode != "batch":
+        stats: Stats | None = net.running_stats(step)
+        note.append(f"batch norm: meta-training's running statistics of step {step}")
+    else:
+        stats = stored_stats(model)
+        use_stored = bn_mode == "stored" or (bn_mode == "auto" and (bn == "support" or len(images) < 2))
+        if use_stored and stats is None and bn_mode == "stored":
             raise EdgeError("this model has no stored batch-norm statistics; fine-tune it first "
                             "or use --bn batch")
-        use_stored = False
-    if use_stored:
-        note.append("batch norm: statistics stored by fine-tuning")
-    else:
-        note.append(f"batch norm: statistics of these {len(images)} image(s)")
-    net = network(model)
-    if not use_stored:  # transductive: the whole set is one batch, by definition
-        logits = net.forward(to_float(images, mean, std, net.dtype))
+        stats = stats if use_stored else None
+        note.append("batch norm: statistics stored by fine-tuning" if stats is not None
+                    else f"batch norm: statistics of these {len(images)} image(s)")
+    if stats is None:  # transductive: the whole set is one batch, by definition
+        logits = net.forward(to_float(images, mean, std, net.dtype), step=step)
     else:  # fixed statistics: chunks give the same result with bounded memory
         logits = np.concatenate([net.forward(to_float(images[i:i + chunk], mean, std, net.dtype),
-                                             stats=stats)
+                                             stats=stats, step=step)
                                  for i in range(0, len(images), chunk)])
     return softmax(logits.astype(np.float64)), "; ".join(note)
