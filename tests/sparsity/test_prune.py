@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparsemeta.models.conv4 import Conv4
+from sparsemeta.config import build_config
+from sparsemeta.models.conv4 import Conv4, build_model
 from sparsemeta.sparsity.masks import density, full_mask, hamming, layer_densities, nonzeros
 from sparsemeta.sparsity.prune import (
     clear_removed_filters,
@@ -155,3 +156,11 @@ def test_clearing_removed_filters_zeroes_their_bias_and_batch_norm_only():
             assert not v[~keep].any() and torch.equal(v[keep], state[prefix + key][keep])
     assert torch.equal(cleared["blocks.0.conv.weight"], state["blocks.0.conv.weight"])
     assert torch.equal(cleared["head.bias"], state["head.bias"])
+
+
+def test_masks_cover_conv_and_linear_weights_but_never_per_step_batch_norm():
+    cfg = build_config(overrides=["meta.algorithm=mamlpp", "mamlpp.per_step_bn=true",
+                                  "meta.inner_steps=3", "model.filters=8"])
+    params = dict(build_model(cfg, 1).named_parameters())
+    assert params["blocks.0.bn.weight"].shape == (4, 8)  # one BN slot per step (0..3)
+    assert list(full_mask(params)) == [f"blocks.{i}.conv.weight" for i in range(4)] + ["head.weight"]

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import torch
 
 from sparsemeta.meta.core import MetaLearner, Task
-from sparsemeta.sparsity.masks import Mask, hamming
+from sparsemeta.sparsity.masks import Mask, hamming, prunable_names
 from sparsemeta.sparsity.prune import magnitude_prune
 from sparsemeta.sparsity.rigl import RigLUpdater
 
@@ -41,10 +41,6 @@ class TrainHooks:
         """Restore what ``state_dict`` saved (nothing, for stateless methods)."""
 
 
-def prunable(params: Mapping[str, torch.Tensor]) -> list[str]:
-    return [k for k, v in params.items() if v.dim() >= 2]
-
-
 class L1Hooks(TrainHooks):
     """λ·Σ|θ| over the prunable weights, added once per outer step to the mean outer loss."""
 
@@ -52,7 +48,7 @@ class L1Hooks(TrainHooks):
         self.lam = lam
 
     def regularizer(self, params: Mapping[str, torch.Tensor], mask: Mask | None) -> torch.Tensor:
-        return self.lam * sum(params[k].abs().sum() for k in prunable(params))
+        return self.lam * sum(params[k].abs().sum() for k in prunable_names(params))
 
 
 class RigLHooks(TrainHooks):
@@ -106,7 +102,7 @@ class EarlyBirdHooks(TrainHooks):
         if step % self.every:
             return False
         current = mask if mask is not None else {
-            k: torch.ones_like(params[k], dtype=torch.bool) for k in prunable(params)}
+            k: torch.ones_like(params[k], dtype=torch.bool) for k in prunable_names(params)}
         nxt = magnitude_prune(params, current, self.rate, self.scope, self.factor)
         if self.previous is not None:
             self.distances.append(hamming(self.previous, nxt))

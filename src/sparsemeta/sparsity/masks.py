@@ -23,8 +23,9 @@ def apply_mask(params: Mapping[str, torch.Tensor], mask: Mask | None) -> dict[st
 
 
 def prunable_names(params: Mapping[str, torch.Tensor]) -> list[str]:
-    """Conv and linear weights (tensors of rank ≥ 2); biases and batch-norm stay dense."""
-    return [k for k, v in params.items() if v.dim() >= 2]
+    """Conv and linear weights (tensors of rank ≥ 2); biases and batch norm stay dense, also
+    MAML++'s per-step batch-norm weights, which are ``[steps, channels]``."""
+    return [k for k, v in params.items() if v.dim() >= 2 and ".bn." not in k]
 
 
 def full_mask(params: Mapping[str, torch.Tensor]) -> Mask:
