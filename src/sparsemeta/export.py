@@ -198,8 +198,9 @@ def _export_parts(run: Path) -> tuple[dict[str, Any], Arrays, Arrays, Arrays, di
         "input": {"size": cfg.data.image_size, "channels": channels, "mean": mean, "std": std,
                   "invert": cfg.data.name == "omniglot", "stats_source": stats_source},
         "class_names": None,
-        # the run's last path components only: the manifest must stay small (size bound)
-        "source": {"run": "/".join(run.resolve().parts[-4:]), "data": cfg.data.name,
+        # seed/level/method only: the manifest stays small (size bound), and a model exports
+        # to the same bytes wherever its experiment directory lives
+        "source": {"run": "/".join(run.resolve().parts[-3:]), "data": cfg.data.name,
                    "test_accuracy": result.get("accuracy"), "test_ci95": result.get("ci95")},
     }
     return manifest, params, masks, rates, {**facts, "normalisation": stats_source}

@@ -53,8 +53,8 @@ def _with_costs(records: list[dict]) -> list[dict]:
 
 
 def _exported_bytes(run: Path) -> int | None:
-    """Size of the run's export, or None where the edge format cannot hold the model (learned
-    inner rates, per-step or running batch norm: ``export`` refuses those by name)."""
+    """Size of the run's export, or None where it cannot be exported (a run directory whose
+    files do not fit its config: ``export`` refuses it in one line)."""
     try:
         return export_bytes(run)
     except UserError:
