@@ -42,6 +42,10 @@ def test_tuning_scores_on_validation_and_continues_the_same_study(tmp_path, caps
                  "--trials", "3", "--out", str(out)]) == 0
     assert "2 of 3 trials done" in capsys.readouterr().err
     assert len(_trials(out)) == 3
+    # another setting in the same study directory is refused, not mixed in
+    assert main(["tune", *TINY, "--set", "prune.levels=1", "--method", "dense", "--trials", "3",
+                 "--out", str(out)]) == 2
+    assert "holds a study with another method ('lottery', now 'dense')" in capsys.readouterr().err
 
 
 def test_killed_study_resumes_and_reruns_the_interrupted_trial_in_place(tmp_path):

@@ -129,8 +129,14 @@ def tune(config: str, overrides: list[str], method: str, out: str | Path, trials
     study = optuna.create_study(study_name="sparsemeta", storage=storage, load_if_exists=True,
                                 direction="maximize",
                                 sampler=optuna.samplers.TPESampler(seed=seed))
-    study.set_user_attr("setting", {"config": config, "overrides": overrides, "method": method,
-                                    "params": names, "target_density": target_density})
+    setting = {"config": config, "overrides": overrides, "method": method, "params": names,
+               "target_density": target_density, "seed": seed}
+    old = study.user_attrs.get("setting")
+    if old is not None and old != setting:
+        differ = next(k for k in setting if old.get(k) != setting[k])
+        raise UserError(f"'{out}' holds a study with another {differ} ({old.get(differ)!r}, "
+                        f"now {setting[differ]!r}); use another --out")
+    study.set_user_attr("setting", setting)
     requeued = _requeue_interrupted(study)
     finished = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     print(f"tune: {method} on {config}; parameters {', '.join(names)}; {finished} of {trials} "
