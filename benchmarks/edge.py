@@ -36,9 +36,9 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 ENV_THREADS = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
-def _pin() -> None:
+def pin(cpu: int = 0) -> None:
     if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {0})
+        os.sched_setaffinity(0, {cpu})
 
 
 def _peak_mb() -> float:
@@ -120,11 +120,12 @@ def child_torch(spec: dict) -> dict:
     return {"seconds": _timed(step, spec["steps"]), "peak_mb": _peak_mb()}
 
 
-def measure(spec: dict) -> dict:
-    """Run one measurement in a fresh, pinned, single-threaded process."""
+def run_child(script: str, spec: dict, *args: str) -> dict:
+    """Run one measurement of ``script --child SPEC`` in a fresh, single-threaded process (it
+    pins itself); its last output line is the JSON result."""
     env = {**os.environ, **ENV_THREADS,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
+    proc = subprocess.run([sys.executable, script, *args, "--child", json.dumps(spec)],
                           capture_output=True, text=True, env=env, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"measurement {spec} failed:\n{proc.stderr}")
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    _pin()
+    pin()
     if args.child:
         spec = json.loads(args.child)
         result = (child_numpy if spec["runtime"] == "numpy" else child_torch)(spec)
@@ -158,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         for shots in (1, 5):
             for density in densities:
                 spec = {"config": config, "shots": shots, "density": density, "steps": steps}
-                npy = measure({**spec, "runtime": "numpy"})
-                tor = measure({**spec, "runtime": "torch"})
+                npy = run_child(__file__, {**spec, "runtime": "numpy"})
+                tor = run_child(__file__, {**spec, "runtime": "torch"})
                 ratio = npy["seconds"] / tor["seconds"]
                 ok = ratio <= 1.5 and npy["peak_mb"] <= 100
                 rows.append({**spec, "numpy": npy, "torch": tor, "ratio": ratio, "ok": ok})

@@ -25,20 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from edge import CONFIGS, ENV_THREADS, SRC, WAYS
+from edge import CONFIGS, WAYS, pin, run_child
 
 VARIANTS = {"dense": 1, "50% filters": 2}  # name: divisor of the filter count
-
-
-def _pin(cpu: int) -> None:
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {cpu})
 
 
 def _median(values: list[float]) -> float:
@@ -129,18 +122,6 @@ def child_torch(spec: dict) -> dict:
     return {"step": _median(steps), "conv": _median(convs)}
 
 
-def measure(spec: dict) -> dict:
-    """Run one measurement in a fresh, pinned, single-threaded process."""
-    env = {**os.environ, **ENV_THREADS,
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, __file__, "--cpu", str(spec["cpu"]),
-                           "--child", json.dumps(spec)],
-                          capture_output=True, text=True, env=env, timeout=600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"measurement {spec} failed:\n{proc.stderr}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps")
@@ -151,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="measurements per variant, alternating (default 3; --quick 1)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    _pin(args.cpu)
+    pin(args.cpu)
     if args.child:
         spec = json.loads(args.child)
         print(json.dumps((child_numpy if spec["runtime"] == "numpy" else child_torch)(spec)))
@@ -175,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
                 for r in range(repeat):
                     for v in (VARIANTS if r % 2 == 0 else reversed(list(VARIANTS))):
-                        runs[v].append(measure({**spec, "divisor": VARIANTS[v]}))
+                        runs[v].append(run_child(__file__, {**spec, "divisor": VARIANTS[v]},
+                                                 "--cpu", str(spec["cpu"])))
                 got = {v: {key: min(m[key] for m in ms) for key in ("step", "conv")}
                        for v, ms in runs.items()}
                 dense, half = got["dense"], got["50% filters"]

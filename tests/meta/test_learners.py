@@ -16,12 +16,19 @@ from sparsemeta.train import build_learner, train
 from tests.conftest import make_data
 
 
-def _task(index: int = 0, shots: int = 2, queries: int = 2) -> Task:
+def _task(index: int = 0, shots: int = 2, queries: int = 2,
+          dtype: torch.dtype = torch.float32) -> Task:
     gen = torch.Generator().manual_seed(index)
-    x = torch.randn(3 * (shots + queries), 1, 16, 16, generator=gen)
+    x = torch.randn(3 * (shots + queries), 1, 16, 16, generator=gen).to(dtype)
     sy = torch.arange(3).repeat_interleave(shots)
     qy = torch.arange(3).repeat_interleave(queries)
     return Task(x[:3 * shots], sy, x[3 * shots:], qy, index=index)
+
+
+def _shuffling_learner() -> tuple[Conv4, MetaLearner]:
+    torch.manual_seed(0)
+    model = Conv4(1, 3, 16, filters=12).double()
+    return model, MetaLearner(model, inner_lr=0.1, inner_steps=1, mix=(2.0, 2.0), mix_seed=3)
 
 
 @pytest.mark.parametrize("rule", ["lslr", "metasgd"])
@@ -133,9 +140,7 @@ def test_metamix_loss_equals_the_formula_on_a_hand_built_case():
     torch.manual_seed(0)
     model = Conv4(1, 3, 16, filters=4).double()
     learner = MetaLearner(model, inner_lr=0.1, inner_steps=1, mix=(2.0, 2.0), mix_seed=7)
-    task = _task(index=11)
-    task = Task(*(t.double() if t.is_floating_point() else t for t in (
-        task.support_x, task.support_y, task.query_x, task.query_y)), index=11)
+    task = _task(index=11, dtype=torch.float64)
     params = dict(model.named_parameters())
     loss, _ = learner._query_loss(params, task, 1)
 
@@ -162,10 +167,8 @@ def test_metamix_loss_equals_the_formula_on_a_hand_built_case():
 
 
 def test_channel_shuffle_swaps_one_channel_group_between_classes_and_keeps_labels():
-    torch.manual_seed(0)
-    model = Conv4(1, 3, 16, filters=12).double()
-    learner = MetaLearner(model, inner_lr=0.1, inner_steps=1, mix=(2.0, 2.0), mix_seed=3)
-    task = _task(index=5, shots=2, queries=2)
+    model, learner = _shuffling_learner()
+    task = _task(index=5, dtype=torch.float64)
     layer, group, classes = learner._shuffle_plan(task)
     assert sorted(classes.tolist()) == [0, 1, 2] and all(classes[c] != c for c in range(3))
     assert 0 <= layer <= 4 and 0 <= group < 6
@@ -178,7 +181,7 @@ def test_channel_shuffle_swaps_one_channel_group_between_classes_and_keeps_label
     assert torch.equal(shuffled[:, :4], h[:, :4]) and torch.equal(shuffled[:, 6:], h[:, 6:])
     assert torch.equal(shuffled[0, 4:6], h[2 * int(classes[0]), 4:6])
     # the model's hook does exactly that at the chosen layer, here the output of block 1
-    x = task.support_x.double()
+    x = task.support_x
     shuffle = Shuffle(layer=2, group=2, source=src)
     a = model.blocks[1](model.blocks[0](x))
     hooked = model(x, Pass(shuffle=shuffle))
@@ -188,12 +191,8 @@ def test_channel_shuffle_swaps_one_channel_group_between_classes_and_keeps_label
 
 
 def test_channel_shuffle_changes_the_outer_loss_only_when_switched_on():
-    torch.manual_seed(0)
-    model = Conv4(1, 3, 16, filters=12).double()
-    learner = MetaLearner(model, inner_lr=0.1, inner_steps=1, mix=(2.0, 2.0), mix_seed=3)
-    task = _task(index=5, shots=2, queries=2)
-    task = Task(*(t.double() if t.is_floating_point() else t for t in (
-        task.support_x, task.support_y, task.query_x, task.query_y)), index=5)
+    model, learner = _shuffling_learner()
+    task = _task(index=5, dtype=torch.float64)
     params = dict(model.named_parameters())
     plain, _ = learner.outer_loss(params, task)
     learner.channel_shuffle = True
