@@ -91,3 +91,14 @@ def test_ray_sweep_of_two_experiments_then_resubmitted_skips_them(tmp_path, caps
     assert "2 already done, 0 to run" in capsys.readouterr().err
     assert _done_times(out) == first
     assert "## base" in (out / "report.md").read_text()
+
+
+def test_sweep_report_relates_every_method_to_its_seeds_imp_run(tmp_path):
+    path = _sweep_file(tmp_path, {"seeds": [0], "methods": ["lottery", "random"]})
+    assert main(["sweep", str(path), "--engine", "local"]) == 0
+    rows = json.loads((tmp_path / "out" / "summary.json").read_text())["base"]["rows"]
+    random = next(r for r in rows if r["method"] == "random")
+    ticket = next(r for r in rows if r["method"] == "ticket" and r["level"] == 1)
+    # each method has its own experiment directory; IMP's cost comes from the lottery one
+    assert ticket["compute_vs_full_imp"] == pytest.approx(1.0)
+    assert random["compute_vs_full_imp"] == pytest.approx(0.5)  # 1 run of IMP's 2 equal runs

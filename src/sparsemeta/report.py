@@ -29,9 +29,15 @@ def _with_costs(records: list[dict]) -> list[dict]:
 
     A ticket at level L costs IMP levels 0..L; its reinit control levels 0..L-1 plus itself;
     L1 models the L1 dense run plus their fine-tune; an early-bird ticket its search runs below
-    L plus itself; random and RigL models only themselves. Full IMP = all ticket levels.
+    L plus itself; random and RigL models only themselves. Full IMP = all ticket levels of the
+    seed's IMP run, in the same experiment directory or, where each method has its own (a
+    sweep), in the seed's other directory with the most ticket levels.
     """
     own = {(r["root"], r["seed"], r["method"], r["level"]): r["meta_tasks"] for r in records}
+    imp: dict[int, dict[str, int]] = defaultdict(dict)  # seed → root → all its ticket levels
+    for (root, seed, m, _), v in own.items():
+        if m == "ticket":
+            imp[seed][root] = imp[seed].get(root, 0) + v
 
     def chain(r: dict, method: str, below: int) -> int:
         return sum(v for (root, seed, m, lvl), v in own.items()
@@ -46,7 +52,7 @@ def _with_costs(records: list[dict]) -> list[dict]:
             cost += chain(r, "l1", 1)
         elif m in ("earlybird", "eb_search"):
             cost += chain(r, "eb_search", lvl)
-        full = chain(r, "ticket", 10**9)
+        full = imp[r["seed"]].get(r["root"]) or max(imp[r["seed"]].values(), default=0)
         r["compute_tasks"] = cost
         r["compute_vs_full_imp"] = cost / full if full else None
     return records
