@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from sparsemeta.config import build_config
 from sparsemeta.errors import UserError
+from sparsemeta.evaluate import mean_ci95, t975
 from sparsemeta.meta.core import MetaLearner
 from sparsemeta.train import train
 from tests.conftest import make_data
@@ -98,3 +100,12 @@ def test_vmap_option_routes_meta_batches_through_the_vmap_path(tmp_path, monkeyp
                 data=make_data(), progress=False)
     assert calls == [2] * 6
     assert 0.2 < res["accuracy"] <= 1.0
+
+
+def test_ci_over_a_few_seeds_uses_students_t_and_over_tasks_the_normal_quantile():
+    seeds = np.array([0.80, 0.81, 0.83])
+    sd = seeds.std(ddof=1)
+    assert mean_ci95(seeds, student=True)[1] == pytest.approx(4.303 * sd / np.sqrt(3))
+    assert mean_ci95(seeds)[1] == pytest.approx(1.96 * sd / np.sqrt(3))
+    assert t975(1) == 12.706 and t975(30) == 2.042
+    assert t975(60) == pytest.approx(2.000, abs=0.003) and t975(120) == pytest.approx(1.980, abs=0.003)

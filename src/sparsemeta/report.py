@@ -103,8 +103,8 @@ def collect(roots: list[Path]) -> list[dict]:
 
 
 def summarize(records: list[dict]) -> list[dict]:
-    """Rows per (method, level): means over seeds; the CI is over seeds when there are ≥ 2,
-    otherwise the single run's CI over test tasks (``ci_over`` says which)."""
+    """Rows per (method, level): means over seeds; the CI is over seeds (Student's t) when there
+    are ≥ 2, otherwise the single run's CI over test tasks (``ci_over`` says which)."""
     groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for r in records:
         groups[(r["method"], r["level"])].append(r)
@@ -112,7 +112,8 @@ def summarize(records: list[dict]) -> list[dict]:
     for (method, level), rs in groups.items():
         accs = np.array([r["accuracy"] for r in rs])
         seeds = len(rs)
-        mean, ci = mean_ci95(accs) if seeds >= 2 else (float(accs[0]), rs[0]["task_ci95"])
+        mean, ci = (mean_ci95(accs, student=True) if seeds >= 2
+                    else (float(accs[0]), rs[0]["task_ci95"]))
         steps = np.array([r["per_step"] for r in rs])
         rows.append({
             "method": method,
@@ -127,7 +128,8 @@ def summarize(records: list[dict]) -> list[dict]:
             "best_step": int(np.argmax(steps.mean(axis=0))),
             "val_accuracy": float(np.mean([r["val_accuracy"] for r in rs])),
             "early_stop_iteration": float(np.mean([r["early_stop_iteration"] for r in rs])),
-            "early_stop_ci95": (mean_ci95(np.array([r["early_stop_iteration"] for r in rs]))[1]
+            "early_stop_ci95": (mean_ci95(np.array([r["early_stop_iteration"] for r in rs]),
+                                          student=True)[1]
                                 if seeds >= 2 else None),
             "train_seconds": float(np.sum([r["train_seconds"] for r in rs])),
             "compute_tasks": float(np.mean([r["compute_tasks"] for r in rs])),
@@ -168,7 +170,7 @@ def markdown_table(rows: list[dict]) -> str:
                   f"{t['exported_bytes']:,}" if t and t["exported_bytes"] else "—"]
         lines.append("| " + " | ".join(cells) + " |")
     seeds = sorted({r["seeds"] for r in rows})
-    over = "seeds" if min(seeds) >= 2 else "test tasks (one seed)"
+    over = "seeds (Student's t)" if min(seeds) >= 2 else "test tasks (one seed)"
     lines.append("")
     lines.append(f"Accuracy: mean test accuracy after the last adaptation step; CI: 95% over {over}. "
                  "Exported bytes: size of the model's compact `sparsemeta export` file (fp32).")
