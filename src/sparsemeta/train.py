@@ -111,12 +111,13 @@ def _sum_meta_gradient(g: Group, learner: MetaLearner, loss: float, acc: float, 
     return float(stats[0]) / total, float(stats[1]) / total
 
 
-def _prepare(run: Path, learner: MetaLearner, init: Mapping[str, torch.Tensor] | None,
+def _prepare(run: Path, cfg: Config, channels: int, init: Mapping[str, torch.Tensor] | None,
              mask: Mask | None) -> None:
     """First use of a run directory: save the mask and θ₀ that a resume will read back."""
     if mask is not None and not (run / "mask.pt").exists():
         save_mask(mask, run / "mask.pt")
     if not (run / "init.pt").exists():
+        learner = build_learner(cfg, channels)
         if init is not None:
             learner.load_state_dict(init)
         atomic_torch_save(learner.state_dict(), run / "init.pt")
@@ -160,7 +161,7 @@ def train(
     if g.main:
         bind_config(run, cfg)
         if not (run / "eval.json").exists():
-            _prepare(run, build_learner(cfg, data.channels, mask), init, mask)
+            _prepare(run, cfg, data.channels, init, mask)
     g.barrier()  # the other ranks read what rank 0 wrote
     if (run / "eval.json").exists():
         return read_json(run / "eval.json")

@@ -93,7 +93,7 @@ def _requeue_interrupted(study) -> int:  # noqa: ANN001 - optuna.Study
     requeued = 0
     for t in study.trials:
         if t.state == TrialState.RUNNING:
-            study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            study.tell(t.number, state=TrialState.FAIL)
         elif t.state != TrialState.FAIL or t.number in already:
             continue
         key = json.dumps(t.params, sort_keys=True)

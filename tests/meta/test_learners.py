@@ -173,8 +173,8 @@ def test_channel_shuffle_swaps_one_channel_group_between_classes_and_keeps_label
     assert sorted(classes.tolist()) == [0, 1, 2] and all(classes[c] != c for c in range(3))
     assert 0 <= layer <= 4 and 0 <= group < 6
     # support rows 0,1 are class 0, 2,3 class 1, 4,5 class 2: same-rank rows of the mapped class
-    source = Shuffle(layer=1, group=2, source=torch.tensor([0])).bounds(12)
-    assert source == (4, 6)  # 12 channels in 6 groups of 2
+    bounds = Shuffle(layer=1, group=2, source=torch.tensor([0])).bounds(12)
+    assert bounds == (4, 6)  # 12 channels in 6 groups of 2
     h = torch.randn(6, 12, 4, 4, dtype=torch.float64)
     src = torch.tensor([2 * int(classes[c]) + r for c in range(3) for r in range(2)])
     shuffled = torch.cat([h[:, :4], h[src, 4:6], h[:, 6:]], dim=1)
