@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sparsemeta.config import build_config, preset_names
-from sparsemeta.errors import UserError
+from sparsemeta.foundations.errors import UserError
 
 
 def test_default_preset_is_glyphs_quick_and_overrides_apply_with_types():

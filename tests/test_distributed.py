@@ -94,7 +94,7 @@ def test_more_processes_than_tasks_is_refused(tmp_path):
         "import os, torch\n"
         "from sparsemeta.config import build_config\n"
         "from sparsemeta.distributed import init_from_env, shutdown\n"
-        "from sparsemeta.errors import UserError\n"
+        "from sparsemeta.foundations.errors import UserError\n"
         "from sparsemeta.train import train\n"
         "from tests.conftest import make_data\n"
         "init_from_env(torch.device('cpu'))\n"

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from sparsemeta.config import build_config
-from sparsemeta.errors import UserError
+from sparsemeta.foundations.errors import UserError
 from sparsemeta.experiment import write_json
 from sparsemeta.export import (
     choose_level,

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from sparsemeta.cli import main
-from sparsemeta.errors import UserError
+from sparsemeta.foundations.errors import UserError
 from sparsemeta.sweep import load_sweep
 
 TINY = {"device": "cpu", "model.filters": 8, "train.iterations": 2, "train.meta_batch": 2,

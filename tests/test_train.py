@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sparsemeta.config import build_config
-from sparsemeta.errors import UserError
+from sparsemeta.foundations.errors import UserError
 from sparsemeta.evaluate import mean_ci95, t975
 from sparsemeta.meta.core import MetaLearner
 from sparsemeta.train import train

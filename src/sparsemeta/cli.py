@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from sparsemeta.config import DEFAULT_PRESET, build_config, preset_names
-from sparsemeta.errors import UserError
+from sparsemeta.foundations.errors import UserError
 from sparsemeta.experiment import make_dir
 
 LOTTERY_PRESET = "glyphs-lottery"

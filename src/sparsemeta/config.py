@@ -19,7 +19,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from sparsemeta.errors import UserError
+from sparsemeta.foundations.errors import UserError
 
 DEFAULT_PRESET = "glyphs-quick"
 

@@ -1,6 +1,6 @@
 """Run directories: resolved config, metrics, checkpoints and results as plain files.
 
-Every write is atomic (``sparsemeta.atomic``), so a crash at any moment leaves either the old
+Every write is atomic (``sparsemeta.foundations.atomic``), so a crash at any moment leaves either the old
 file or the new one, never a torn one.
 """
 
@@ -14,9 +14,9 @@ from typing import Any
 import torch
 import yaml
 
-from sparsemeta.atomic import atomic_write, atomic_write_text
+from sparsemeta.foundations.atomic import atomic_write, atomic_write_text
 from sparsemeta.config import Config, config_from_dict
-from sparsemeta.errors import UserError
+from sparsemeta.foundations.errors import UserError
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:

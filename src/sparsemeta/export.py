@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sparsemeta.errors import UserError
+from sparsemeta.foundations.errors import UserError
 from sparsemeta.experiment import load_run_config, read_json
 from sparsemeta.meta.core import MetaLearner
 from sparsemeta.models.conv4 import BatchNorm, Conv4

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsemeta.errors import UserError
+from sparsemeta.foundations.errors import UserError
 from sparsemeta.evaluate import mean_ci95
 from sparsemeta.experiment import atomic_write_text, read_json, write_json
 from sparsemeta.export import export_bytes

@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from sparsemeta.config import build_config
-from sparsemeta.errors import UserError
+from sparsemeta.foundations.errors import UserError
 from sparsemeta.experiment import atomic_write_text, make_dir, write_json
 
 SWEEP_KEYS = {"config", "set", "grid", "controls", "out", "ray"}

@@ -29,7 +29,7 @@ from sparsemeta.data.base import FewShotData
 from sparsemeta.data.registry import load_data
 from sparsemeta.data.tasks import sampler_for
 from sparsemeta.distributed import Group, group
-from sparsemeta.errors import UserError
+from sparsemeta.foundations.errors import UserError
 from sparsemeta.evaluate import evaluate
 from sparsemeta.experiment import (
     atomic_torch_save,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparsemeta.config import Config, build_config
-from sparsemeta.errors import UserError
+from sparsemeta.foundations.errors import UserError
 from sparsemeta.experiment import make_dir, write_json
 
 

@@ -23,7 +23,7 @@ from sparsemeta.data.info import info
 from sparsemeta.data.miniimagenet import crop_flip, load_miniimagenet, ravi_split
 from sparsemeta.data.omniglot import load_omniglot, scan_omniglot
 from sparsemeta.data.tasks import TaskSampler
-from sparsemeta.errors import UserError
+from sparsemeta.foundations.errors import UserError
 from tests.data import fixtures as fx
 
 # 90 characters → maml split 61 / 6 / 23 (1200/1623 and 100/1623 of them), 20 drawers each

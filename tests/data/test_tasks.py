@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sparsemeta.data.tasks import TaskSampler
-from sparsemeta.errors import UserError
+from sparsemeta.foundations.errors import UserError
 from tests.conftest import make_data
 
 

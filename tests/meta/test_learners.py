@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsemeta.config import build_config
-from sparsemeta.errors import UserError
+from sparsemeta.foundations.errors import UserError
 from sparsemeta.meta.core import MetaLearner, Task
 from sparsemeta.meta.mamlpp import msl_weights, schedule
 from sparsemeta.models.conv4 import Conv4, Mix, Pass, Shuffle

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sparsemeta.config import build_config
-from sparsemeta.errors import UserError
+from sparsemeta.foundations.errors import UserError
 from sparsemeta.meta.core import MetaLearner
 from sparsemeta.report import write_report
 from sparsemeta.sparsity.masks import density, load_mask

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sparsemeta.config import build_config
-from sparsemeta.errors import UserError
+from sparsemeta.foundations.errors import UserError
 from sparsemeta.export import export_bytes, export_run
 from sparsemeta.meta.core import MetaLearner
 from sparsemeta.models.conv4 import build_model

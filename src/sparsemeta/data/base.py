@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsemeta.errors import UserError
+from sparsemeta.foundations.errors import UserError
 
 SPLITS = ("train", "val", "test")
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from sparsemeta.errors import UserError
+from sparsemeta.foundations.errors import UserError
 
 
 @dataclass(frozen=True)

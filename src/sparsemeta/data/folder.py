@@ -31,7 +31,7 @@ from sparsemeta.data.cache import (
     require_root,
     to_fewshot,
 )
-from sparsemeta.errors import UserError
+from sparsemeta.foundations.errors import UserError
 
 EXPECTED = "one folder per class: ROOT/CLASS_NAME/*.png|jpg|jpeg"
 SPLIT_FILE = "splits.json"

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from sparsemeta.atomic import atomic_write
+from sparsemeta.foundations.atomic import atomic_write
 
 __all__ = ["VERSION", "GlyphSpec", "generate", "load_or_generate", "pixel_nn_accuracy"]
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from sparsemeta.data.base import SPLITS, FewShotData
 from sparsemeta.data.cache import Layout, check_tasks, layout_cache
-from sparsemeta.errors import UserError
+from sparsemeta.foundations.errors import UserError
 
 #: the preset a ``data`` command should start from for each data set (image size, ways, ...)
 PRESETS = {"glyphs": "glyphs-quick", "omniglot": "omniglot-5w1s",

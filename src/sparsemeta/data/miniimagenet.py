@@ -46,7 +46,7 @@ from sparsemeta.data.cache import (
     require_root,
     to_fewshot,
 )
-from sparsemeta.errors import UserError
+from sparsemeta.foundations.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

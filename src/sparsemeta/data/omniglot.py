@@ -37,7 +37,7 @@ from sparsemeta.data.cache import (
     require_root,
     to_fewshot,
 )
-from sparsemeta.errors import UserError
+from sparsemeta.foundations.errors import UserError
 
 PARTS = ("images_background", "images_evaluation")
 TOTAL_CHARACTERS = 1623

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from sparsemeta.data.base import FewShotData
-from sparsemeta.errors import UserError
+from sparsemeta.foundations.errors import UserError
 
 
 def contact_sheet(data: FewShotData, split: str, out: str | Path, classes: int = 12,

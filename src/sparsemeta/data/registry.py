@@ -8,7 +8,7 @@ from sparsemeta.data.base import FewShotData, cache_dir
 from sparsemeta.data.folder import load_folder
 from sparsemeta.data.miniimagenet import load_miniimagenet
 from sparsemeta.data.omniglot import load_omniglot
-from sparsemeta.errors import UserError
+from sparsemeta.foundations.errors import UserError
 
 # Glyph alphabets per split (by alphabet, so no alphabet's style leaks into test).
 GLYPH_SPLIT = (0.6, 0.2, 0.2)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from sparsemeta.data.base import SPLITS, FewShotData
-from sparsemeta.errors import UserError
+from sparsemeta.foundations.errors import UserError
 from sparsemeta.meta.core import Task
 
 

@@ -42,7 +42,7 @@ import yaml
 from sparsemeta.config import Config
 from sparsemeta.data.base import FewShotData
 from sparsemeta.data.registry import load_data
-from sparsemeta.errors import UserError
+from sparsemeta.foundations.errors import UserError
 from sparsemeta.experiment import atomic_write_text, config_difference, make_dir
 from sparsemeta.models.conv4 import build_model
 from sparsemeta.sparsity.hooks import EarlyBirdHooks, L1Hooks, RigLHooks
