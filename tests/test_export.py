@@ -13,7 +13,6 @@ import torch
 import yaml
 
 from sparsemeta.config import build_config
-from sparsemeta.foundations.errors import UserError
 from sparsemeta.experiment import write_json
 from sparsemeta.export import (
     choose_level,
@@ -22,6 +21,7 @@ from sparsemeta.export import (
     export_experiment,
     export_run,
 )
+from sparsemeta.foundations.errors import UserError
 from sparsemeta.models.conv4 import build_model
 from sparsemeta.sparsity.masks import prunable_names, save_mask
 from sparsemeta.sparsity.prune import random_filter_mask

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from sparsemeta.config import build_config
-from sparsemeta.foundations.errors import UserError
 from sparsemeta.evaluate import mean_ci95, t975
+from sparsemeta.foundations.errors import UserError
 from sparsemeta.meta.core import MetaLearner
 from sparsemeta.train import train
 from tests.conftest import make_data

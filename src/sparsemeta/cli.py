@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from sparsemeta.config import DEFAULT_PRESET, build_config, preset_names
-from sparsemeta.foundations.errors import UserError
 from sparsemeta.experiment import make_dir
+from sparsemeta.foundations.errors import UserError
 
 LOTTERY_PRESET = "glyphs-lottery"
 

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 import yaml
 
-from sparsemeta.foundations.atomic import atomic_write, atomic_write_text
 from sparsemeta.config import Config, config_from_dict
+from sparsemeta.foundations.atomic import atomic_write, atomic_write_text
 from sparsemeta.foundations.errors import UserError
 
 

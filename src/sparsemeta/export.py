@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from sparsemeta.foundations.errors import UserError
 from sparsemeta.experiment import load_run_config, read_json
+from sparsemeta.foundations.errors import UserError
 from sparsemeta.meta.core import MetaLearner
 from sparsemeta.models.conv4 import BatchNorm, Conv4
 from sparsemeta.sparsity.masks import load_mask

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsemeta.foundations.errors import UserError
 from sparsemeta.evaluate import mean_ci95
 from sparsemeta.experiment import atomic_write_text, read_json, write_json
 from sparsemeta.export import export_bytes
+from sparsemeta.foundations.errors import UserError
 from sparsemeta.sparsity.masks import density, layer_densities, load_mask, nonzeros
 
 METHOD_ORDER = ("ticket", "reinit", "random", "l1", "l1_oneshot", "rigl", "earlybird")

@@ -35,8 +35,8 @@ from typing import Any
 import yaml
 
 from sparsemeta.config import build_config
-from sparsemeta.foundations.errors import UserError
 from sparsemeta.experiment import atomic_write_text, make_dir, write_json
+from sparsemeta.foundations.errors import UserError
 
 SWEEP_KEYS = {"config", "set", "grid", "controls", "out", "ray"}
 RAY_KEYS = {"cpus_per_task", "gpus_per_task"}

@@ -29,7 +29,6 @@ from sparsemeta.data.base import FewShotData
 from sparsemeta.data.registry import load_data
 from sparsemeta.data.tasks import sampler_for
 from sparsemeta.distributed import Group, group
-from sparsemeta.foundations.errors import UserError
 from sparsemeta.evaluate import evaluate
 from sparsemeta.experiment import (
     atomic_torch_save,
@@ -39,6 +38,7 @@ from sparsemeta.experiment import (
     resolve_device,
     write_json,
 )
+from sparsemeta.foundations.errors import UserError
 from sparsemeta.meta.batched import vmap_meta_gradient_step
 from sparsemeta.meta.core import MetaLearner
 from sparsemeta.meta.mamlpp import schedule

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparsemeta.config import Config, build_config
-from sparsemeta.foundations.errors import UserError
 from sparsemeta.experiment import make_dir, write_json
+from sparsemeta.foundations.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from sparsemeta.config import build_config
-from sparsemeta.foundations.errors import UserError
 from sparsemeta.export import export_bytes, export_run
+from sparsemeta.foundations.errors import UserError
 from sparsemeta.meta.core import MetaLearner
 from sparsemeta.models.conv4 import build_model
 from sparsemeta.report import write_report

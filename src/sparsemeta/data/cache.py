@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from sparsemeta.foundations.atomic import atomic_write_text
 from sparsemeta.data.base import SPLITS, FewShotData, cache_dir
+from sparsemeta.foundations.atomic import atomic_write_text
 from sparsemeta.foundations.errors import UserError
 
 #: Bump when the decoded bytes change for the same inputs (invalidates every cache).

@@ -42,8 +42,8 @@ import yaml
 from sparsemeta.config import Config
 from sparsemeta.data.base import FewShotData
 from sparsemeta.data.registry import load_data
-from sparsemeta.foundations.errors import UserError
 from sparsemeta.experiment import atomic_write_text, config_difference, make_dir
+from sparsemeta.foundations.errors import UserError
 from sparsemeta.models.conv4 import build_model
 from sparsemeta.sparsity.hooks import EarlyBirdHooks, L1Hooks, RigLHooks
 from sparsemeta.sparsity.masks import Mask, full_mask, load_mask
