@@ -37,8 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsemeta.data.tasks import Task
 from sparsemeta.meta.batched import vmap_meta_gradient_step
-from sparsemeta.meta.core import MetaLearner, Task
+from sparsemeta.meta.core import MetaLearner
 from sparsemeta.models.conv4 import Conv4
 
 IMPLS = ("loop", "reference", "vmap")

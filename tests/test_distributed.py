@@ -14,8 +14,8 @@ import torch
 import torch.multiprocessing as mp
 
 from sparsemeta.config import build_config
-from sparsemeta.distributed import init_from_env, shutdown
-from sparsemeta.train import train
+from sparsemeta.training.distributed import init_from_env, shutdown
+from sparsemeta.training.loop import train
 from tests.conftest import make_data
 
 OVERRIDES = ["device=cpu", "data.image_size=16", "model.filters=8", "train.iterations=4",
@@ -60,10 +60,10 @@ def test_two_gloo_processes_give_the_single_process_result(tmp_path, extra):
             # the tasks are summed in another order), and batch norm removes it from the output
             continue
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
-    assert both["meta_tasks"] == single["meta_tasks"] == 16
-    assert both["tasks"] == single["tasks"] == 7  # every test task once, gathered from both
-    assert both["accuracy"] == pytest.approx(single["accuracy"], abs=1e-9)
-    assert both["val_accuracy"] == pytest.approx(single["val_accuracy"], abs=1e-9)
+    assert both["meta_tasks"] == single.meta_tasks == 16
+    assert both["tasks"] == single.evaluation.tasks == 7  # every test task once, from both ranks
+    assert both["accuracy"] == pytest.approx(single.evaluation.accuracy, abs=1e-9)
+    assert both["val_accuracy"] == pytest.approx(single.val_accuracy, abs=1e-9)
     # only rank 0 wrote: one metrics line per iteration, with the whole meta-batch's loss
     lines = [json.loads(ln) for ln in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     one = [json.loads(ln) for ln in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
@@ -93,9 +93,9 @@ def test_more_processes_than_tasks_is_refused(tmp_path):
     script = (
         "import os, torch\n"
         "from sparsemeta.config import build_config\n"
-        "from sparsemeta.distributed import init_from_env, shutdown\n"
+        "from sparsemeta.training.distributed import init_from_env, shutdown\n"
         "from sparsemeta.foundations.errors import UserError\n"
-        "from sparsemeta.train import train\n"
+        "from sparsemeta.training.loop import train\n"
         "from tests.conftest import make_data\n"
         "init_from_env(torch.device('cpu'))\n"
         "try:\n"

@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sparsemeta.experiment import load_run_config
-from sparsemeta.export import export_run, torch_learner
-from sparsemeta.meta.core import MetaLearner, Task
+from sparsemeta.data.tasks import Task
+from sparsemeta.experiments.export import export_run, torch_learner
+from sparsemeta.meta.core import MetaLearner
+from sparsemeta.meta.learners import build_learner
 from sparsemeta.models.conv4 import Conv4
 from sparsemeta.sparsity.masks import prunable_names
-from sparsemeta.train import build_learner
+from sparsemeta.training.rundir import load_run_config
 from sparsemeta_edge import smz
 from sparsemeta_edge.cli import main as edge_main
 from sparsemeta_edge.data import load_folder

@@ -13,8 +13,7 @@ import torch
 import yaml
 
 from sparsemeta.config import build_config
-from sparsemeta.experiment import write_json
-from sparsemeta.export import (
+from sparsemeta.experiments.export import (
     choose_level,
     export_bytes,
     export_command,
@@ -22,10 +21,12 @@ from sparsemeta.export import (
     export_run,
 )
 from sparsemeta.foundations.errors import UserError
+from sparsemeta.foundations.io import write_json
+from sparsemeta.meta.learners import build_learner
 from sparsemeta.models.conv4 import build_model
 from sparsemeta.sparsity.masks import prunable_names, save_mask
 from sparsemeta.sparsity.prune import random_filter_mask
-from sparsemeta.train import build_learner
+from sparsemeta.training.rundir import Evaluation, RunDir, RunResult
 from sparsemeta_edge import smz
 
 OVERRIDES = ["device=cpu", "data.image_size=28", "model.filters=16", "meta.bn=support",
@@ -41,7 +42,7 @@ RUNNING = ["meta.algorithm=mamlpp", "meta.bn=running", "mamlpp.lslr=true",
 
 
 def make_run(run: Path, density: float, seed: int = 0, overrides: list[str] | None = None,
-             accuracy: float = 0.5, perturb: bool = True) -> dict:
+             accuracy: float = 0.5, perturb: bool = True, test_accuracy: float | None = None) -> dict:
     """A run directory as ``sparsemeta train`` leaves it (config, best.pt, mask.pt, eval.json),
     with random weights and a random mask at ``density``; pruned weights are left non-zero in
     best.pt, as training may leave them (the mask, not the stored value, defines them).
@@ -79,7 +80,10 @@ def make_run(run: Path, density: float, seed: int = 0, overrides: list[str] | No
         mask = {k: torch.rand(params[k].shape, generator=g) < density
                 for k in prunable_names(params)}
         save_mask(mask, run / "mask.pt")
-    write_json(run / "eval.json", {"accuracy": accuracy, "ci95": 0.02, "density": density})
+    test_accuracy = accuracy if test_accuracy is None else test_accuracy
+    evaluation = Evaluation("test", 10, 3, test_accuracy, 0.02, 3, [])
+    RunDir(run).write_result(RunResult(10, 10, 2, 20, 1.0, density, evaluation,
+                                       val_accuracy=accuracy, val_ci95=0.02, best_iteration=10))
     return {"state": state, "mask": mask}
 
 
@@ -162,12 +166,14 @@ def test_fp16_halves_the_value_bytes(tmp_path):
         np.testing.assert_allclose(m16.params[k], expect, rtol=tol, atol=tol * 1e-2)
 
 
-def test_experiment_export_picks_sparsest_level_within_dense_ci(tmp_path):
+def test_experiment_export_picks_sparsest_level_within_dense_ci_on_validation(tmp_path):
     exp = tmp_path / "exp"
     accs = {0: 0.80, 1: 0.81, 2: 0.785, 3: 0.76}  # dense CI ±0.02: levels 1 and 2 qualify
+    # test accuracies that would pick level 3 if the choice looked at test (it must not)
+    tests = {0: 0.80, 1: 0.70, 2: 0.70, 3: 0.85}
     for level, acc in accs.items():
         make_run(exp / "seed_0" / f"level_{level:02d}" / "ticket", 0.8 ** level, seed=level,
-                 accuracy=acc)
+                 accuracy=acc, test_accuracy=tests[level])
     rows = [{"method": "ticket", "level": lv, "density": 0.8 ** lv, "accuracy": a, "ci95": 0.02}
             for lv, a in accs.items()]
     rows.append({"method": "random", "level": 3, "density": 0.5, "accuracy": 0.9, "ci95": 0.02})
@@ -176,10 +182,11 @@ def test_experiment_export_picks_sparsest_level_within_dense_ci(tmp_path):
 
     result = export_experiment(exp, tmp_path / "t.smz")
     assert result["level"] == 2 and "level 2" in result["choice"]
+    assert "on validation" in result["choice"]
     assert smz.load(tmp_path / "t.smz").manifest["source"]["run"].endswith("level_02/ticket")
     assert export_experiment(exp, tmp_path / "t3.smz", level=3)["level"] == 3
 
-    (exp / "summary.json").unlink()  # falls back to the runs' eval.json files
+    (exp / "summary.json").unlink()  # the choice reads the runs' eval.json files alone
     assert export_experiment(exp, tmp_path / "t4.smz")["level"] == 2
     text = export_command(exp, tmp_path / "t5.smz")
     assert "level 2" in text and "dense fp32" in text

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from sparsemeta.cli import main
+from sparsemeta.experiments.sweep import load_sweep
 from sparsemeta.foundations.errors import UserError
-from sparsemeta.sweep import load_sweep
 
 TINY = {"device": "cpu", "model.filters": 8, "train.iterations": 2, "train.meta_batch": 2,
         "train.val_every": 2, "train.val_tasks": 4, "eval.tasks": 6, "data.queries": 2,

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from sparsemeta.config import build_config
-from sparsemeta.evaluate import mean_ci95, t975
 from sparsemeta.foundations.errors import UserError
+from sparsemeta.foundations.stats import mean_ci95, t975
 from sparsemeta.meta.core import MetaLearner
-from sparsemeta.train import train
+from sparsemeta.training.loop import train
 from tests.conftest import make_data
 
 OVERRIDES = ["device=cpu", "data.image_size=16", "model.filters=8", "train.iterations=6",
@@ -54,8 +54,8 @@ def test_resumed_run_is_bit_identical_to_uninterrupted(tmp_path, monkeypatch):
     cb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
     assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
     assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
-    for key in ("accuracy", "ci95", "per_step", "val_accuracy", "best_iteration"):
-        assert full[key] == resumed[key]
+    assert full.evaluation == resumed.evaluation
+    assert (full.val_accuracy, full.best_iteration) == (resumed.val_accuracy, resumed.best_iteration)
     assert len(_metrics(tmp_path / "a")) == 6 + 2  # 6 train lines, 2 validations
 
 
@@ -74,19 +74,20 @@ def test_finished_run_is_not_retrained_and_other_config_is_refused(tmp_path):
 def test_result_records_test_accuracy_with_ci_and_model_chosen_on_validation(tmp_path):
     cfg = build_config(overrides=OVERRIDES + ["train.iterations=20", "train.val_every=5"])
     res = train(cfg, tmp_path, data=make_data(), progress=False)
-    assert res["split"] == "test" and res["tasks"] == 10 and res["steps"] == 3
-    assert len(res["per_step"]) == 4
-    assert 0.0 < res["ci95"] < 0.5
-    assert res["accuracy"] > 0.4  # 5-way chance is 0.2; the synthetic classes are easy
+    ev = res.evaluation
+    assert ev.split == "test" and ev.tasks == 10 and ev.steps == 3
+    assert len(ev.per_step) == 4
+    assert 0.0 < ev.ci95 < 0.5
+    assert ev.accuracy > 0.4  # 5-way chance is 0.2; the synthetic classes are easy
     vals = [m for m in _metrics(tmp_path) if m["split"] == "val"]
     best = max(vals, key=lambda m: m["accuracy"])
-    assert res["best_iteration"] == best["iteration"]
-    assert res["val_accuracy"] == best["accuracy"]
+    assert res.best_iteration == best["iteration"]
+    assert res.val_accuracy == best["accuracy"]
 
 
 def test_vmap_option_routes_meta_batches_through_the_vmap_path(tmp_path, monkeypatch):
     """Equality of the vmap and loop meta-gradients is tested in float64 in test_batched."""
-    import sparsemeta.train as train_mod
+    import sparsemeta.training.loop as train_mod
 
     calls = []
     real = train_mod.vmap_meta_gradient_step
@@ -99,7 +100,7 @@ def test_vmap_option_routes_meta_batches_through_the_vmap_path(tmp_path, monkeyp
     res = train(build_config(overrides=OVERRIDES + ["train.vmap=true"]), tmp_path,
                 data=make_data(), progress=False)
     assert calls == [2] * 6
-    assert 0.2 < res["accuracy"] <= 1.0
+    assert 0.2 < res.evaluation.accuracy <= 1.0
 
 
 def test_ci_over_a_few_seeds_uses_students_t_and_over_tasks_the_normal_quantile():

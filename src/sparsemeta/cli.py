@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 from sparsemeta.config import DEFAULT_PRESET, build_config, preset_names
-from sparsemeta.experiment import make_dir
 from sparsemeta.foundations.errors import UserError
+from sparsemeta.training import rundir
+from sparsemeta.training.rundir import RunDir, make_dir
 
 LOTTERY_PRESET = "glyphs-lottery"
 
@@ -38,11 +39,11 @@ def _default_out(kind: str, cfg_dict: dict) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from sparsemeta import distributed
     from sparsemeta.data.registry import load_data
-    from sparsemeta.evaluate import format_result
-    from sparsemeta.experiment import resolve_device
-    from sparsemeta.train import train
+    from sparsemeta.foundations.device import resolve_device
+    from sparsemeta.training import distributed
+    from sparsemeta.training.evaluate import format_result
+    from sparsemeta.training.loop import train
 
     cfg = build_config(args.config, args.overrides)
     distributed.init_from_env(resolve_device(cfg.device))  # under torchrun: join the job
@@ -54,7 +55,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if g.main:
             g.barrier()
         out = make_dir(args.out or _default_out("train", cfg.to_dict()))
-        finished = (out / "eval.json").exists()
+        finished = RunDir(out).finished
         if g.main:
             print(f"run directory: {out}" + (" (finished; printing its result)" if finished else "")
                   + (f"; {g.world} processes" if g.world > 1 else ""), file=sys.stderr)
@@ -62,17 +63,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         distributed.shutdown()
     if g.main:
-        print(format_result(result))
-        print(f"best validation accuracy {100 * result['val_accuracy']:.2f}% at iteration "
-              f"{result['best_iteration']}; results in {out / 'eval.json'}")
+        print(format_result(result.evaluation))
+        print(f"best validation accuracy {100 * result.val_accuracy:.2f}% at iteration "
+              f"{result.best_iteration}; results in {RunDir(out).file(rundir.EVAL)}")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from sparsemeta.config import experiment_defaults
     from sparsemeta.data.registry import load_data
-    from sparsemeta.report import write_report
-    from sparsemeta.sparsity.runner import (
+    from sparsemeta.experiments.report import write_report
+    from sparsemeta.experiments.runner import (
         parse_controls,
         parse_methods,
         parse_seeds,
@@ -97,12 +98,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_experiment(cfg, out, methods, seeds, controls, data=data, workers=workers)
     summary = write_report([out])
     print(summary["table"])
-    print(f"report: {out / 'report.md'} (plots and summary.json beside it)")
+    print(f"report: {out / rundir.REPORT} (plots and {rundir.SUMMARY} beside it)")
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from sparsemeta.sweep import load_sweep, run_sweep
+    from sparsemeta.experiments.sweep import load_sweep, run_sweep
 
     sweep = load_sweep(args.file, args.out)
     print(run_sweep(sweep, args.engine, args.address))
@@ -112,7 +113,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from sparsemeta.tune import tune
+    from sparsemeta.experiments.tune import tune
 
     cfg = build_config(args.config, args.overrides)
     out = args.out or _default_out(f"tune-{args.method}", {**cfg.to_dict(), "tune": [
@@ -127,7 +128,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from sparsemeta.report import write_report
+    from sparsemeta.experiments.report import write_report
 
     summary = write_report(args.dirs, args.out)
     print(summary["table"])
@@ -136,7 +137,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from sparsemeta.export import export_command
+    from sparsemeta.experiments.export import export_command
 
     print(export_command(args.path, args.out, level=args.level, fp16=args.fp16,
                          seed=args.seed, as_json=args.json))
@@ -144,28 +145,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
     from sparsemeta.data.registry import load_data
     from sparsemeta.data.tasks import sampler_for
-    from sparsemeta.evaluate import evaluate, format_result
-    from sparsemeta.experiment import load_run_config, resolve_device, write_json
-    from sparsemeta.sparsity.masks import load_mask
-    from sparsemeta.train import build_learner
+    from sparsemeta.foundations.device import resolve_device
+    from sparsemeta.foundations.io import write_json
+    from sparsemeta.meta.learners import build_learner
+    from sparsemeta.training.evaluate import evaluate, format_result
 
-    run = Path(args.run_dir)
-    cfg = load_run_config(run)
-    weights = run / "best.pt"
-    if not weights.is_file():
-        raise UserError(f"'{run}' has no best.pt yet (no validation has run); train it further first")
+    run = RunDir(args.run_dir)
+    cfg = rundir.load_run_config(run.path)
+    chosen = run.chosen_model()  # best-on-validation weights with the mask they were scored with
     device = resolve_device(cfg.device)
     data = load_data(cfg)
-    # the mask of the chosen weights: a method that moves masks (RigL) saves it beside them
-    mask_file = next((run / f for f in ("best_mask.pt", "mask.pt") if (run / f).exists()), None)
-    mask = load_mask(mask_file) if mask_file else None
-    mask = {k: v.to(device) for k, v in mask.items()} if mask else None
+    mask = {k: v.to(device) for k, v in chosen.mask.items()} if chosen.mask else None
     learner = build_learner(cfg, data.channels, mask)
-    learner.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    learner.load_state_dict(chosen.state)
     learner.to(device)
     tasks = args.tasks or cfg.eval.tasks
     steps = cfg.meta.eval_inner_steps if args.steps is None else args.steps
@@ -173,10 +167,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError("--tasks must be >= 1 and --steps >= 0")
     result = evaluate(learner, dict(learner.model.named_parameters()),
                       sampler_for(cfg, data, args.split), tasks, steps, device, progress=True)
-    path = run / f"eval_{args.split}_{tasks}tasks_{steps}steps.json"
-    write_json(path, result)
+    path = run.file(f"eval_{args.split}_{tasks}tasks_{steps}steps.json")
+    write_json(path, result.to_dict())
     print(format_result(result))
-    for r in result["per_step"]:
+    for r in result.per_step:
         print(f"  step {r['step']:>2}: {100 * r['accuracy']:6.2f}% ± {100 * r['ci95']:.2f}%")
     print(f"written to {path}")
     return 0
@@ -219,9 +213,8 @@ def cmd_data_preview(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="sparsemeta", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def _add_train_and_run(sub) -> None:  # noqa: ANN001 - argparse's private subparsers type
+    from sparsemeta.experiments.methods import METHODS
 
     p = sub.add_parser("train", help="meta-train one model (resumes an unfinished --out)")
     _config_args(p)
@@ -237,8 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext)
         _config_args(p, LOTTERY_PRESET)
         if name == "run":
-            p.add_argument("--method", help="comma list of lottery, dense, random, l1, rigl, "
-                                            "earlybird (default: the preset's, else lottery)")
+            p.add_argument("--method", help=f"comma list of {', '.join(METHODS)} (default: the "
+                                            "preset's, else lottery)")
         p.add_argument("--seeds", help="comma list of seeds (default: the preset's, else 0)")
         p.add_argument("--controls", help="lottery controls at each level: reinit,random or none "
                                           "(default: the preset's, else both)")
@@ -246,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "(default: the preset's, else 1)")
         p.add_argument("--out", help="experiment directory (default: runs/<methods>-<config hash>)")
         p.set_defaults(func=cmd_run, **({} if name == "run" else {"method": "lottery"}))
+
+
+def _add_sweep_and_tune(sub) -> None:  # noqa: ANN001
+    from sparsemeta.experiments.methods import METHODS
+    from sparsemeta.experiments.tune import PARAMS
 
     p = sub.add_parser("sweep", help="a grid of experiments (seeds × methods × config values) "
                                      "as Ray tasks or one after another, then one report")
@@ -261,18 +259,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="Optuna search of a method's hyperparameters on validation "
                                     "accuracy only (resumable SQLite study)")
     _config_args(p, "glyphs-quick")
-    p.add_argument("--method", default="dense",
-                   help="lottery, dense, random, l1, rigl or earlybird (default dense)")
+    p.add_argument("--method", default="dense", help=f"one of {', '.join(METHODS)} (default dense)")
     p.add_argument("--trials", type=int, default=20,
                    help="finished trials the study should have (default 20); re-run to resume")
-    p.add_argument("--params", help="comma list of inner_lr, meta_lr, l1_lambda, metamix_alpha, "
-                                    "metamix_beta, prune_rate (default: the method's)")
+    p.add_argument("--params", help=f"comma list of {', '.join(PARAMS)} (default: the method's)")
     p.add_argument("--target-density", type=float, default=0.2,
                    help="score the method's model nearest this density (default 0.2)")
     p.add_argument("--seed", type=int, default=0, help="training seed of every trial (default 0)")
     p.add_argument("--out", help="study directory (default: runs/tune-<method>-<config hash>)")
     p.set_defaults(func=cmd_tune)
 
+
+def _add_results(sub) -> None:  # noqa: ANN001
     p = sub.add_parser("report", help="summary.json, Markdown table and plots of experiments")
     p.add_argument("dirs", nargs="+", help="experiment directories (e.g. one per seed)")
     p.add_argument("--out", help="where to write the report (default: the first directory)")
@@ -290,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="run directory (has config.yaml) or lottery experiment directory")
     p.add_argument("--out", required=True, help="output file, e.g. model.smz")
     p.add_argument("--level", type=int, default=None,
-                   help="experiment only: ticket level (default: the sparsest whose test "
+                   help="experiment only: ticket level (default: the sparsest whose validation "
                         "accuracy is within the dense model's CI)")
     p.add_argument("--seed", type=int, default=None,
                    help="experiment only: which seed's ticket (default: the first)")
@@ -298,9 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_export)
 
+
+def _add_data(sub) -> None:  # noqa: ANN001
     p = sub.add_parser("data", help="data set tools")
     dsub = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
-    names = ["glyphs", "omniglot", "miniimagenet", "folder"]
+    from sparsemeta.data.registry import LOADERS
+
+    names = list(LOADERS)
     q = dsub.add_parser("preview", help="write a contact sheet (rows = classes, columns = examples)")
     q.add_argument("name", choices=names)
     q.add_argument("--out", default="sheet.png")
@@ -319,6 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("name", choices=["omniglot", "miniimagenet"])
     q.add_argument("--root", required=True, help="directory to download into")
     q.set_defaults(func=cmd_data_download)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sparsemeta", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_add_train_and_run, _add_sweep_and_tune, _add_results, _add_data):
+        add(sub)
     return parser
 
 

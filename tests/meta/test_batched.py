@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from sparsemeta.data.tasks import Task
 from sparsemeta.meta.batched import vmap_meta_gradient_step
-from sparsemeta.meta.core import MetaLearner, Task
+from sparsemeta.meta.core import MetaLearner
 from sparsemeta.models.conv4 import Conv4
 
 WAYS, SHOTS, QUERIES, SIZE = 3, 2, 3, 16

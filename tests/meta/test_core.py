@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsemeta.meta.core import MetaLearner, Task
+from sparsemeta.data.tasks import Task
+from sparsemeta.meta.core import MetaLearner
 from sparsemeta.models.conv4 import Conv4
 
 

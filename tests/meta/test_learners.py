@@ -8,11 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from sparsemeta.config import build_config
+from sparsemeta.data.tasks import Task
 from sparsemeta.foundations.errors import UserError
-from sparsemeta.meta.core import MetaLearner, Task
+from sparsemeta.meta.core import MetaLearner
+from sparsemeta.meta.learners import build_learner
 from sparsemeta.meta.mamlpp import msl_weights, schedule
 from sparsemeta.models.conv4 import Conv4, Mix, Pass, Shuffle
-from sparsemeta.train import build_learner, train
+from sparsemeta.training.loop import train
 from tests.conftest import make_data
 
 
@@ -237,7 +239,8 @@ def test_every_learner_trains_with_a_mask_that_stays_exact(tmp_path, extra):
     mask = {k: torch.rand(v.shape, generator=torch.Generator().manual_seed(1)) > 0.5
             for k, v in params.items() if v.dim() >= 2}
     res = train(cfg, tmp_path, data=data, mask=mask, progress=False)
-    assert 0.0 <= res["accuracy"] <= 1.0 and len(res["per_step"]) == cfg.meta.eval_inner_steps + 1
+    ev = res.evaluation
+    assert 0.0 <= ev.accuracy <= 1.0 and len(ev.per_step) == cfg.meta.eval_inner_steps + 1
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     for k, m in mask.items():
         assert torch.count_nonzero(ckpt["model"][k][~m]) == 0

@@ -7,9 +7,12 @@ import math
 import pytest
 import torch
 
-from sparsemeta.meta.core import MetaLearner, Task
+from sparsemeta.data.tasks import Task
+from sparsemeta.experiments.methods.earlybird import EarlyBirdHooks
+from sparsemeta.experiments.methods.l1 import L1Hooks
+from sparsemeta.experiments.methods.rigl import RigLHooks
+from sparsemeta.meta.core import MetaLearner
 from sparsemeta.models.conv4 import Conv4
-from sparsemeta.sparsity.hooks import EarlyBirdHooks, L1Hooks, RigLHooks
 from sparsemeta.sparsity.masks import density, full_mask
 from sparsemeta.sparsity.rigl import (
     drop_and_grow,
@@ -18,6 +21,7 @@ from sparsemeta.sparsity.rigl import (
     layer_counts,
     random_mask,
 )
+from sparsemeta.training.hooks import StepContext
 
 
 def _model():
@@ -94,7 +98,7 @@ def test_rigl_hook_keeps_density_exact_and_grows_where_the_meta_gradient_is_larg
     eff = {k: (v * mask[k] if k in mask else v).detach().requires_grad_() for k, v in params.items()}
     MetaLearner(model, inner_lr=0.4, inner_steps=1).meta_gradient_step(eff, tasks)
     hook = RigLHooks(f0=0.3, every=1, end=100)
-    assert hook.after_step(1, params, mask, opt, learner, tasks)
+    assert hook.after_step(StepContext(1, params, mask, opt, learner, tasks))
     assert {k: int(m.sum()) for k, m in mask.items()} == counts
     assert density(mask) == pytest.approx(sum(counts.values()) / sum(m.numel() for m in mask.values()))
     for k, m in mask.items():
@@ -115,7 +119,7 @@ def test_l1_term_gradient_is_lambda_times_sign_on_prunable_weights_only():
     model = _model()
     params = dict(model.named_parameters())
     lam = 0.01
-    L1Hooks(lam).regularizer(params, None).backward()
+    L1Hooks(lam).regularizer(StepContext(1, params, None, None, None, [])).backward()
     for k, p in params.items():
         expected = lam * torch.sign(p.detach()) if p.dim() >= 2 else torch.zeros_like(p)
         got = p.grad if p.grad is not None else torch.zeros_like(p)
@@ -133,7 +137,7 @@ def test_early_bird_fires_when_the_last_distances_fall_below_epsilon_and_not_bef
         if step <= 6:  # weights still moving a lot: the masks differ
             for v in params.values():
                 v.add_(torch.randn(v.shape, generator=gen))
-        fired.append(hook.should_stop(step, params, None))
+        fired.append(hook.should_stop(StepContext(step, params, None, None, None, [])))
     # distances at steps 2..6 are large (the weights moved), from step 7 on they are zero
     assert all(d > 0.01 for d in hook.distances[:5]) and hook.distances[5:8] == [0.0] * 3
     assert fired.index(True) == 8  # step 9: the last 3 distances (steps 7, 8, 9) are zero

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from sparsemeta.config import build_config
+from sparsemeta.experiments.report import write_report
+from sparsemeta.experiments.runner import parse_controls, parse_seeds, run_lottery
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.meta.core import MetaLearner
-from sparsemeta.report import write_report
 from sparsemeta.sparsity.masks import density, load_mask
-from sparsemeta.sparsity.runner import level_dir, parse_controls, parse_seeds, run_lottery
+from sparsemeta.training.rundir import level_dir
 from tests.conftest import make_data
 
 OVERRIDES = ["device=cpu", "data.image_size=16", "model.filters=8", "train.iterations=4",

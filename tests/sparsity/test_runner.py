@@ -8,8 +8,9 @@ import pytest
 
 from sparsemeta.cli import main
 from sparsemeta.config import build_config
-from sparsemeta.report import write_report
-from sparsemeta.sparsity.runner import level_dir, run_experiment
+from sparsemeta.experiments.report import write_report
+from sparsemeta.experiments.runner import run_experiment
+from sparsemeta.training.rundir import level_dir
 from tests.conftest import make_data
 
 OVERRIDES = ["device=cpu", "data.image_size=16", "model.filters=8", "train.iterations=6",

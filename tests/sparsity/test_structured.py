@@ -8,14 +8,15 @@ import pytest
 import torch
 
 from sparsemeta.config import build_config
-from sparsemeta.export import export_bytes, export_run
+from sparsemeta.experiments.export import export_bytes, export_run
+from sparsemeta.experiments.report import write_report
+from sparsemeta.experiments.runner import run_experiment, run_lottery
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.meta.core import MetaLearner
 from sparsemeta.models.conv4 import build_model
-from sparsemeta.report import write_report
 from sparsemeta.sparsity.masks import load_mask
 from sparsemeta.sparsity.prune import kept_filters
-from sparsemeta.sparsity.runner import level_dir, run_experiment, run_lottery
+from sparsemeta.training.rundir import level_dir
 from sparsemeta_edge import smz
 from tests.conftest import make_data
 

@@ -7,13 +7,30 @@ every evaluation see exactly the same tasks.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from sparsemeta.data.base import SPLITS, FewShotData
 from sparsemeta.foundations.errors import UserError
-from sparsemeta.meta.core import Task
+
+
+@dataclass
+class Task:
+    """One N-way K-shot episode; labels are 0..N-1 in a per-task shuffled order.
+
+    ``index`` is the task's number in its split; it seeds per-task randomness (MetaMix)."""
+
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+    index: int = 0
+
+    def to(self, device: torch.device | str) -> Task:
+        return Task(*(t.to(device, non_blocking=True) for t in (
+            self.support_x, self.support_y, self.query_x, self.query_y)), index=self.index)
 
 
 class TaskSampler:

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import grad, vmap
 
-from sparsemeta.meta.core import MetaLearner, Params, Task
+from sparsemeta.data.tasks import Task
+from sparsemeta.meta.core import MetaLearner, Params
 from sparsemeta.models.conv4 import plain_batch_norm
 
 _FIELDS = ("support_x", "support_y", "query_x", "query_y")

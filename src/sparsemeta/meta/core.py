@@ -28,8 +28,7 @@ Batch-norm policy (``meta.bn``), never a side effect of train/eval mode:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -37,29 +36,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from sparsemeta.data.tasks import Task
 from sparsemeta.models.conv4 import Mix, Pass, Shuffle
 from sparsemeta.sparsity.masks import Mask, apply_mask
 
 Params = dict[str, torch.Tensor]
 BN_POLICIES = ("transductive", "support", "running")
 LR_RULES = ("scalar", "lslr", "metasgd")
-
-
-@dataclass
-class Task:
-    """One N-way K-shot episode; labels are 0..N-1 in a per-task shuffled order.
-
-    ``index`` is the task's number in its split; it seeds per-task randomness (MetaMix)."""
-
-    support_x: torch.Tensor
-    support_y: torch.Tensor
-    query_x: torch.Tensor
-    query_y: torch.Tensor
-    index: int = 0
-
-    def to(self, device: torch.device | str) -> Task:
-        return Task(*(t.to(device, non_blocking=True) for t in (
-            self.support_x, self.support_y, self.query_x, self.query_y)), index=self.index)
+#: a per-iteration schedule: (learner, meta-iteration, outer optimiser) → None
+Schedule = Callable[["MetaLearner", int, torch.optim.Optimizer], None]
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
@@ -115,6 +100,8 @@ class MetaLearner:
         self.channel_shuffle = False  # MetaMix's Channel Shuffle (switched on by the trainer)
         self.tracking = False  # update running BN statistics (meta-training forwards only)
         self.evaluating = False  # normalise with running statistics (bn='running')
+        # what changes over meta-training (MAML++'s schedules, Channel Shuffle): see learners.py
+        self.schedules: list[Schedule] = []
         steps = max(inner_steps, eval_steps or inner_steps)
         self.rates = nn.ParameterDict()
         for name, p in model.named_parameters():
@@ -122,6 +109,11 @@ class MetaLearner:
                 self.rates[_rate_key(name)] = nn.Parameter(torch.full((steps,), inner_lr))
             elif lr_rule == "metasgd":
                 self.rates[_rate_key(name)] = nn.Parameter(torch.full_like(p, inner_lr))
+
+    def begin_iteration(self, iteration: int, optimizer: torch.optim.Optimizer) -> None:
+        """Apply the learner's training-time schedules for meta-iteration ``iteration``."""
+        for schedule in self.schedules:
+            schedule(self, iteration, optimizer)
 
     # -- learnable state: the model plus learned inner learning rates ----------------------
     def parameters(self) -> list[nn.Parameter]:

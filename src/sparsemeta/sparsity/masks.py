@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from sparsemeta.foundations.io import atomic_torch_save
+
 Mask = dict[str, torch.Tensor]
 
 
@@ -66,8 +68,6 @@ def zero_pruned_(params: Mapping[str, torch.Tensor], mask: Mask | None) -> None:
 
 
 def save_mask(mask: Mask, path: str | Path) -> None:
-    from sparsemeta.experiment import atomic_torch_save
-
     atomic_torch_save({k: v.cpu() for k, v in mask.items()}, path)
 
 

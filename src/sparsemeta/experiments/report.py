@@ -13,24 +13,29 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsemeta.evaluate import mean_ci95
-from sparsemeta.experiment import atomic_write_text, read_json, write_json
-from sparsemeta.export import export_bytes
+from sparsemeta.experiments.export import export_bytes
+from sparsemeta.experiments.methods import branches
+from sparsemeta.foundations.atomic import atomic_write_text
 from sparsemeta.foundations.errors import UserError
-from sparsemeta.sparsity.masks import density, layer_densities, load_mask, nonzeros
+from sparsemeta.foundations.io import write_json
+from sparsemeta.foundations.stats import mean_ci95
+from sparsemeta.sparsity.masks import density, layer_densities, nonzeros
+from sparsemeta.training import rundir
+from sparsemeta.training.rundir import RunDir
 
-METHOD_ORDER = ("ticket", "reinit", "random", "l1", "l1_oneshot", "rigl", "earlybird")
-COLORS = {"ticket": "tab:blue", "reinit": "tab:orange", "random": "tab:green", "l1": "tab:red",
-          "l1_oneshot": "tab:pink", "rigl": "tab:purple", "earlybird": "tab:brown"}
+
+def _color(branch: str) -> str | None:
+    b = branches().get(branch)
+    return b.color if b else None
 
 
 def _with_costs(records: list[dict]) -> list[dict]:
     """Meta-training compute (tasks) it took to produce each model, and its ratio to full IMP.
 
-    A ticket at level L costs IMP levels 0..L; its reinit control levels 0..L-1 plus itself;
-    L1 models the L1 dense run plus their fine-tune; an early-bird ticket its search runs below
-    L plus itself; random and RigL models only themselves. Full IMP = all ticket levels of the
-    seed's IMP run, in the same experiment directory or, where each method has its own (a
+    Each branch says what its models cost besides their own run (``methods.base.Branch``): a
+    ticket at level L also IMP levels 0..L-1, L1 models the L1 dense run, an early-bird ticket
+    its search runs below L; random and RigL models only themselves. Full IMP = all ticket levels
+    of the seed's IMP run, in the same experiment directory or, where each method has its own (a
     sweep), in the seed's other directory with the most ticket levels.
     """
     own = {(r["root"], r["seed"], r["method"], r["level"]): r["meta_tasks"] for r in records}
@@ -38,20 +43,17 @@ def _with_costs(records: list[dict]) -> list[dict]:
     for (root, seed, m, _), v in own.items():
         if m == "ticket":
             imp[seed][root] = imp[seed].get(root, 0) + v
+    known = branches()
 
     def chain(r: dict, method: str, below: int) -> int:
         return sum(v for (root, seed, m, lvl), v in own.items()
                    if root == r["root"] and seed == r["seed"] and m == method and lvl < below)
 
     for r in records:
-        m, lvl = r["method"], r["level"]
+        branch = known.get(r["method"])
         cost = r["meta_tasks"]
-        if m in ("ticket", "reinit"):
-            cost += chain(r, "ticket", lvl)
-        elif m in ("l1", "l1_oneshot") and lvl > 0:
-            cost += chain(r, "l1", 1)
-        elif m in ("earlybird", "eb_search"):
-            cost += chain(r, "eb_search", lvl)
+        if branch is not None and branch.prior is not None:
+            cost += chain(r, branch.prior, branch.prior_levels(r["level"]))
         full = imp[r["seed"]].get(r["root"]) or max(imp[r["seed"]].values(), default=0)
         r["compute_tasks"] = cost
         r["compute_vs_full_imp"] = cost / full if full else None
@@ -68,35 +70,30 @@ def _exported_bytes(run: Path) -> int | None:
 
 
 def collect(roots: list[Path]) -> list[dict]:
-    """One record per finished run directory ``seed_S/level_LL/<method>`` under ``roots``
+    """One record per finished run directory ``seed_S/level_LL/<branch>`` under ``roots``
     (search runs that only find masks are counted for compute, not reported as models)."""
     records = []
     for root in roots:
-        for ev in sorted(Path(root).glob("seed_*/level_*/*/eval.json")):
-            run = ev.parent
-            res = read_json(ev)
-            record = {
-                "root": str(root),
-                "seed": int(run.parent.parent.name.split("_")[1]),
-                "level": int(run.parent.name.split("_")[1]),
-                "method": run.name,
-                "meta_tasks": res["meta_tasks"],
-                "model": bool(res.get("split")),
-            }
-            if record["model"]:
-                mask = load_mask(run / "mask.pt") if (run / "mask.pt").exists() else None
+        for path in rundir.finished_runs(root):
+            run = RunDir(path)
+            res = run.result()
+            seed, level, branch = rundir.parse_level_dir(path)
+            record = {"root": str(root), "seed": seed, "level": level, "method": branch,
+                      "meta_tasks": res.meta_tasks, "model": res.model}
+            if res.model:
+                mask, ev = run.mask(), res.evaluation
                 record.update({
                     "density": density(mask) if mask else 1.0,
                     "layer_densities": layer_densities(mask) if mask else None,
                     "nonzeros": nonzeros(mask) if mask else None,
-                    "accuracy": res["accuracy"],
-                    "task_ci95": res["ci95"],
-                    "per_step": [r["accuracy"] for r in res["per_step"]],
-                    "best_step": res["best_step"],
-                    "val_accuracy": res["val_accuracy"],
-                    "early_stop_iteration": res["best_iteration"],
-                    "train_seconds": res["train_seconds"],
-                    "exported_bytes": _exported_bytes(run),
+                    "accuracy": ev.accuracy,
+                    "task_ci95": ev.ci95,
+                    "per_step": [r["accuracy"] for r in ev.per_step],
+                    "best_step": ev.best_step,
+                    "val_accuracy": res.val_accuracy,
+                    "early_stop_iteration": res.best_iteration,
+                    "train_seconds": res.train_seconds,
+                    "exported_bytes": _exported_bytes(path),
                 })
             records.append(record)
     return [r for r in _with_costs(records) if r.pop("model")]
@@ -140,7 +137,7 @@ def summarize(records: list[dict]) -> list[dict]:
             "exported_bytes": (round(float(np.mean([r["exported_bytes"] for r in rs])))
                                if all(r["exported_bytes"] for r in rs) else None),
         })
-    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    order = {m: i for i, m in enumerate(branches())}
     rows.sort(key=lambda r: (order.get(r["method"], len(order)), r["method"], r["level"]))
     return rows
 
@@ -242,8 +239,8 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
             rs = by_density(m)
             x = [100 * r["density"] for r in rs]
             y, ci = np.array([r["accuracy"] for r in rs]), np.array([r["ci95"] for r in rs])
-            ax.plot(x, 100 * y, "o-", label=m, color=COLORS.get(m))
-            ax.fill_between(x, 100 * (y - ci), 100 * (y + ci), alpha=0.2, color=COLORS.get(m))
+            ax.plot(x, 100 * y, "o-", label=m, color=_color(m))
+            ax.fill_between(x, 100 * (y - ci), 100 * (y + ci), alpha=0.2, color=_color(m))
         if dense:
             ax.axhline(100 * dense["accuracy"], color="gray", ls="--", lw=1, label="dense (level 0)")
             ax.axhspan(100 * (dense["accuracy"] - dense["ci95"]),
@@ -255,7 +252,7 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
             rs = by_density(m)
             err = [r["early_stop_ci95"] or 0.0 for r in rs]
             ax.errorbar([100 * r["density"] for r in rs], [r["early_stop_iteration"] for r in rs],
-                        yerr=err if any(err) else None, fmt="o-", label=m, color=COLORS.get(m),
+                        yerr=err if any(err) else None, fmt="o-", label=m, color=_color(m),
                         capsize=3)
         density_axis(ax)
 
@@ -264,7 +261,7 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
             rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["compute_tasks"])
             ax.errorbar([r["compute_tasks"] for r in rs], [100 * r["accuracy"] for r in rs],
                         yerr=[100 * r["ci95"] for r in rs], fmt="o", label=m,
-                        color=COLORS.get(m), capsize=3)
+                        color=_color(m), capsize=3)
         ax.set_xscale("log")
 
     def size(ax) -> None:  # noqa: ANN001
@@ -273,7 +270,7 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
                         key=lambda r: r["exported_bytes"])
             ax.errorbar([r["exported_bytes"] for r in rs], [100 * r["accuracy"] for r in rs],
                         yerr=[100 * r["ci95"] for r in rs], fmt="o-", label=m,
-                        color=COLORS.get(m), capsize=3)
+                        color=_color(m), capsize=3)
         if dense:
             ax.axhline(100 * dense["accuracy"], color="gray", ls="--", lw=1, label="dense (level 0)")
         ax.set_xscale("log")
@@ -320,11 +317,11 @@ def write_report(roots: list[str | Path], out: str | Path | None = None) -> dict
     rows = summarize(records)
     table = markdown_table(rows)
     summary = {"experiments": [str(r) for r in roots], "rows": rows, "runs": records}
-    write_json(out / "summary.json", summary)
+    write_json(out / rundir.SUMMARY, summary)
     plots = plot(rows, out)
     md = "# sparsemeta report\n\n" + table + "\n" + "".join(
         f"![{p.stem}]({p.name})\n" for p in plots)
-    atomic_write_text(out / "report.md", md)
+    atomic_write_text(out / rundir.REPORT, md)
     summary["table"] = table
-    summary["paths"] = [str(out / "summary.json"), str(out / "report.md")] + [str(p) for p in plots]
+    summary["paths"] = [str(out / rundir.SUMMARY), str(out / rundir.REPORT)] + [str(p) for p in plots]
     return summary

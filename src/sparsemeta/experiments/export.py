@@ -1,7 +1,7 @@
 """Compact export of a trained (sparse) model for the NumPy edge runtime (``sparsemeta_edge``).
 
-``export_run`` writes one run directory's ``best.pt`` (+ ``mask.pt``) as a ``.smz`` file: packed
-bitmasks plus only the kept values of each pruned tensor, small tensors dense, and a manifest
+``export_run`` writes one run directory's chosen model (``best.pt`` with the mask it was
+evaluated with) as a ``.smz`` file: packed bitmasks plus only the kept values of each pruned tensor, small tensors dense, and a manifest
 with everything the runtime needs to adapt the model as meta-training did (architecture,
 algorithm, batch-norm policy, inner learning rate rule and steps, input size, channels and
 normalisation). Every learner exports: Meta-SGD's α travels with its weight (kept entries only:
@@ -18,7 +18,8 @@ masked one does (tested). ``export_bytes`` gives a run's exported size through t
 path without writing a file (the report's bytes column).
 
 ``export_experiment`` picks the model of a lottery experiment: without ``level``, the sparsest
-ticket level whose test accuracy lies within the dense model's 95% CI.
+ticket level whose *validation* accuracy lies within the dense model's 95% CI — chosen on
+validation, like every model choice in sparsemeta, never on test.
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from sparsemeta.experiment import load_run_config, read_json
 from sparsemeta.foundations.errors import UserError
+from sparsemeta.foundations.stats import mean_ci95
 from sparsemeta.meta.core import MetaLearner
 from sparsemeta.models.conv4 import BatchNorm, Conv4
-from sparsemeta.sparsity.masks import load_mask
+from sparsemeta.training import rundir
+from sparsemeta.training.rundir import RunDir, load_run_config
 from sparsemeta_edge import smz
 from sparsemeta_edge.nn import block_names, param_shapes, running_names
 
@@ -88,12 +90,10 @@ def _lr_rule(cfg, params: Arrays, rates: Arrays, run: Path) -> str:  # noqa: ANN
 
 def _numpy_state(run: Path) -> tuple[Arrays, Arrays, Arrays]:
     """State (pruned entries zeroed: the effective θ ⊙ m), masks and learned inner learning
-    rates (by parameter name; Meta-SGD's α of pruned weights zeroed too) of a run directory."""
-    best = run / "best.pt"
-    if not best.is_file():
-        raise UserError(f"'{run}' has no best.pt yet (no validation has run); train it further first")
-    state = torch.load(best, map_location="cpu", weights_only=True)
-    mask = load_mask(run / "mask.pt") if (run / "mask.pt").is_file() else {}
+    rates (by parameter name; Meta-SGD's α of pruned weights zeroed too) of a run directory's
+    chosen model: the best-on-validation weights with the mask they were evaluated with."""
+    chosen = RunDir(run).chosen_model()
+    state, mask = chosen.state, chosen.mask or {}
     params, masks, rates = {}, {}, {}
     for name, value in state.items():
         arr = value.detach().to(torch.float32).numpy().copy()
@@ -179,8 +179,7 @@ def _export_parts(run: Path) -> tuple[dict[str, Any], Arrays, Arrays, Arrays, di
             raise UserError(f"'{run}': {exc}; was mask.pt changed after training?") from None
     layer_filters = [int(params[block_names(i)[0]].shape[0]) for i in range(4)]
     mean, std, stats_source = _input_stats(cfg, channels)
-    ev = run / "eval.json"
-    result = read_json(ev) if ev.is_file() else {}
+    ev = RunDir(run).result().evaluation if RunDir(run).finished else None
     manifest = {
         "architecture": {"name": cfg.model.name, "in_channels": channels,
                          "image_size": cfg.data.image_size, "filters": filters,
@@ -201,7 +200,8 @@ def _export_parts(run: Path) -> tuple[dict[str, Any], Arrays, Arrays, Arrays, di
         # seed/level/method only: the manifest stays small (size bound), and a model exports
         # to the same bytes wherever its experiment directory lives
         "source": {"run": "/".join(run.resolve().parts[-3:]), "data": cfg.data.name,
-                   "test_accuracy": result.get("accuracy"), "test_ci95": result.get("ci95")},
+                   "test_accuracy": ev.accuracy if ev else None,
+                   "test_ci95": ev.ci95 if ev else None},
     }
     return manifest, params, masks, rates, {**facts, "normalisation": stats_source}
 
@@ -278,40 +278,40 @@ def torch_learner(model: smz.SmzModel) -> MetaLearner:
 
 
 def _ticket_rows(exp: Path) -> list[dict]:
-    """(level, density, accuracy, ci95) of the ticket branch: summary.json, else eval.json files."""
-    summary = exp / "summary.json"
-    if summary.is_file():
-        rows = [r for r in read_json(summary).get("rows", []) if r.get("method") == "ticket"]
-        if rows:
-            return rows
+    """(level, density, validation accuracy, its 95% CI) of each ticket level: the mean over
+    seeds with Student's t CI over seeds, or one seed's CI over validation tasks."""
+    by_level: dict[int, list] = {}
+    for path in rundir.finished_runs(exp):
+        _, level, branch = rundir.parse_level_dir(path)
+        res = RunDir(path).result()
+        if branch == "ticket" and res.model and res.val_accuracy is not None:
+            by_level.setdefault(level, []).append(res)
+    if not by_level:
+        raise UserError(f"'{exp}' has no finished ticket runs (no seed_*/level_*/ticket/"
+                        f"{rundir.EVAL}); run the lottery experiment first")
     rows = []
-    for ev in sorted(exp.glob("seed_*/level_*/ticket/eval.json")):
-        r = read_json(ev)
-        rows.append({"level": int(ev.parent.parent.name.split("_")[1]), "density": r.get("density", 1.0),
-                     "accuracy": r["accuracy"], "ci95": r.get("ci95", 0.0)})
-    if not rows:
-        raise UserError(f"'{exp}' has no finished ticket runs (no summary.json with ticket rows and "
-                        "no seed_*/level_*/ticket/eval.json); run the lottery experiment first")
-    # several seeds: one row per level, mean accuracy (the CI of the first seed's run)
-    by_level: dict[int, list[dict]] = {}
-    for r in rows:
-        by_level.setdefault(r["level"], []).append(r)
-    return [{"level": lv, "density": float(np.mean([r["density"] for r in rs])),
-             "accuracy": float(np.mean([r["accuracy"] for r in rs])), "ci95": rs[0]["ci95"]}
-            for lv, rs in sorted(by_level.items())]
+    for level, results in sorted(by_level.items()):
+        accs = np.array([r.val_accuracy for r in results])
+        acc, ci = (mean_ci95(accs, student=True) if len(results) > 1
+                   else (float(accs[0]), results[0].val_ci95 or 0.0))
+        rows.append({"level": level, "density": float(np.mean([r.density for r in results])),
+                     "accuracy": acc, "ci95": ci})
+    return rows
 
 
 def choose_level(rows: list[dict]) -> tuple[int, str]:
-    """The sparsest ticket level whose accuracy ≥ dense accuracy − dense CI, and why."""
+    """The sparsest ticket level whose validation accuracy ≥ the dense model's − its CI, and
+    why (a model chosen on validation only)."""
     dense = next((r for r in rows if r["level"] == 0), None)
     if dense is None:
         raise UserError("no dense (level 0) ticket result to compare against")
     floor = dense["accuracy"] - (dense["ci95"] or 0.0)
     ok = [r for r in rows if r["accuracy"] >= floor]
     pick = min(ok, key=lambda r: (r["density"], -r["level"]))
-    why = (f"level {pick['level']} (density {pick['density']:.3f}, accuracy "
-           f"{100 * pick['accuracy']:.2f}%) is the sparsest ticket within the dense model's CI "
-           f"({100 * dense['accuracy']:.2f}% ± {100 * (dense['ci95'] or 0.0):.2f})")
+    why = (f"level {pick['level']} (density {pick['density']:.3f}, validation accuracy "
+           f"{100 * pick['accuracy']:.2f}%) on validation: the sparsest ticket within the dense "
+           f"model's validation CI ({100 * dense['accuracy']:.2f}% ± "
+           f"{100 * (dense['ci95'] or 0.0):.2f})")
     return int(pick["level"]), why
 
 
@@ -328,8 +328,8 @@ def export_experiment(exp_dir: str | Path, out: str | Path, level: int | None = 
     seeds = sorted(exp.glob("seed_*"), key=lambda p: int(p.name.split("_")[1]))
     if seed is not None:
         seeds = [s for s in seeds if s.name == f"seed_{seed}"]
-    runs = [s / f"level_{level:02d}" / "ticket" for s in seeds]
-    runs = [r for r in runs if (r / "best.pt").is_file()]
+    runs = [rundir.level_dir(exp, int(s.name.split("_")[1]), level) for s in seeds]
+    runs = [r for r in runs if RunDir(r).file(rundir.BEST).is_file()]
     if not runs:
         raise UserError(f"no trained ticket at level {level} under '{exp}'"
                         + (f" for seed {seed}" if seed is not None else ""))
@@ -364,7 +364,7 @@ def export_command(path: str | Path, out: str | Path, level: int | None = None,
                    fp16: bool = False, seed: int | None = None, as_json: bool = False) -> str:
     """``sparsemeta export``: a run directory (has config.yaml) or a lottery experiment."""
     p = Path(path)
-    if (p / "config.yaml").is_file():
+    if RunDir(p).file(rundir.CONFIG).is_file():
         if level is not None:
             raise UserError("--level applies to a lottery experiment directory, not a run directory")
         result = export_run(p, out, fp16=fp16)

@@ -35,8 +35,10 @@ from typing import Any
 import yaml
 
 from sparsemeta.config import build_config
-from sparsemeta.experiment import atomic_write_text, make_dir, write_json
+from sparsemeta.foundations.atomic import atomic_write_text
 from sparsemeta.foundations.errors import UserError
+from sparsemeta.foundations.io import write_json
+from sparsemeta.training.rundir import make_dir
 
 SWEEP_KEYS = {"config", "set", "grid", "controls", "out", "ray"}
 RAY_KEYS = {"cpus_per_task", "gpus_per_task"}
@@ -73,7 +75,7 @@ def _slug(text: str) -> str:
 
 def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
     """Read and validate a sweep file, building every experiment's config before any runs."""
-    from sparsemeta.sparsity.runner import parse_controls, parse_methods
+    from sparsemeta.experiments.runner import parse_controls, parse_methods
 
     path = Path(path)
     if not path.is_file():
@@ -130,7 +132,7 @@ def run_one(config: str, out: str, exp: Experiment, controls: list[str], threads
     """Run (or resume) one experiment and mark it done; a done one returns at once."""
     import torch
 
-    from sparsemeta.sparsity.runner import run_experiment
+    from sparsemeta.experiments.runner import run_experiment
 
     root = Path(out) / exp.name
     done = root / "done.json"
@@ -148,7 +150,7 @@ def run_one(config: str, out: str, exp: Experiment, controls: list[str], threads
 
 def _report(sweep: Sweep) -> str:
     """One report per variant (seeds and methods side by side), and the sweep's report.md."""
-    from sparsemeta.report import write_report
+    from sparsemeta.experiments.report import write_report
 
     parts, summary = [f"# Sweep report ({len(sweep.experiments)} experiments)\n"], {}
     variants: dict[str, list[Experiment]] = {}

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparsemeta.config import Config, build_config
-from sparsemeta.experiment import make_dir, write_json
+from sparsemeta.experiments.methods import METHODS
 from sparsemeta.foundations.errors import UserError
+from sparsemeta.foundations.io import write_json
+from sparsemeta.training.rundir import make_dir
 
 
 @dataclass(frozen=True)
@@ -38,18 +40,12 @@ PARAMS = {
     "metamix_beta": Param("metamix.beta", 0.2, 5.0, True),
     "prune_rate": Param("prune.rate", 0.1, 0.5, False),
 }
-MODEL_METHOD = {"lottery": "ticket", "dense": "ticket", "random": "random", "l1": "l1",
-                "rigl": "rigl", "earlybird": "earlybird"}
 
 
 def default_params(cfg: Config, method: str) -> list[str]:
     """What a fair search varies for ``method``: the learning rates always, plus the method's
     own knob (λ, prune rate) and MetaMix's Beta parameters when MetaMix is on."""
-    names = ["inner_lr", "meta_lr"]
-    if method == "l1":
-        names.append("l1_lambda")
-    if method in ("lottery", "earlybird"):
-        names.append("prune_rate")
+    names = ["inner_lr", "meta_lr", *METHODS[method].tune_params]
     if cfg.meta.mix == "metamix":
         names += ["metamix_alpha", "metamix_beta"]
     return names
@@ -67,9 +63,9 @@ def parse_params(text: str | None, cfg: Config, method: str) -> list[str]:
 
 def score(rows: list[dict], method: str, target_density: float) -> tuple[float, float]:
     """(validation accuracy, density) of the method's model nearest ``target_density``."""
-    name = MODEL_METHOD[method]
+    name = METHODS[method].score_branch
     candidates = [r for r in rows if r["method"] == name]
-    if method == "dense":
+    if METHODS[method].score_dense_only:
         candidates = [r for r in candidates if r["level"] == 0]
     if not candidates:
         raise RuntimeError(f"the {method} run produced no '{name}' model")
@@ -111,11 +107,11 @@ def tune(config: str, overrides: list[str], method: str, out: str | Path, trials
         import optuna
     except ImportError:
         raise UserError('sparsemeta tune needs Optuna: pip install -e ".[tune]"') from None
-    from sparsemeta.report import collect, summarize
-    from sparsemeta.sparsity.runner import parse_methods, run_experiment
+    from sparsemeta.experiments.report import collect, summarize
+    from sparsemeta.experiments.runner import run_experiment
 
-    if method not in MODEL_METHOD or parse_methods(method) != [method]:
-        raise UserError(f"--method takes one of {', '.join(MODEL_METHOD)}, got '{method}'")
+    if method not in METHODS:
+        raise UserError(f"--method takes one of {', '.join(METHODS)}, got '{method}'")
     if trials < 1:
         raise UserError(f"--trials must be >= 1, got {trials}")
     if not 0.0 < target_density <= 1.0:

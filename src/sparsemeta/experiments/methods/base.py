@@ -1,0 +1,192 @@
+"""What a sparsity method is to the rest of sparsemeta: a ``Method`` record, and the ``SeedRun``
+context its runs are made in.
+
+A method names the run-directory branches it writes (and how the compute of each is counted),
+how many runs it plans per seed, how it runs them, what ``tune`` scores and searches for it, and
+whether it works with filter pruning. The runner, the report, ``tune`` and the CLI read only
+these records, so a new method is one file plus one line in the registry (``methods/__init__``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from sparsemeta.config import Config
+from sparsemeta.data.base import FewShotData
+from sparsemeta.models.conv4 import build_model
+from sparsemeta.sparsity.masks import Mask, full_mask, load_mask
+from sparsemeta.sparsity.prune import (
+    clear_removed_filters,
+    filter_counts,
+    filter_prune,
+    layer_rates,
+    magnitude_prune,
+    random_filter_mask_like,
+    random_mask_like,
+)
+from sparsemeta.training import rundir
+from sparsemeta.training.loop import train
+from sparsemeta.training.rundir import RunDir, RunResult
+
+#: random streams of an experiment, per (purpose, seed, level): reinit weights, random masks,
+#: RigL's initial masks
+REINIT_STREAM, RANDOM_MASK_STREAM, RIGL_MASK_STREAM = 1, 2, 3
+
+
+def stream_seed(kind: int, seed: int, level: int) -> int:
+    """Independent, reproducible random streams per (purpose, seed, level)."""
+    return 1_000_003 * kind + 7919 * (seed + 1) + 104_729 * level
+
+
+def generator(kind: int, seed: int, level: int) -> torch.Generator:
+    return torch.Generator().manual_seed(stream_seed(kind, seed, level))
+
+
+def all_levels(level: int) -> int:
+    """Compute rule of a chain of levels: a model at level L also cost levels 0..L-1."""
+    return level
+
+
+def dense_level_only(level: int) -> int:
+    """Compute rule of a model derived from one dense run: level 0 (for L ≥ 1)."""
+    return min(level, 1)
+
+
+@dataclass(frozen=True)
+class Branch:
+    """A branch (``seed_S/level_LL/<name>``) a method writes. ``model=False``: search runs,
+    counted for compute but not reported as models. A model's compute is its own meta-tasks plus
+    those of branch ``prior`` at the levels below ``prior_levels(level)``."""
+
+    name: str
+    color: str
+    model: bool = True
+    prior: str | None = None
+    prior_levels: Callable[[int], int] = all_levels
+
+
+class RunCounter(Protocol):
+    def __call__(self, name: str, result: RunResult, seconds: float) -> None: ...
+
+
+class SeedRun:
+    """Everything a method needs to make the runs of one seed: the config with that seed, the
+    experiment's directory layout, IMP's per-layer counts, pruning as ``prune.structure`` says."""
+
+    def __init__(self, cfg: Config, root: Path, seed: int, data: FewShotData,
+                 counter: RunCounter, progress: bool, controls: list[str]) -> None:
+        self.cfg = dataclasses.replace(cfg, seed=seed)
+        self.root, self.seed, self.data = root, seed, data
+        self.counter, self.progress, self.controls = counter, progress, controls
+        self.levels = self.cfg.prune.num_levels()
+        self.full = full_mask(dict(build_model(self.cfg, data.channels).named_parameters()))
+        p = self.cfg.prune
+        self.filters = p.structure == "filters"
+        # IMP's exact per-layer counts by level: kept weights, or kept filters if structured
+        self.counts = (filter_counts(self.full, p.rate, self.levels) if self.filters
+                       else imp_counts(self.full, p.rate, p.output_rate_factor, self.levels))
+
+    def run(self, name: str, path: Path, **kwargs) -> RunResult:  # noqa: ANN003
+        t0 = time.perf_counter()
+        result = train(self.cfg, path, data=self.data, progress=self.progress,
+                       desc=f"seed {self.seed} {name}", **kwargs)
+        self.counter(f"seed {self.seed} {name}", result, time.perf_counter() - t0)
+        return result
+
+    def dir(self, level: int, branch: str) -> Path:
+        return rundir.level_dir(self.root, self.seed, level, branch)
+
+    def label(self, level: int) -> str:
+        return f"level {level}/{self.levels}"
+
+    def saved_mask(self, path: Path, make: Callable[[], Mask]) -> Mask:
+        """The run's saved mask if it exists (it is authoritative), else a new one."""
+        return load_mask(path / rundir.MASK) if (path / rundir.MASK).exists() else make()
+
+    def weights(self, path: Path) -> dict[str, torch.Tensor]:
+        """The trained weights of a run (its last checkpoint)."""
+        return RunDir(path).weights()
+
+    def rewind_target(self, source: Path) -> dict[str, torch.Tensor]:
+        return RunDir(source).rewind_target(self.cfg.prune.rewind_step())
+
+    def theta0(self) -> dict[str, torch.Tensor]:
+        torch.manual_seed(self.cfg.seed)
+        return build_model(self.cfg, self.data.channels).state_dict()
+
+    # -- what prune.structure changes -------------------------------------------------------
+    def prune(self, weights: dict[str, torch.Tensor], mask: Mask) -> Mask:
+        p = self.cfg.prune
+        if self.filters:
+            return filter_prune(weights, mask, p.rate)
+        return magnitude_prune(weights, mask, p.rate, p.scope, p.output_rate_factor)
+
+    def random_like(self, mask: Mask, level: int) -> Mask:
+        gen = generator(RANDOM_MASK_STREAM, self.seed, level)
+        return random_filter_mask_like(mask, gen) if self.filters else random_mask_like(mask, gen)
+
+    def start(self, state: dict[str, torch.Tensor], mask: Mask) -> dict[str, torch.Tensor]:
+        """Initial weights of a masked run: removed filters' outputs exactly zero (structured)."""
+        return clear_removed_filters(state, mask) if self.filters else state
+
+    # -- the shared parts of IMP-like methods ---------------------------------------------------
+    def dense(self) -> RunResult:
+        return self.run("level 0 dense", self.dir(0, "ticket"),
+                        snapshot_at=self.cfg.prune.rewind_step())
+
+    def imp_levels(self, source: Path, branch: str, rewind: dict[str, torch.Tensor],
+                   after: Callable[[int, Mask, dict[str, torch.Tensor]], Path]) -> None:
+        """Iterative magnitude pruning: at each level, prune the weights trained at the level
+        below (``source``, then what ``after`` returns), train the ticket from the rewind point
+        into ``branch``, and let ``after(level, mask, start)`` run what the method adds."""
+        mask = self.full
+        for level in range(1, self.levels + 1):
+            trained = self.weights(source)
+            path = self.dir(level, branch)
+            mask = self.saved_mask(path, lambda m=mask, w=trained: self.prune(w, m))
+            start = trained if self.cfg.prune.rewind == "none" else rewind
+            self.run(f"{self.label(level)} {branch}", path, init=self.start(start, mask),
+                     mask=mask)
+            source = after(level, mask, start)
+
+
+def imp_counts(mask: Mask, rate: float, output_rate_factor: float, levels: int) -> list[dict[str, int]]:
+    """Kept weights per layer after 0..levels rounds of layerwise pruning (IMP's exact counts)."""
+    rates = layer_rates(mask, rate, output_rate_factor)
+    counts = [{k: m.numel() for k, m in mask.items()}]
+    for _ in range(levels):
+        counts.append({k: c - round(rates[k] * c) for k, c in counts[-1].items()})
+    return counts
+
+
+def never(methods: list[str], controls: list[str]) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class Method:
+    """One sparsity method (see the module doc)."""
+
+    name: str
+    help: str
+    branches: tuple[Branch, ...]
+    run: Callable[[SeedRun], None]
+    plan: Callable[[Config, list[str]], int]
+    """Runs per seed, given the config and the lottery controls."""
+    score_branch: str
+    """The branch whose model ``tune`` scores (nearest the target density)."""
+    score_dense_only: bool = False
+    """``tune`` scores the dense (level 0) model only."""
+    tune_params: tuple[str, ...] = ()
+    """The method's own knobs that ``tune`` searches besides the learning rates."""
+    structured: bool = False
+    """Also runs with ``prune.structure=filters``."""
+    covered_by: Callable[[list[str], list[str]], bool] = never
+    """True where other selected methods/controls already make this method's runs."""

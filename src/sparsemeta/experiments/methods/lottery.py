@@ -1,0 +1,47 @@
+"""Lottery tickets: iterative magnitude pruning with rewinding (Frankle & Carbin), with its two
+controls at every level's exact density — the ticket's mask from a fresh initialisation
+(``reinit``) and a random mask with the ticket's per-layer counts (``random``)."""
+
+from __future__ import annotations
+
+import torch
+
+from sparsemeta.config import Config
+from sparsemeta.experiments.methods.base import REINIT_STREAM, Branch, Method, SeedRun, stream_seed
+from sparsemeta.models.conv4 import build_model
+from sparsemeta.sparsity.masks import Mask
+
+CONTROLS = ("reinit", "random")
+
+
+def run(s: SeedRun) -> None:
+    s.dense()
+    rewind = s.rewind_target(s.dir(0, "ticket"))
+
+    def controls(level: int, mask: Mask, start: dict[str, torch.Tensor]):  # noqa: ANN202
+        if "reinit" in s.controls:
+            torch.manual_seed(stream_seed(REINIT_STREAM, s.seed, level))
+            fresh = build_model(s.cfg, s.data.channels).state_dict()
+            s.run(f"{s.label(level)} reinit", s.dir(level, "reinit"), init=s.start(fresh, mask),
+                  mask=mask)
+        if "random" in s.controls:
+            path = s.dir(level, "random")
+            rand = s.saved_mask(path, lambda: s.random_like(mask, level))
+            s.run(f"{s.label(level)} random", path, init=s.start(start, rand), mask=rand)
+        return s.dir(level, "ticket")
+
+    s.imp_levels(s.dir(0, "ticket"), "ticket", rewind, controls)
+
+
+def plan(cfg: Config, controls: list[str]) -> int:
+    return 1 + cfg.prune.num_levels() * (1 + len(controls))
+
+
+METHOD = Method(
+    name="lottery",
+    help="IMP with rewinding, plus the reinit/random controls",
+    branches=(Branch("ticket", "tab:blue", prior="ticket"),
+              Branch("reinit", "tab:orange", prior="ticket"),
+              Branch("random", "tab:green")),
+    run=run, plan=plan, score_branch="ticket", tune_params=("prune_rate",), structured=True,
+)

@@ -1,0 +1,62 @@
+"""RigL dynamic sparse meta-training at each level's density (Evci et al., 2020): a random mask
+with ERK (or uniform) layer densities, drop by magnitude and grow by meta-gradient on schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sparsemeta.experiments.methods.base import RIGL_MASK_STREAM, Branch, Method, SeedRun, generator
+from sparsemeta.sparsity.rigl import RigLUpdater, layer_counts, random_mask
+from sparsemeta.training.hooks import StepContext, TrainHooks
+
+
+class RigLHooks(TrainHooks):
+    """Drop/grow on schedule; the grow score is the meta-gradient w.r.t. the effective weight."""
+
+    moves_mask = True
+
+    def __init__(self, f0: float, every: int, end: int) -> None:
+        self.f0, self.every, self.end = f0, every, end
+
+    def after_step(self, ctx: StepContext) -> bool:
+        mask, params, learner = ctx.mask, ctx.params, ctx.learner
+        if mask is None:
+            raise ValueError("RigL needs a mask")
+
+        def dense_grad() -> dict[str, torch.Tensor]:
+            # θ ⊙ m as leaves, forwarded without the mask: ∂L/∂(θ⊙m) is non-zero where θ is pruned
+            eff = {k: (v * mask[k] if k in mask else v).detach().requires_grad_(v.requires_grad)
+                   for k, v in params.items()}
+            kept, learner.mask = learner.mask, None
+            try:
+                learner.meta_gradient_step(eff, ctx.tasks)
+            finally:
+                learner.mask = kept
+            return {k: eff[k].grad for k in mask}
+
+        updater = RigLUpdater(self.f0, self.every, self.end, dense_grad)
+        return updater(ctx.step, params, mask, ctx.optimizer)
+
+
+def run(s: SeedRun) -> None:
+    r = s.cfg.rigl
+    shapes = {k: m.shape for k, m in s.full.items()}
+    total = sum(m.numel() for m in s.full.values())
+    end = max(1, math.floor(r.end_fraction * s.cfg.train.iterations))
+    for level in range(1, s.levels + 1):
+        path = s.dir(level, "rigl")
+        target = sum(s.counts[level].values()) / total
+        mask = s.saved_mask(path, lambda d=target, lv=level: random_mask(
+            shapes, layer_counts(shapes, d, r.distribution), generator(RIGL_MASK_STREAM, s.seed, lv)))
+        s.run(f"{s.label(level)} rigl", path, init=s.theta0(), mask=mask,
+              hooks=RigLHooks(r.drop_fraction, r.update_every, end))
+
+
+METHOD = Method(
+    name="rigl",
+    help="RigL dynamic sparse meta-training at each level's density",
+    branches=(Branch("rigl", "tab:purple"),),
+    run=run, plan=lambda cfg, controls: cfg.prune.num_levels(), score_branch="rigl",
+)

@@ -1,0 +1,15 @@
+"""The compute device a config names (``device: auto|cpu|cuda``)."""
+
+from __future__ import annotations
+
+import torch
+
+from sparsemeta.foundations.errors import UserError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but no CUDA device is available; use --set device=cpu or auto")
+    return torch.device(name)

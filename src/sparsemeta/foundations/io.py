@@ -1,0 +1,32 @@
+"""Plain files of run directories: JSON and tensor files, written atomically, read safely.
+
+Tensor files are read with ``weights_only=True``: a checkpoint is data (tensors, numbers, lists,
+dicts), so resuming a run directory someone else wrote can never execute code from its pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparsemeta.foundations.atomic import atomic_write, atomic_write_text
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def load_tensors(path: str | Path, device: torch.device | str = "cpu") -> Any:
+    """A tensor file of ours (weights, masks, checkpoints) as data only, never code."""
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())

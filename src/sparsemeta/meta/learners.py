@@ -1,0 +1,73 @@
+"""Learners built from a config: every algorithm is an option set of the one core
+(``meta.core.MetaLearner``), and what changes over meta-training is a schedule on the learner.
+
+The training loop knows none of this: it calls ``learner.begin_iteration(it, optimizer)`` and the
+learner applies its own schedules — MAML++'s multi-step loss weights, derivative-order annealing
+and cosine meta learning rate; MetaMix's Channel Shuffle on half the meta-batches.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sparsemeta.config import Config
+from sparsemeta.meta.core import MetaLearner
+from sparsemeta.meta.mamlpp import schedule as mamlpp_schedule
+from sparsemeta.models.conv4 import build_model
+from sparsemeta.sparsity.masks import Mask
+
+#: meta.algorithm → the inner learning-rate rule of the core
+LR_RULE = {"maml": "scalar", "metasgd": "metasgd", "mamlpp": "lslr"}
+#: random stream that decides, per (seed, iteration), whether Channel Shuffle is on
+CHANNEL_SHUFFLE_STREAM = 7719
+
+
+def build_learner(cfg: Config, in_channels: int, mask: Mask | None = None) -> MetaLearner:
+    """The learner ``cfg.meta`` names, with its training-time schedules attached."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, in_channels)
+    lr_rule = LR_RULE[cfg.meta.algorithm]
+    if cfg.meta.algorithm == "mamlpp" and not cfg.mamlpp.lslr:
+        lr_rule = "scalar"
+    learner = MetaLearner(
+        model,
+        inner_lr=cfg.meta.inner_lr,
+        inner_steps=cfg.meta.inner_steps,
+        first_order=cfg.meta.first_order,
+        bn=cfg.meta.bn,
+        mask=mask,
+        lr_rule=lr_rule,
+        eval_steps=cfg.meta.eval_inner_steps,
+        mix=(cfg.metamix.alpha, cfg.metamix.beta) if cfg.meta.mix == "metamix" else None,
+        mix_seed=cfg.seed,
+    )
+    if cfg.metamix.channel_shuffle_from is not None:
+        learner.schedules.append(ChannelShuffleSchedule(cfg.seed, cfg.metamix.channel_shuffle_from))
+    if cfg.meta.algorithm == "mamlpp":
+        learner.schedules.append(MamlppSchedule(cfg))
+    return learner
+
+
+class ChannelShuffleSchedule:
+    """MetaMix's Channel Shuffle from iteration ``start`` on, on half the meta-batches (decided
+    by (seed, iteration), so a resumed run makes the same choices)."""
+
+    def __init__(self, seed: int, start: int) -> None:
+        self.seed, self.start = seed, start
+
+    def __call__(self, learner: MetaLearner, iteration: int, optimizer: torch.optim.Optimizer) -> None:
+        learner.channel_shuffle = iteration >= self.start and bool(
+            np.random.default_rng([self.seed, CHANNEL_SHUFFLE_STREAM, iteration]).random() < 0.5)
+
+
+class MamlppSchedule:
+    """MAML++: derivative order, multi-step loss weights and meta learning rate by iteration."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    def __call__(self, learner: MetaLearner, iteration: int, optimizer: torch.optim.Optimizer) -> None:
+        learner.first_order, learner.step_weights, lr = mamlpp_schedule(self.cfg, iteration)
+        for group in optimizer.param_groups:
+            group["lr"] = lr

@@ -1,0 +1,279 @@
+"""Meta-training of one model in one run directory: idempotent, checkpointed, resumable.
+
+``train`` is the loop and nothing else. Setting up or restoring a run is ``_open`` (through the
+run-directory contract, ``training.rundir``); what a learner changes over training is the
+learner's own schedule (``learner.begin_iteration``); what a sparsity method does is its hooks;
+validation, checkpoints and the final evaluation are the helpers below.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from sparsemeta.config import Config
+from sparsemeta.data.base import FewShotData
+from sparsemeta.data.registry import load_data
+from sparsemeta.data.tasks import sampler_for
+from sparsemeta.foundations.device import resolve_device
+from sparsemeta.foundations.errors import UserError
+from sparsemeta.foundations.io import atomic_torch_save, load_tensors
+from sparsemeta.meta.batched import vmap_meta_gradient_step
+from sparsemeta.meta.core import MetaLearner
+from sparsemeta.meta.learners import build_learner
+from sparsemeta.sparsity.masks import Mask, density, save_mask, zero_pruned_
+from sparsemeta.training import rundir
+from sparsemeta.training.distributed import Group, group
+from sparsemeta.training.evaluate import evaluate
+from sparsemeta.training.hooks import StepContext, TrainHooks
+from sparsemeta.training.metrics import MetricsWriter, open_writers
+from sparsemeta.training.rundir import RunDir, RunResult
+
+
+@dataclass
+class Session:
+    """One run being trained: its directory, learner, optimiser and progress so far."""
+
+    cfg: Config
+    run: RunDir
+    data: FewShotData
+    device: torch.device
+    g: Group
+    learner: MetaLearner
+    mask: Mask | None
+    optimizer: torch.optim.Optimizer
+    hooks: TrainHooks
+    start: int = 0
+    elapsed: float = 0.0
+    best: dict = field(default_factory=lambda: {"accuracy": -1.0, "iteration": 0})
+    writers: list[MetricsWriter] = field(default_factory=list)
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        return dict(self.learner.model.named_parameters())
+
+    def log(self, record: dict) -> None:
+        for writer in self.writers:
+            writer.write(record)
+
+
+def _prepare(run: RunDir, cfg: Config, channels: int, init: Mapping[str, torch.Tensor] | None,
+             mask: Mask | None) -> None:
+    """First use of a run directory: save the mask and θ₀ that a resume will read back."""
+    if run.file(rundir.INIT).exists():
+        if mask is not None:
+            run.prepare({}, mask)
+        return
+    learner = build_learner(cfg, channels)
+    if init is not None:
+        learner.load_state_dict(init)
+    run.prepare(learner.state_dict(), mask)
+
+
+def _restore(s: Session) -> None:
+    """Continue from the checkpoint: weights, optimiser, RNG, progress, hooks, current mask."""
+    ckpt = load_tensors(s.run.file(rundir.CHECKPOINT), s.device)
+    s.learner.load_state_dict(ckpt["model"])
+    s.optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["torch_rng"].cpu())
+    s.start, s.elapsed, s.best = ckpt["iteration"], ckpt["elapsed"], ckpt["best"]
+    s.hooks.load_state_dict(ckpt["hooks"])
+    if s.mask is not None:  # a method may move the mask (RigL): the checkpoint's is current
+        for k, m in ckpt["mask"].items():
+            s.mask[k].copy_(m)
+
+
+def _open(cfg: Config, run: RunDir, data: FewShotData, g: Group, hooks: TrainHooks) -> Session:
+    """The session of a prepared run directory, restored from its checkpoint if it has one."""
+    device = resolve_device(cfg.device)
+    mask = run.mask()
+    mask = {k: v.to(device) for k, v in mask.items()} if mask is not None else None
+    learner = build_learner(cfg, data.channels, mask)
+    learner.load_state_dict(load_tensors(run.file(rundir.INIT)))
+    learner.to(device)
+    zero_pruned_(dict(learner.model.named_parameters()), mask)
+    optimizer = torch.optim.Adam(learner.parameters(), lr=cfg.train.meta_lr)
+    s = Session(cfg, run, data, device, g, learner, mask, optimizer, hooks)
+    if run.file(rundir.CHECKPOINT).exists():
+        _restore(s)
+    return s
+
+
+def _checkpoint(s: Session, iteration: int) -> None:
+    if s.g.main:
+        atomic_torch_save({
+            "iteration": iteration, "elapsed": s.elapsed, "best": s.best,
+            "model": s.learner.state_dict(), "optimizer": s.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(), "hooks": s.hooks.state_dict(), "mask": s.mask,
+        }, s.run.file(rundir.CHECKPOINT))
+
+
+def _validate(s: Session, iteration: int, log: bool = True) -> None:
+    """Score on the validation tasks; keep the weights (and their mask) if they are the best."""
+    cfg = s.cfg
+    res = evaluate(s.learner, s.params, sampler_for(cfg, s.data, "val"), cfg.train.val_tasks,
+                   cfg.meta.eval_inner_steps, s.device)
+    if log:
+        s.log({"iteration": iteration, "split": "val", "loss": res.per_step[-1]["loss"],
+               "accuracy": res.accuracy, "ci95": res.ci95,
+               "per_step": [r["accuracy"] for r in res.per_step]})
+    if res.accuracy > s.best["accuracy"] or not log:
+        s.best = {"accuracy": res.accuracy, "ci95": res.ci95, "iteration": iteration}
+        if s.g.main:
+            atomic_torch_save(s.learner.state_dict(), s.run.file(rundir.BEST))
+            if s.hooks.moves_mask:
+                save_mask(s.mask, s.run.file(rundir.BEST_MASK))
+
+
+def _sum_meta_gradient(g: Group, learner: MetaLearner, loss: float, acc: float, mine: int,
+                       total: int, device: torch.device) -> tuple[float, float]:
+    """Turn each rank's mean over its ``mine`` tasks into the mean over all ``total`` tasks:
+    gradients, loss and accuracy alike (every rank ends with the same values)."""
+    grads = [p.grad for p in learner.parameters() if p.grad is not None]
+    for grad in grads:
+        grad.mul_(mine / total)
+    stats = torch.tensor([loss * mine, acc * mine], dtype=torch.float64, device=device)
+    g.sum_(grads)
+    g.sum_([stats])
+    return float(stats[0]) / total, float(stats[1]) / total
+
+
+def _outer_step(s: Session, it: int, tasks: list) -> tuple[float, float, StepContext]:
+    """One meta-iteration: the learner's schedule, the meta-gradient (summed over ranks), the
+    method's penalty, the optimiser step."""
+    cfg, g = s.cfg, s.g
+    s.learner.begin_iteration(it, s.optimizer)
+    s.optimizer.zero_grad(set_to_none=True)
+    step = s.learner.meta_gradient_step
+    if cfg.train.vmap:
+        step = partial(vmap_meta_gradient_step, s.learner)
+    mine = [tasks[b] for b in g.share(cfg.train.meta_batch)]
+    params = s.params
+    loss, acc = step(params, mine)
+    if g.world > 1:
+        loss, acc = _sum_meta_gradient(g, s.learner, loss, acc, len(mine), cfg.train.meta_batch,
+                                       s.device)
+    ctx = StepContext(it + 1, params, s.mask, s.optimizer, s.learner, tasks)
+    penalty = s.hooks.regularizer(ctx)
+    if penalty is not None:
+        penalty.backward()
+    s.optimizer.step()
+    return loss, acc, ctx
+
+
+def _summary(s: Session, total: int, done: int, final_density: float,
+             **evaluated) -> RunResult:  # noqa: ANN003
+    return RunResult(total, done, s.cfg.train.meta_batch, done * s.cfg.train.meta_batch,
+                     s.elapsed, final_density, **evaluated)
+
+
+def _finish(s: Session, total: int, done: int, test: bool, progress: bool) -> RunResult:
+    """Save the final mask; evaluate the chosen model (best on validation) on ``eval.split``."""
+    g = s.g
+    final_density = density(s.mask) if s.mask else 1.0
+    if s.mask is not None and g.main:
+        save_mask(s.mask, s.run.file(rundir.MASK))  # the final mask (a method may have moved it)
+    if not test:
+        result = _summary(s, total, done, final_density)
+    else:
+        g.barrier()  # best.pt is rank 0's
+        chosen = s.run.chosen_model()
+        s.learner.load_state_dict({k: v.to(s.device) for k, v in chosen.state.items()})
+        if chosen.mask is not None and s.mask is not None:
+            for k, m in chosen.mask.items():
+                s.mask[k].copy_(m.to(s.device))
+        cfg = s.cfg
+        ev = evaluate(s.learner, s.params, sampler_for(cfg, s.data, cfg.eval.split),
+                      cfg.eval.tasks, cfg.meta.eval_inner_steps, s.device,
+                      progress=progress and g.main)
+        result = _summary(s, total, done, final_density, evaluation=ev, val_accuracy=s.best["accuracy"],
+                          val_ci95=s.best.get("ci95"), best_iteration=s.best["iteration"])
+    if g.main:
+        s.run.write_result(result)
+    g.barrier()
+    return result
+
+
+def _begin(cfg: Config, out: str | Path, data: FewShotData, init: Mapping[str, torch.Tensor] | None,
+           mask: Mask | None) -> tuple[RunDir, Group]:
+    g = group()
+    if g.world > cfg.train.meta_batch:
+        raise UserError(f"{g.world} processes but train.meta_batch={cfg.train.meta_batch}: every "
+                        f"process needs at least one task; raise train.meta_batch or use fewer")
+    run = RunDir(rundir.make_dir(out))
+    if g.main:
+        rundir.bind_config(run.path, cfg)
+        if not run.finished:
+            _prepare(run, cfg, data.channels, init, mask)
+    g.barrier()  # the other ranks read what rank 0 wrote
+    return run, g
+
+
+def train(
+    cfg: Config,
+    out: str | Path,
+    *,
+    init: Mapping[str, torch.Tensor] | None = None,
+    mask: Mask | None = None,
+    data: FewShotData | None = None,
+    snapshot_at: int | None = None,
+    hooks: TrainHooks | None = None,
+    iterations: int | None = None,
+    test: bool = True,
+    desc: str = "meta-train",
+    progress: bool = True,
+) -> RunResult:
+    """Meta-train into ``out`` (resuming if it holds an unfinished run) and return its result.
+
+    ``init``/``mask`` (saved on first use) set θ₀ and a fixed sparsity pattern; ``snapshot_at=k``
+    keeps the weights after k iterations (late rewinding); ``hooks`` is a sparsity method's part
+    of the loop; ``iterations`` overrides ``train.iterations``; ``test=False`` skips the final
+    evaluation (search runs). Under ``torchrun`` each rank takes its share of every meta-batch
+    and only rank 0 writes; the result equals one process's.
+    """
+    data = data if data is not None else load_data(cfg)
+    total = cfg.train.iterations if iterations is None else iterations
+    run, g = _begin(cfg, out, data, init, mask)
+    if run.finished:
+        return run.result()
+    s = _open(cfg, run, data, g, hooks or TrainHooks())
+    s.writers = open_writers(run.path if g.main else None, keep_until=s.start)
+    train_tasks = sampler_for(cfg, data, "train")
+    bar = tqdm(total=total, initial=s.start, desc=desc, unit="it", dynamic_ncols=True,
+               disable=not (progress and g.main), leave=False)
+    t0, done = time.perf_counter() - s.elapsed, s.start
+    if test and total == 0:  # evaluate-as-is run: the model is chosen as given
+        _validate(s, 0, log=False)
+    try:
+        for it in range(s.start, total):
+            mb = cfg.train.meta_batch
+            tasks = [train_tasks.task(it * mb + b).to(s.device) for b in range(mb)]
+            loss, acc, ctx = _outer_step(s, it, tasks)
+            done = it + 1
+            if s.hooks.after_step(ctx):
+                s.log({"iteration": done, "split": "mask", "density": density(s.mask)})
+            stop = s.hooks.should_stop(ctx)
+            s.elapsed = time.perf_counter() - t0
+            s.log({"iteration": done, "split": "train", "loss": loss, "accuracy": acc})
+            best_val = f"{s.best['accuracy']:.3f}" if s.best["accuracy"] >= 0 else "n/a"
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", best_val=best_val)
+            bar.update(1)
+            if snapshot_at is not None and done == snapshot_at and g.main:
+                atomic_torch_save(s.learner.state_dict(), run.file(rundir.step_file(done)))
+            if test and (done % cfg.train.val_every == 0 or done == total):
+                _validate(s, done)
+            if stop or done % cfg.train.checkpoint_every == 0 or done == total:
+                _checkpoint(s, done)
+            if stop:
+                break
+    finally:
+        bar.close()
+        for writer in s.writers:
+            writer.close()
+    return _finish(s, total, done, test, progress)

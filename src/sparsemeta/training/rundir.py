@@ -1,0 +1,274 @@
+"""The run-directory contract: every file name of a run and of an experiment, preparing and
+restoring a run, and "the chosen model" — all in this one module.
+
+A run directory (one meta-training) holds::
+
+    config.yaml      the resolved config; with it the directory alone resumes, evaluates, exports
+    init.pt          θ₀, the weights before meta-training (the rewind target of a ticket)
+    mask.pt          the sparsity mask (final: a method such as RigL may move it)
+    step_<k>.pt      the weights after k iterations (late rewinding)
+    checkpoint.pt    model, optimiser, RNG, iteration, hooks' state, current mask (atomic)
+    best.pt          the weights with the best validation accuracy
+    best_mask.pt     the mask ``best.pt`` was evaluated with, where a method moves the mask
+    metrics.jsonl    one line per train iteration, validation and mask change
+    eval.json        the result (``RunResult``); its presence marks the run finished
+
+An experiment directory holds ``experiment.yaml`` and runs at ``seed_S/level_LL/<branch>``, and
+its report writes ``summary.json`` and ``report.md`` beside them. Every write is atomic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from sparsemeta.config import Config, config_from_dict
+from sparsemeta.foundations.atomic import atomic_write_text
+from sparsemeta.foundations.errors import UserError
+from sparsemeta.foundations.io import atomic_torch_save, load_tensors, read_json, write_json
+from sparsemeta.sparsity.masks import Mask, load_mask, save_mask
+
+CONFIG = "config.yaml"
+INIT = "init.pt"
+MASK = "mask.pt"
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+BEST_MASK = "best_mask.pt"
+METRICS = "metrics.jsonl"
+EVAL = "eval.json"
+EXPERIMENT = "experiment.yaml"
+SUMMARY = "summary.json"
+REPORT = "report.md"
+
+
+def step_file(k: int) -> str:
+    return f"step_{k}.pt"
+
+
+def level_dir(root: Path, seed: int, level: int, branch: str = "ticket") -> Path:
+    """Where an experiment keeps the run of ``branch`` at pruning level ``level``."""
+    return root / f"seed_{seed}" / f"level_{level:02d}" / branch
+
+
+def parse_level_dir(run: Path) -> tuple[int, int, str]:
+    """(seed, level, branch) of ``.../seed_S/level_LL/<branch>`` (``level_dir``'s inverse)."""
+    return int(run.parent.parent.name.split("_")[1]), int(run.parent.name.split("_")[1]), run.name
+
+
+def finished_runs(root: Path) -> list[Path]:
+    """Every finished run of an experiment directory, in a stable order."""
+    return sorted(ev.parent for ev in Path(root).glob(f"seed_*/level_*/*/{EVAL}"))
+
+
+# -- typed results -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Evaluation:
+    """Accuracy after each adaptation step over fixed tasks of one split (mean, 95% CI)."""
+
+    split: str
+    tasks: int
+    steps: int
+    accuracy: float
+    ci95: float
+    best_step: int
+    per_step: list[dict[str, float]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Evaluation:
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a finished run reports (``eval.json``): the chosen model's evaluation (None for a
+    search run that only finds a mask), its validation score and the training it took."""
+
+    iterations: int
+    iterations_run: int
+    meta_batch: int
+    meta_tasks: int
+    train_seconds: float
+    density: float
+    evaluation: Evaluation | None = None
+    val_accuracy: float | None = None
+    val_ci95: float | None = None
+    best_iteration: int | None = None
+
+    @property
+    def model(self) -> bool:
+        return self.evaluation is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``eval.json`` layout (unchanged since the first version, so old runs read back)."""
+        summary = {k: getattr(self, k) for k in ("iterations", "iterations_run", "meta_batch",
+                                                  "meta_tasks", "train_seconds", "density")}
+        if self.evaluation is None:
+            return {"split": None, **summary}
+        return {**self.evaluation.to_dict(), "val_accuracy": self.val_accuracy,
+                "val_ci95": self.val_ci95, "best_iteration": self.best_iteration, **summary}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RunResult:
+        evaluation = Evaluation.from_dict(d) if d.get("split") else None
+        return cls(d["iterations"], d["iterations_run"], d["meta_batch"], d["meta_tasks"],
+                   d["train_seconds"], d["density"], evaluation, d.get("val_accuracy"),
+                   d.get("val_ci95"), d.get("best_iteration"))
+
+
+# -- configs -----------------------------------------------------------------------------------
+def make_dir(path: str | Path) -> Path:
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output directory '{path}': {exc.strerror}; choose another --out") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"output directory '{path}' is not writable; choose another --out")
+    return path
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> str | None:
+    """First difference; keys absent from the old config ``a`` (added by a later version of
+    sparsemeta, whose defaults keep the old behaviour) are not differences."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) & set(b)) + sorted(set(a) - set(b)):
+            d = _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+            if d:
+                return d
+        return None
+    return None if a == b else f"{prefix.rstrip('.')}: {a!r} in the run, {b!r} now"
+
+
+def config_difference(old: dict, new: dict) -> str | None:
+    """First differing key of two resolved configs, ignoring ``device`` (runs may move
+    between machines); anything else would silently mix two experiments in one directory."""
+    a, b = dict(old), dict(new)
+    a.pop("device", None)
+    b.pop("device", None)
+    return _diff(a, b)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file this package wrote; a damaged one is a user-level problem, in one line."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"'{path}' is damaged ({type(exc).__name__}); restore it or use "
+                        "another --out") from None
+    if not isinstance(data, dict):
+        raise UserError(f"'{path}' is damaged (not a mapping); restore it or use another --out")
+    return data
+
+
+def bind_config(run_dir: Path, cfg: Config) -> None:
+    """Save the resolved config, or check that an existing run was made with the same one."""
+    path = run_dir / CONFIG
+    new = cfg.to_dict()
+    if path.exists():
+        d = config_difference(read_yaml(path), new)
+        if d:
+            raise UserError(
+                f"'{run_dir}' holds a run with a different config ({d}); use another --out"
+            )
+        return
+    atomic_write_text(path, yaml.safe_dump(new, sort_keys=False))
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise UserError(f"'{run_dir}' is not a run directory (no {CONFIG})")
+    return config_from_dict(read_yaml(path))
+
+
+def bind_experiment(root: Path, cfg: Config, methods: list[str], seeds: list[int],
+                    controls: list[str]) -> None:
+    """Record the experiment; refuse to mix a different config into an existing directory.
+
+    Methods, seeds and controls may grow between calls (add a seed later); the config may not.
+    """
+    path = root / EXPERIMENT
+    record = {"config": cfg.to_dict(), "methods": methods, "seeds": seeds, "controls": controls}
+    if path.exists():
+        old = read_yaml(path)
+        d = config_difference(old.get("config") or {}, cfg.to_dict())
+        if d:
+            raise UserError(
+                f"'{root}' holds an experiment with a different config ({d}); use another --out"
+            )
+        for key in ("methods", "seeds", "controls"):
+            record[key] = list(dict.fromkeys(old.get(key, []) + record[key]))
+    atomic_write_text(path, yaml.safe_dump(record, sort_keys=False))
+
+
+# -- one run directory ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ChosenModel:
+    """The model a run reports: best-on-validation weights with the mask they were evaluated
+    with (``best_mask.pt`` where the method moved the mask afterwards, else ``mask.pt``)."""
+
+    state: dict[str, torch.Tensor]
+    mask: Mask | None
+
+
+class RunDir:
+    """One run directory: its files by role, never by a name spelled elsewhere."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def finished(self) -> bool:
+        return self.file(EVAL).exists()
+
+    def result(self) -> RunResult:
+        try:
+            return RunResult.from_dict(read_json(self.file(EVAL)))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # JSONDecodeError too
+            raise UserError(f"'{self.file(EVAL)}' is damaged ({type(exc).__name__}); delete it to "
+                            "re-run the final evaluation") from None
+
+    def write_result(self, result: RunResult) -> None:
+        write_json(self.file(EVAL), result.to_dict())
+
+    def prepare(self, initial_state: Mapping[str, torch.Tensor], mask: Mask | None) -> None:
+        """First use: save the mask and θ₀ that a resume reads back (never overwritten)."""
+        if mask is not None and not self.file(MASK).exists():
+            save_mask(mask, self.file(MASK))
+        if not self.file(INIT).exists():
+            atomic_torch_save(dict(initial_state), self.file(INIT))
+
+    def mask(self) -> Mask | None:
+        return load_mask(self.file(MASK)) if self.file(MASK).exists() else None
+
+    def weights(self, name: str = CHECKPOINT) -> dict[str, torch.Tensor]:
+        """Model weights of a weights file or of the checkpoint (whose ``model`` entry)."""
+        obj = load_tensors(self.file(name))
+        return obj.get("model", obj)
+
+    def rewind_target(self, k: int | None) -> dict[str, torch.Tensor]:
+        """The weights after k iterations (late rewinding) if saved, else θ₀."""
+        if k is not None and self.file(step_file(k)).exists():
+            return self.weights(step_file(k))
+        return self.weights(INIT)
+
+    def chosen_model(self) -> ChosenModel:
+        if not self.file(BEST).is_file():
+            raise UserError(f"'{self.path}' has no {BEST} yet (no validation has run); train it "
+                            "further first")
+        mask_file = next((self.file(f) for f in (BEST_MASK, MASK) if self.file(f).exists()), None)
+        return ChosenModel(load_tensors(self.file(BEST)),
+                           load_mask(mask_file) if mask_file else None)
