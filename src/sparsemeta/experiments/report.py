@@ -15,6 +15,7 @@ import numpy as np
 
 from sparsemeta.experiments.export import export_bytes
 from sparsemeta.experiments.methods import branches
+from sparsemeta.experiments.plots import plot
 from sparsemeta.foundations.atomic import atomic_write_text
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.foundations.io import write_json
@@ -22,11 +23,6 @@ from sparsemeta.foundations.stats import mean_ci95
 from sparsemeta.sparsity.masks import density, layer_densities, nonzeros
 from sparsemeta.training import rundir
 from sparsemeta.training.rundir import RunDir
-
-
-def _color(branch: str) -> str | None:
-    b = branches().get(branch)
-    return b.color if b else None
 
 
 def _with_costs(records: list[dict]) -> list[dict]:
@@ -198,107 +194,6 @@ def cost_table(rows: list[dict]) -> str:
     lines.append("Compute: meta-training tasks (iterations × meta-batch) needed to produce the model, "
                  "relative to the whole IMP run (all ticket levels).")
     return "\n".join(lines)
-
-
-def plot(rows: list[dict], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FormatStrFormatter, NullFormatter
-
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    dense = next((r for r in rows if r["level"] == 0 and r["method"] == "ticket"), None)
-    paths: list[Path] = []
-
-    def figure(name: str, xlabel: str, ylabel: str, title: str, draw) -> None:  # noqa: ANN001
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        draw(ax)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend()
-        fig.tight_layout()
-        paths.append(out / name)
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
-
-    def density_axis(ax) -> None:  # noqa: ANN001
-        ax.set_xscale("log")
-        ax.set_xticks(sorted({round(100 * r["density"], 1) for r in rows}))
-        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.invert_xaxis()
-
-    def by_density(method: str) -> list[dict]:
-        return sorted((r for r in rows if r["method"] == method), key=lambda r: -r["density"])
-
-    def accuracy(ax) -> None:  # noqa: ANN001
-        for m in methods:
-            rs = by_density(m)
-            x = [100 * r["density"] for r in rs]
-            y, ci = np.array([r["accuracy"] for r in rs]), np.array([r["ci95"] for r in rs])
-            ax.plot(x, 100 * y, "o-", label=m, color=_color(m))
-            ax.fill_between(x, 100 * (y - ci), 100 * (y + ci), alpha=0.2, color=_color(m))
-        if dense:
-            ax.axhline(100 * dense["accuracy"], color="gray", ls="--", lw=1, label="dense (level 0)")
-            ax.axhspan(100 * (dense["accuracy"] - dense["ci95"]),
-                       100 * (dense["accuracy"] + dense["ci95"]), color="gray", alpha=0.1)
-        density_axis(ax)
-
-    def early_stop(ax) -> None:  # noqa: ANN001
-        for m in methods:
-            rs = by_density(m)
-            err = [r["early_stop_ci95"] or 0.0 for r in rs]
-            ax.errorbar([100 * r["density"] for r in rs], [r["early_stop_iteration"] for r in rs],
-                        yerr=err if any(err) else None, fmt="o-", label=m, color=_color(m),
-                        capsize=3)
-        density_axis(ax)
-
-    def compute(ax) -> None:  # noqa: ANN001
-        for m in methods:
-            rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["compute_tasks"])
-            ax.errorbar([r["compute_tasks"] for r in rs], [100 * r["accuracy"] for r in rs],
-                        yerr=[100 * r["ci95"] for r in rs], fmt="o", label=m,
-                        color=_color(m), capsize=3)
-        ax.set_xscale("log")
-
-    def size(ax) -> None:  # noqa: ANN001
-        for m in methods:
-            rs = sorted((r for r in rows if r["method"] == m and r["exported_bytes"]),
-                        key=lambda r: r["exported_bytes"])
-            ax.errorbar([r["exported_bytes"] for r in rs], [100 * r["accuracy"] for r in rs],
-                        yerr=[100 * r["ci95"] for r in rs], fmt="o-", label=m,
-                        color=_color(m), capsize=3)
-        if dense:
-            ax.axhline(100 * dense["accuracy"], color="gray", ls="--", lw=1, label="dense (level 0)")
-        ax.set_xscale("log")
-
-    tickets = sorted((r for r in rows if r["method"] == "ticket"), key=lambda r: r["level"])
-
-    def steps(ax) -> None:  # noqa: ANN001
-        for i in sorted({0, len(tickets) // 3, 2 * len(tickets) // 3, len(tickets) - 1}):
-            r = tickets[i]
-            ax.plot(range(len(r["per_step"])), 100 * np.array(r["per_step"]), "o-",
-                    label=f"level {r['level']} ({100 * r['density']:.1f}% weights)")
-
-    density_label = "% of prunable weights remaining (log scale)"
-    seed_ci = " (95% CI over seeds)" if any(r["early_stop_ci95"] for r in rows) else ""
-    figure("accuracy_vs_density.png", density_label, "test accuracy % (95% CI)",
-           "Meta-test accuracy vs sparsity", accuracy)
-    figure("early_stop_vs_density.png", density_label,
-           "early-stopping meta-iteration (best validation)",
-           "Learning speed vs sparsity" + seed_ci, early_stop)
-    figure("accuracy_vs_compute.png", "meta-training compute to produce the model (tasks, log scale)",
-           "test accuracy % (95% CI)", "Accuracy vs compute", compute)
-    if any(r["exported_bytes"] for r in rows):
-        figure("accuracy_vs_bytes.png", "exported model size (bytes of the .smz file, log scale)",
-               "test accuracy % (95% CI)", "Accuracy vs exported size", size)
-    if tickets:
-        figure("accuracy_vs_step.png", "adaptation step", "test accuracy %",
-               "Ticket accuracy vs adaptation step", steps)
-    return paths
 
 
 def write_report(roots: list[str | Path], out: str | Path | None = None) -> dict:
