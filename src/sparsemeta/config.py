@@ -1,15 +1,20 @@
 """Typed configuration: dataclasses with defaults, YAML presets and dotted ``--set`` overrides.
 
 Every value is checked before any work starts, and every error names the key, so a week-long
-run never dies at hour 30 on a typo.
+run never dies at hour 30 on a typo. Each section checks its own ranges (``validate``);
+``Config.validate`` adds the few checks that span sections. Every field carries a docstring,
+which ``config_keys`` reads back for ``sparsemeta config keys``.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import keyword
 import math
 import re
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,15 +29,46 @@ from sparsemeta.foundations.errors import UserError
 DEFAULT_PRESET = "glyphs-quick"
 
 
+# -- range checks: each raises UserError naming the full dotted key ---------------------------
+def _at_least(key: str, value: float | None, low: int, why: str = "") -> None:
+    """``value >= low`` (``None`` passes: an optional field left at its default)."""
+    if value is not None and not value >= low:
+        raise UserError(f"{key} must be >= {low}{why}, got {value}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise UserError(f"{key} must be > 0, got {value}")
+
+
+def _learning_rate(key: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise UserError(f"{key} must be > 0 and finite, got {value}")
+
+
+def _open_unit(key: str, value: float, closed_high: bool = False) -> None:
+    """``value`` in (0, 1), or in (0, 1] with ``closed_high``."""
+    if not (0.0 < value < 1.0 or (closed_high and value == 1.0)):
+        raise UserError(f"{key} must be in (0, 1{']' if closed_high else ')'}, got {value}")
+
+
 @dataclass
 class DataConfig:
+    """Data set and task shape: N-way K-shot classification tasks."""
+
     name: Literal["glyphs", "omniglot", "miniimagenet", "folder"] = "glyphs"
+    """Data set: generated glyphs (no download), Omniglot, mini-ImageNet, or a folder of class
+    folders."""
     root: str | None = None
     """Data directory (real data sets) or cache directory (glyphs; default: the user cache)."""
     ways: int = 5
+    """N: classes per task."""
     shots: int = 1
+    """K: support (training) examples per class of a task."""
     queries: int = 15
+    """Query (evaluation) examples per class of a meta-training task."""
     image_size: int = 28
+    """Side of the square input images in pixels."""
     rotations: bool = True
     """Meta-training augmentation: rotations by 90°, 180°, 270° count as new classes."""
     shift: int = 0
@@ -53,23 +89,53 @@ class DataConfig:
     augment: bool = True
     """mini-ImageNet meta-training augmentation: random crop (8 px padding) + horizontal flip."""
 
+    def validate(self, at: str = "data") -> None:
+        _at_least(f"{at}.ways", self.ways, 2, " for a classification task")
+        for name in ("shots", "queries"):
+            _at_least(f"{at}.{name}", getattr(self, name), 1)
+        _at_least(f"{at}.image_size", self.image_size, 16, " for Conv4")
+        _at_least(f"{at}.shift", self.shift, 0)
+        _at_least(f"{at}.seed", self.seed, 0)
+        v, t = self.val_fraction, self.test_fraction
+        if not (0 < v < 1 and 0 < t < 1 and v + t < 1):
+            raise UserError(
+                f"{at}.val_fraction and {at}.test_fraction must be in (0, 1) with a sum below 1, "
+                f"got {v} and {t}"
+            )
+        if self.channels not in (None, 1, 3):
+            raise UserError(f"{at}.channels must be 1, 3 or null, got {self.channels}")
+
 
 @dataclass
 class ModelConfig:
+    """The network: Conv4 (four 3×3 conv blocks with batch norm and ReLU, then a linear layer)."""
+
     name: Literal["conv4"] = "conv4"
+    """Architecture (Conv4 only)."""
     filters: int = 64
+    """Output channels of each conv block (64 for Omniglot, 32 for mini-ImageNet in MAML)."""
     downsample: Literal["maxpool", "stride"] = "maxpool"
+    """How each block halves the resolution: 2×2 max-pooling, or a stride-2 convolution."""
+
+    def validate(self, at: str = "model") -> None:
+        _at_least(f"{at}.filters", self.filters, 1)
 
 
 @dataclass
 class MetaConfig:
+    """The meta-learning algorithm and its inner loop (adaptation on the support set)."""
+
     algorithm: Literal["maml", "mamlpp", "metasgd"] = "maml"
     """maml (scalar inner lr), mamlpp (MAML++: see the mamlpp section), metasgd (a learned
     inner learning rate α per weight)."""
     first_order: bool = False
+    """First-order MAML: no second derivatives through the inner loop."""
     inner_lr: float = 0.4
+    """Inner-loop learning rate α (metasgd and MAML++'s LSLR: its initial value)."""
     inner_steps: int = 1
+    """Inner-loop gradient steps during meta-training."""
     eval_inner_steps: int = 3
+    """Inner-loop gradient steps when evaluating on validation and test tasks."""
     bn: Literal["transductive", "support", "running"] = "transductive"
     """Batch-norm statistics: 'transductive' normalises support and query each with their own
     batch statistics (original MAML); 'support' normalises the query with the support set's
@@ -80,30 +146,55 @@ class MetaConfig:
     """'metamix': the outer loss mixes the query with the permuted support set at a random
     layer (MetaMix); needs data.queries == data.shots."""
 
+    def validate(self, at: str = "meta") -> None:
+        _learning_rate(f"{at}.inner_lr", self.inner_lr)
+        _at_least(f"{at}.inner_steps", self.inner_steps, 1)
+        _at_least(f"{at}.eval_inner_steps", self.eval_inner_steps, 0)
+
 
 @dataclass
 class TrainConfig:
+    """The outer (meta-training) loop."""
+
     iterations: int = 1000
+    """Meta-iterations (outer steps) of one training run."""
     meta_batch: int = 8
+    """Tasks per meta-iteration (their outer losses are averaged)."""
     meta_lr: float = 1e-3
+    """Outer (meta) learning rate of Adam."""
     val_every: int = 100
+    """Meta-iterations between validations (the best one is the run's chosen model)."""
     val_tasks: int = 100
+    """Validation tasks per validation (fixed tasks, the same every time)."""
     checkpoint_every: int = 50
+    """Meta-iterations between checkpoints (a killed run resumes from the last)."""
     vmap: bool = False
     """Compute a meta-batch's tasks in one torch.func.vmap pass (same meta-gradient as the
     loop, tested). Measured on CPU: ~0.65× the loop's speed at ~3× its memory — meant for
     accelerators, where small Conv4 tasks alone do not fill the device."""
 
+    def validate(self, at: str = "train") -> None:
+        for name in ("iterations", "meta_batch", "val_every", "val_tasks", "checkpoint_every"):
+            _at_least(f"{at}.{name}", getattr(self, name), 1)
+        _learning_rate(f"{at}.meta_lr", self.meta_lr)
+
 
 @dataclass
 class EvalConfig:
+    """The final evaluation of a run's chosen model."""
+
     tasks: int = 600
+    """Tasks of the final evaluation (mean accuracy ± 95% confidence interval over them)."""
     split: Literal["test", "val"] = "test"
     """Split of a run's final evaluation; 'val' for tuning (``sparsemeta tune``), so a search
     never sees a test task."""
     queries: int | None = None
     """Query examples per class of validation and test tasks (default: data.queries), so
     learners trained with different query sizes (MetaMix) are evaluated on the same tasks."""
+
+    def validate(self, at: str = "eval") -> None:
+        _at_least(f"{at}.tasks", self.tasks, 1)
+        _at_least(f"{at}.queries", self.queries, 1)
 
 
 @dataclass
@@ -124,8 +215,16 @@ class MamlppConfig:
     cosine_lr: bool = True
     """Cosine annealing of the meta learning rate from train.meta_lr to min_meta_lr."""
     min_meta_lr: float = 1e-5
+    """Meta learning rate at the end of the cosine annealing (at most train.meta_lr)."""
     epoch_iterations: int = 500
     """Meta-iterations per epoch (the unit of msl_epochs and first_order_epochs)."""
+
+    def validate(self, at: str = "mamlpp") -> None:
+        _at_least(f"{at}.msl_epochs", self.msl_epochs, 1)
+        _at_least(f"{at}.epoch_iterations", self.epoch_iterations, 1)
+        _at_least(f"{at}.first_order_epochs", self.first_order_epochs, 0)
+        if not (math.isfinite(self.min_meta_lr) and self.min_meta_lr >= 0):
+            raise UserError(f"{at}.min_meta_lr must be >= 0 and finite, got {self.min_meta_lr}")
 
 
 @dataclass
@@ -133,12 +232,19 @@ class MetaMixConfig:
     """MetaMix (Yao et al., 2021): λ ~ Beta(alpha, beta)."""
 
     alpha: float = 2.0
+    """First shape parameter α of the Beta distribution of the mixing weight λ."""
     beta: float = 2.0
+    """Second shape parameter β of the Beta distribution of the mixing weight λ."""
     channel_shuffle_from: int | None = None
     """Meta-iteration from which Channel Shuffle is used, on half of the meta-batches as in the
-    MetaMix code (None: never): at the mixing layer, each class takes one of 6 contiguous channel
+    MetaMix code (null: never): at the mixing layer, each class takes one of 6 contiguous channel
     groups from another class of the task (support in the inner loop, support and query in the
     outer loss), labels unchanged."""
+
+    def validate(self, at: str = "metamix") -> None:
+        _positive(f"{at}.alpha", self.alpha)
+        _positive(f"{at}.beta", self.beta)
+        _at_least(f"{at}.channel_shuffle_from", self.channel_shuffle_from, 0)
 
 
 @dataclass
@@ -150,6 +256,7 @@ class PruneConfig:
     levels: int | None = None
     """Pruning levels after the dense level 0; default: enough to reach about 5% density."""
     scope: Literal["layerwise", "global"] = "layerwise"
+    """Rank weights by magnitude within each layer ('layerwise') or across all layers."""
     rewind: str = "init"
     """Weights the survivors restart from: 'init' (θ₀), 'step:k' (after k meta-iterations of
     level 0, late rewinding) or 'none' (keep the trained weights: fine-tuning)."""
@@ -169,6 +276,21 @@ class PruneConfig:
             return self.levels
         return math.ceil(math.log(0.05) / math.log(1.0 - self.rate))
 
+    def validate(self, at: str = "prune") -> None:
+        _open_unit(f"{at}.rate", self.rate)
+        _at_least(f"{at}.levels", self.levels, 0)
+        if not 0.0 <= self.output_rate_factor * self.rate < 1.0:
+            raise UserError(
+                f"{at}.output_rate_factor × {at}.rate must be in [0, 1), got "
+                f"{self.output_rate_factor} × {self.rate}"
+            )
+        if self.structure == "filters" and self.scope == "global":
+            raise UserError(f"{at}.scope=global needs {at}.structure=unstructured: filter norms "
+                            "of layers with different fan-in are not comparable")
+        if not re.fullmatch(r"init|none|step:[1-9][0-9]*", self.rewind):
+            raise UserError(
+                f"{at}.rewind must be init, none or step:K (K >= 1), got {self.rewind!r}")
+
 
 @dataclass
 class L1Config:
@@ -179,18 +301,29 @@ class L1Config:
     finetune_iterations: int = 30
     """Masked meta-fine-tuning after thresholding to each density (0: evaluate as is only)."""
 
+    def validate(self, at: str = "l1") -> None:
+        _at_least(f"{at}.lambda", self.lambda_, 0)
+        _at_least(f"{at}.finetune_iterations", self.finetune_iterations, 0)
+
 
 @dataclass
 class RiglConfig:
     """RigL dynamic sparse meta-training at a fixed density (Evci et al., 2020)."""
 
     distribution: Literal["erk", "uniform"] = "erk"
+    """Density per layer: Erdős–Rényi-Kernel ('erk': larger layers sparser) or the same for
+    every layer."""
     drop_fraction: float = 0.3
     """f₀: fraction of active weights dropped (and regrown) at the first update; cosine decay."""
     update_every: int = 100
     """ΔT: outer steps between mask updates."""
     end_fraction: float = 0.75
     """T_end as a fraction of train.iterations: no mask updates after it."""
+
+    def validate(self, at: str = "rigl") -> None:
+        _open_unit(f"{at}.drop_fraction", self.drop_fraction)
+        _open_unit(f"{at}.end_fraction", self.end_fraction, closed_high=True)
+        _at_least(f"{at}.update_every", self.update_every, 1)
 
 
 @dataclass
@@ -204,11 +337,18 @@ class EarlyBirdConfig:
     window: int = 5
     """The last ``window`` distances must all be below epsilon."""
 
+    def validate(self, at: str = "earlybird") -> None:
+        _open_unit(f"{at}.epsilon", self.epsilon)
+        _at_least(f"{at}.every", self.every, 1)
+        _at_least(f"{at}.window", self.window, 1)
+
 
 @dataclass
 class Config:
     seed: int = 0
+    """Seed of θ₀ (the model's initial weights), of the task sampler and of MetaMix's draws."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to compute: 'auto' takes CUDA when available, else the CPU."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
@@ -226,105 +366,36 @@ class Config:
 
     def validate(self) -> Config:
         """Check value ranges that types alone cannot express; raise UserError naming the key."""
-        positive = {
-            "data.ways": self.data.ways,
-            "data.shots": self.data.shots,
-            "data.queries": self.data.queries,
-            "data.image_size": self.data.image_size,
-            "model.filters": self.model.filters,
-            "meta.inner_steps": self.meta.inner_steps,
-            "train.iterations": self.train.iterations,
-            "train.meta_batch": self.train.meta_batch,
-            "train.val_every": self.train.val_every,
-            "train.val_tasks": self.train.val_tasks,
-            "train.checkpoint_every": self.train.checkpoint_every,
-            "eval.tasks": self.eval.tasks,
-        }
-        for key, value in positive.items():
-            if value < 1:
-                raise UserError(f"{key} must be >= 1, got {value}")
-        if self.eval.queries is not None and self.eval.queries < 1:
-            raise UserError(f"eval.queries must be >= 1, got {self.eval.queries}")
-        nonneg = {"meta.eval_inner_steps": self.meta.eval_inner_steps, "data.shift": self.data.shift}
-        for key, value in nonneg.items():
-            if value < 0:
-                raise UserError(f"{key} must be >= 0, got {value}")
-        for key, value in {"meta.inner_lr": self.meta.inner_lr, "train.meta_lr": self.train.meta_lr}.items():
-            if not value > 0:
-                raise UserError(f"{key} must be > 0, got {value}")
-        if self.data.ways < 2:
-            raise UserError(f"data.ways must be >= 2 for a classification task, got {self.data.ways}")
-        d = self.data
-        if not (0 < d.val_fraction < 1 and 0 < d.test_fraction < 1
-                and d.val_fraction + d.test_fraction < 1):
-            raise UserError(
-                f"data.val_fraction and data.test_fraction must be in (0, 1) with a sum below 1, "
-                f"got {d.val_fraction} and {d.test_fraction}"
-            )
-        if self.data.channels not in (None, 1, 3):
-            raise UserError(f"data.channels must be 1, 3 or null, got {self.data.channels}")
-        if self.data.image_size < 16:
-            raise UserError(f"data.image_size must be >= 16 for Conv4, got {self.data.image_size}")
+        _check_finite(self, "")
+        _at_least("seed", self.seed, 0)
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if dataclasses.is_dataclass(section):
+                _check_finite(section, f"{f.name}.")
+                section.validate(_key(f.name))
+        self._validate_across_sections()
+        return self
+
+    def _validate_across_sections(self) -> None:
         if self.meta.mix == "metamix" and self.data.queries != self.data.shots:
             raise UserError(
                 f"meta.mix=metamix mixes each query example with a support example, so it needs "
                 f"data.queries == data.shots (got {self.data.queries} and {self.data.shots})"
             )
-        m = self.mamlpp
-        for key, value in {"mamlpp.msl_epochs": m.msl_epochs,
-                           "mamlpp.epoch_iterations": m.epoch_iterations}.items():
-            if value < 1:
-                raise UserError(f"{key} must be >= 1, got {value}")
-        if m.first_order_epochs < 0:
-            raise UserError(f"mamlpp.first_order_epochs must be >= 0, got {m.first_order_epochs}")
-        if not 0.0 <= m.min_meta_lr <= self.train.meta_lr:
-            raise UserError(f"mamlpp.min_meta_lr must be in [0, train.meta_lr], got {m.min_meta_lr}")
-        if not (self.metamix.alpha > 0 and self.metamix.beta > 0):
-            raise UserError("metamix.alpha and metamix.beta must be > 0")
         shuffle_from = self.metamix.channel_shuffle_from
-        if shuffle_from is not None and (shuffle_from < 0 or self.meta.mix != "metamix"):
+        if shuffle_from is not None and self.meta.mix != "metamix":
             raise UserError(
-                f"metamix.channel_shuffle_from must be >= 0 and needs meta.mix=metamix "
+                f"metamix.channel_shuffle_from needs meta.mix=metamix "
                 f"(got {shuffle_from} with meta.mix={self.meta.mix})"
             )
-        p = self.prune
-        if not 0.0 < p.rate < 1.0:
-            raise UserError(f"prune.rate must be in (0, 1), got {p.rate}")
-        if p.levels is not None and p.levels < 0:
-            raise UserError(f"prune.levels must be >= 0, got {p.levels}")
-        if not 0.0 <= p.output_rate_factor * p.rate < 1.0:
-            raise UserError(
-                f"prune.output_rate_factor × prune.rate must be in [0, 1), got "
-                f"{p.output_rate_factor} × {p.rate}"
-            )
-        if p.structure == "filters" and p.scope == "global":
-            raise UserError("prune.scope=global needs prune.structure=unstructured: filter norms "
-                            "of layers with different fan-in are not comparable")
-        if not re.fullmatch(r"init|none|step:[1-9][0-9]*", p.rewind):
-            raise UserError(f"prune.rewind must be init, none or step:K (K >= 1), got {p.rewind!r}")
-        for key, value in {"l1.lambda": self.l1.lambda_,
-                           "l1.finetune_iterations": self.l1.finetune_iterations}.items():
-            if value < 0:
-                raise UserError(f"{key} must be >= 0, got {value}")
-        r = self.rigl
-        if not 0.0 < r.drop_fraction < 1.0:
-            raise UserError(f"rigl.drop_fraction must be in (0, 1), got {r.drop_fraction}")
-        if not 0.0 < r.end_fraction <= 1.0:
-            raise UserError(f"rigl.end_fraction must be in (0, 1], got {r.end_fraction}")
-        if r.update_every < 1:
-            raise UserError(f"rigl.update_every must be >= 1, got {r.update_every}")
-        e = self.earlybird
-        if not 0.0 < e.epsilon < 1.0:
-            raise UserError(f"earlybird.epsilon must be in (0, 1), got {e.epsilon}")
-        if e.every < 1 or e.window < 1:
-            raise UserError(f"earlybird.every and earlybird.window must be >= 1, got "
-                            f"{e.every} and {e.window}")
-        k = p.rewind_step()
+        if self.mamlpp.min_meta_lr > self.train.meta_lr:
+            raise UserError(f"mamlpp.min_meta_lr must be <= train.meta_lr "
+                            f"({self.train.meta_lr}), got {self.mamlpp.min_meta_lr}")
+        k = self.prune.rewind_step()
         if k is not None and k > self.train.iterations:
             raise UserError(
-                f"prune.rewind={p.rewind} is past train.iterations={self.train.iterations}"
+                f"prune.rewind={self.prune.rewind} is past train.iterations={self.train.iterations}"
             )
-        return self
 
 
 def _key(field_name: str) -> str:
@@ -345,8 +416,34 @@ def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
+def _check_finite(obj: Any, prefix: str) -> None:
+    """Every float field of ``obj`` is finite (no inf, no nan), whoever built it."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if hints[f.name] is float and isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{prefix}{_key(f.name)} must be a finite number, got {value}")
+
+
+def _as_float(key: str, value: Any) -> float:
+    """A number, or any string Python's ``float()`` reads (YAML 1.1 reads ``1e-3`` as a
+    string); finite only."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise UserError(f"{key} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise UserError(f"{key} must be a number (e.g. 0.001 or 1e-3), got {value!r}") from None
+    except OverflowError:  # an int too large for a float
+        number = math.inf
+    if not math.isfinite(number):
+        raise UserError(f"{key} must be a finite number, got {value!r}")
+    return number
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it (ints widen to float)."""
+    """Check ``value`` against the annotation ``tp``; return it (ints and numeric strings
+    become float for a float field)."""
     origin = get_origin(tp)
     if origin is Literal:
         choices = get_args(tp)
@@ -375,11 +472,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise UserError(f"{key} must be an integer, got {value!r}")
+        raise UserError(
+            f"{key} must be an integer (a whole number like 1000; not 1e3 or 2.0), got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise UserError(f"{key} must be a number, got {value!r}")
+        return _as_float(key, value)
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -421,6 +517,103 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+# -- the documentation of every key, read from the field docstrings ---------------------------
+@dataclass(frozen=True)
+class KeyDoc:
+    """One config key as ``sparsemeta config keys`` lists it."""
+
+    key: str
+    """Dotted key as written in YAML and ``--set`` (``train.meta_lr``; top level: ``seed``)."""
+    type: str
+    """Readable type: ``int``, ``float``, ``bool``, ``str``, ``one of a|b``, ``… or null``."""
+    default: Any
+    """Default value (Python value: None, bool, int, float or str)."""
+    doc: str
+    """The field's docstring on one line (whitespace collapsed)."""
+
+    @property
+    def section(self) -> str:
+        """``train`` for ``train.meta_lr``; ``""`` for a top-level key."""
+        return self.key.rpartition(".")[0]
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + "|".join(map(str, get_args(tp)))
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names + (["null"] if type(None) in args else []))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string literal right after a field) of a class, by field."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):  # no source (e.g. a frozen application)
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)):
+            text = re.sub(r"``(.+?)``", r"'\1'", after.value.value)  # reST code: 'code'
+            docs[node.target.id] = " ".join(text.split())
+    return docs
+
+
+def config_keys(cls: type = Config) -> list[KeyDoc]:
+    """Every leaf key of the config, in ``to_dict`` order, with type, default and docstring."""
+    out: list[KeyDoc] = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        hints, docs = typing.get_type_hints(type(obj)), _field_docs(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{_key(f.name)}.")
+            else:
+                out.append(KeyDoc(f"{prefix}{_key(f.name)}", _type_name(hints[f.name]), value,
+                                  docs.get(f.name, "")))
+
+    walk(cls(), "")
+    return out
+
+
+def _show(value: Any) -> str:
+    """A default as one would write it in YAML."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, str) and not value else str(value)
+
+
+def format_keys(keys: list[KeyDoc], width: int = 100) -> str:
+    """An aligned text table (key, type, default, doc), one block per section; docs wrap in
+    their column, at least 40 characters wide."""
+    sections: dict[str, list[KeyDoc]] = {}
+    for k in keys:
+        sections.setdefault(k.section, []).append(k)
+    blocks = []
+    for section, rows in sections.items():
+        cells = [(k.key, k.type, _show(k.default)) for k in rows]
+        widths = [max(len(c[i]) for c in cells) for i in range(3)]
+        indent = 2 + sum(widths) + 3 * 2
+        lines = [f"[{section}]" if section else "[top level]"]
+        for k, row in zip(rows, cells):
+            doc = textwrap.wrap(k.doc, max(40, width - indent), break_on_hyphens=False) or [""]
+            left = "  ".join(c.ljust(w) for c, w in zip(row, widths))
+            lines.append(f"  {left}  {doc[0]}".rstrip())
+            lines += [" " * indent + more for more in doc[1:]]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+# -- presets and config files -----------------------------------------------------------------
 def preset_names() -> list[str]:
     return sorted(
         p.name[: -len(".yaml")]
@@ -429,13 +622,41 @@ def preset_names() -> list[str]:
     )
 
 
+def _read_config_file(path: Path) -> str:
+    """The text of a user's config file; any reason it cannot be read is one UserError line."""
+    where = f"config file '{path}'"
+    if path.is_dir():
+        raise UserError(f"{where} is a directory; give the path of a YAML file")
+    if not path.exists():
+        raise UserError(f"{where} does not exist; check the path")
+    if not path.is_file():
+        raise UserError(f"{where} is not a regular file; give the path of a YAML file")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{where} cannot be read ({exc.strerror or exc}); check its "
+                        "permissions") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{where} is not UTF-8 text (byte {raw[exc.start]:#04x} at offset "
+                        f"{exc.start}); save it as UTF-8") from None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where and what, on one line: 'line 3, column 7: expected ...'."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return " ".join(f"{where}{problem}".split())
+
+
 def read_preset(name_or_path: str) -> dict[str, Any]:
     """A preset is a packaged YAML name (``glyphs-quick``) or a path to a YAML file."""
     path = Path(name_or_path)
     if name_or_path.endswith((".yaml", ".yml")) or path.exists():
-        if not path.is_file():
-            raise UserError(f"config file '{name_or_path}' does not exist")
-        text = path.read_text()
+        where = f"config file '{name_or_path}'"
+        text = _read_config_file(path)
     else:
         res = resources.files("sparsemeta.configs") / f"{name_or_path}.yaml"
         if not res.is_file():
@@ -443,13 +664,18 @@ def read_preset(name_or_path: str) -> dict[str, Any]:
                 f"unknown preset '{name_or_path}'; available: {', '.join(preset_names())}"
                 " (or give a path to a .yaml file)"
             )
-        text = res.read_text()
+        where = f"preset '{name_or_path}'"
+        text = res.read_text(encoding="utf-8")
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise UserError(f"config '{name_or_path}' is not valid YAML: {exc}".splitlines()[0]) from None
+        raise UserError(f"{where} is not valid YAML ({_yaml_problem(exc)}); fix it") from None
+    if data is None:
+        raise UserError(f"{where} is empty (no settings); write the keys to change, e.g. "
+                        "'train: {iterations: 200}', or use a preset")
     if not isinstance(data, dict):
-        raise UserError(f"config '{name_or_path}' must be a YAML mapping")
+        raise UserError(f"{where} must be a YAML mapping of sections (e.g. 'train: "
+                        f"{{iterations: 200}}'), got a {type(data).__name__}")
     return data
 
 
@@ -487,6 +713,11 @@ def build_config(
     return cfg.validate()
 
 
-def config_from_dict(data: dict[str, Any], cls: type = Config) -> Any:
-    """Rebuild a saved, resolved config (as written to a run directory)."""
+def config_from_dict(data: dict[str, Any], cls: type = Config, source: str = "saved config"
+                     ) -> Any:
+    """Rebuild a saved, resolved config (as written to a run directory). ``source`` names it
+    in errors (e.g. the path of a run's config.yaml)."""
+    if not isinstance(data, dict):
+        what = "nothing (an empty file?)" if data is None else f"a {type(data).__name__}"
+        raise UserError(f"{source} must be a mapping of config sections, got {what}")
     return build_config(data, cls=cls)
