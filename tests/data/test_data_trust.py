@@ -133,6 +133,13 @@ def test_permission_denied_on_a_class_folder_names_it(tmp_path, monkeypatch):
                    f"permission denied reading directory '{tmp_path / 'b'}'")
 
 
+def test_permission_denied_on_the_mini_imagenet_image_folder_names_it(tmp_path, monkeypatch):
+    fx.write_mini_csv(tmp_path, fx.mini_images(fx.mini_wnids((1, 1, 1)), per_class=1, size=8))
+    _deny(monkeypatch, tmp_path / "images", "scandir")
+    one_line_error(lambda: load_miniimagenet(make_cfg("miniimagenet", tmp_path, image_size=8)),
+                   f"permission denied reading directory '{tmp_path / 'images'}'")
+
+
 def test_permission_denied_on_an_image_names_it(tmp_path, monkeypatch):
     fx.write_folder(tmp_path, ["a", "b", "c"], per_class=2)
     victim = tmp_path / "c" / "img_001.png"

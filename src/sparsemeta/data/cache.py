@@ -66,8 +66,13 @@ def require_root(cfg, name: str, expected: str) -> Path:  # noqa: ANN001
             f"(a directory with {expected})"
         )
     path = Path(root).expanduser()
-    if not path.exists():
-        raise UserError(f"data root '{path}' does not exist; set data.root to a directory with {expected}")
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise UserError(f"data root '{path}' does not exist; set data.root to a directory with "
+                        f"{expected}") from None
+    except OSError as exc:  # e.g. a parent directory the user may not enter
+        raise unreadable(path, exc, "data root") from None
     if not path.is_dir():
         raise UserError(f"data root '{path}' is a file, not a directory; set data.root to a directory with {expected}")
     return path.resolve()

@@ -49,6 +49,7 @@ from sparsemeta.data.cache import (
     load_or_build,
     require_root,
     to_fewshot,
+    unreadable,
 )
 from sparsemeta.foundations.errors import UserError
 
@@ -152,8 +153,11 @@ def _read_csv(path: Path) -> list[tuple[str, str]]:
 
 
 def _from_csv(root: Path, images_dir: Path) -> tuple[list, dict, list[Path]]:
-    with os.scandir(images_dir) as it:
-        present = {e.name for e in it if not e.name.startswith(".")}
+    try:
+        with os.scandir(images_dir) as it:
+            present = {e.name for e in it if not e.name.startswith(".")}
+    except OSError as exc:
+        raise unreadable(images_dir, exc, "directory") from None
     classes: list[tuple[str, list[Path]]] = []
     splits: dict[str, list[int]] = {}
     owner: dict[str, str] = {}
