@@ -103,8 +103,19 @@ def test_image_size_84() -> None:
     assert ink.min() > 0.005 and ink.max() < 0.5
 
 
-def test_workers_2_equals_workers_1(small: tuple[np.ndarray, np.ndarray]) -> None:
+def test_workers_2_equals_workers_1(
+    small: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pools = []
+    real_pool = glyphs.ProcessPoolExecutor
+
+    def counting_pool(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        pools.append(args)
+        return real_pool(*args, **kwargs)
+
+    monkeypatch.setattr(glyphs, "ProcessPoolExecutor", counting_pool)
     parallel, alphabet_of_class = generate(SMALL, workers=2)
+    assert pools, "workers=2 never reached the process pool: nothing parallel was compared"
     assert parallel.tobytes() == small[0].tobytes()
     np.testing.assert_array_equal(alphabet_of_class, small[1])
 
