@@ -161,7 +161,8 @@ def test_load_or_generate_writes_once_then_memory_maps(
     meta = json.loads((tmp_path / f"{SMALL.key()}.json").read_text())
     assert meta["alphabet_of_class"] == small[1].tolist()
     assert meta["spec"]["alphabets"] == 4 and meta["key"] == SMALL.key()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([npy.name, f"{SMALL.key()}.json"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [npy.name, f"{SMALL.key()}.json", f".{SMALL.key()}.lock"])
     assert isinstance(images, np.memmap)
     assert images.tobytes() == small[0].tobytes()
     mtime = npy.stat().st_mtime_ns
