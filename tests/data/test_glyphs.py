@@ -103,8 +103,19 @@ def test_image_size_84() -> None:
     assert ink.min() > 0.005 and ink.max() < 0.5
 
 
-def test_workers_2_equals_workers_1(small: tuple[np.ndarray, np.ndarray]) -> None:
+def test_workers_2_equals_workers_1(
+    small: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pools = []
+    real_pool = glyphs.ProcessPoolExecutor
+
+    def counting_pool(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        pools.append(args)
+        return real_pool(*args, **kwargs)
+
+    monkeypatch.setattr(glyphs, "ProcessPoolExecutor", counting_pool)
     parallel, alphabet_of_class = generate(SMALL, workers=2)
+    assert pools, "workers=2 never reached the process pool: nothing parallel was compared"
     assert parallel.tobytes() == small[0].tobytes()
     np.testing.assert_array_equal(alphabet_of_class, small[1])
 
@@ -150,7 +161,8 @@ def test_load_or_generate_writes_once_then_memory_maps(
     meta = json.loads((tmp_path / f"{SMALL.key()}.json").read_text())
     assert meta["alphabet_of_class"] == small[1].tolist()
     assert meta["spec"]["alphabets"] == 4 and meta["key"] == SMALL.key()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([npy.name, f"{SMALL.key()}.json"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [npy.name, f"{SMALL.key()}.json", f".{SMALL.key()}.lock"])
     assert isinstance(images, np.memmap)
     assert images.tobytes() == small[0].tobytes()
     mtime = npy.stat().st_mtime_ns

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from sparsemeta.config import Config, build_config
 from sparsemeta.data import cache as cache_mod
@@ -109,11 +110,50 @@ def test_omniglot_background_split(omni_root):
                    "data.split must be one of maml, background")
 
 
+def _task_images(task) -> dict[int, np.ndarray]:
+    """Per label, the task's uint8 images (support then query), undoing x / 255 (mean 0, std 1)."""
+    x = torch.cat([task.support_x, task.query_x])
+    y = torch.cat([task.support_y, task.query_y])
+    pixels = (x * 255).round().to(torch.uint8).numpy()
+    return {int(c): pixels[(y == c).numpy()] for c in y.unique()}
+
+
 def test_omniglot_tasks_draw_from_the_memmap_with_rotations(omni_root):
+    """Each label of a task is one train class turned by one multiple of 90°: every image of the
+    label equals np.rot90(the class's stored image, k) for the same class and k, and k ≠ 0
+    happens (rotations on) or never happens (rotations off)."""
     data = load_omniglot(make_cfg("omniglot", omni_root))
-    task = TaskSampler(data, "train", ways=5, shots=1, queries=1, seed=0, rotations=True).task(3)
-    assert task.support_x.shape == (5, 1, 28, 28)
-    assert float(task.support_x.max()) == pytest.approx(1.0, abs=0.2)
+    train = data.classes["train"]
+    where: dict[bytes, set[tuple[int, int]]] = {}  # image bytes → {(class, k)}
+    for c, idx in enumerate(train):
+        for i in idx:
+            for k in range(4):
+                img = np.rot90(np.asarray(data.images[i]), k, axes=(1, 2))
+                where.setdefault(img.tobytes(), set()).add((c, k))
+    for rotations in (True, False):
+        sampler = TaskSampler(data, "train", ways=5, shots=1, queries=2, seed=0,
+                              rotations=rotations)
+        turns = []
+        for t in range(12):
+            task = sampler.task(t)
+            assert task.support_x.shape == (5, 1, 28, 28)
+            for label, images in _task_images(task).items():
+                found = [where.get(img.tobytes(), set()) for img in images]
+                assert all(found), f"task {t} label {label}: an image is no (rotated) train image"
+                common = set.intersection(*found)  # one class, one rotation for the whole label
+                assert common, f"task {t} label {label} mixes classes or rotations"
+                c, k = sorted(common)[0]
+                ids = train[c]
+                assert any(np.array_equal(images[0], np.rot90(np.asarray(data.images[i]), k,
+                                                              axes=(1, 2))) for i in ids)
+                turns.append(k)
+        if rotations:
+            assert set(turns) == {0, 1, 2, 3}, turns  # 60 labels: every multiple of 90° shows up
+            # a turned glyph differs from the unturned one (the check above is not vacuous)
+            img = np.asarray(data.images[train[0][0]])
+            assert not np.array_equal(img, np.rot90(img, 1, axes=(1, 2)))
+        else:
+            assert set(turns) == {0}
 
 
 def test_cache_is_reused_then_invalidated_by_root_and_content(omni_root, tmp_path, private_cache,
@@ -162,8 +202,21 @@ def test_parallel_decode_equals_serial(omni_root, tmp_path, monkeypatch):
     decode_files(files, spec, tmp_path / "serial.npy", workers=1)
     monkeypatch.setattr(cache_mod, "POOL_MIN_IMAGES", 0)
     monkeypatch.setattr(cache_mod, "_CHUNK", 16)
+    pools = []
+    real_pool = cache_mod.ProcessPoolExecutor
+
+    def counting_pool(*args, **kwargs):
+        pools.append(args)
+        return real_pool(*args, **kwargs)
+
+    monkeypatch.setattr(cache_mod, "ProcessPoolExecutor", counting_pool)
     decode_files(files, spec, tmp_path / "pool.npy", workers=2)
-    assert np.array_equal(np.load(tmp_path / "serial.npy"), np.load(tmp_path / "pool.npy"))
+    assert pools, "workers=2 did not use a process pool"
+    serial, pool = np.load(tmp_path / "serial.npy"), np.load(tmp_path / "pool.npy")
+    assert np.array_equal(serial, pool)
+    # and both hold each file's own decoding, in order (not, say, two equally empty files)
+    assert all(np.array_equal(pool[k], decode_image(f, spec)) for k, f in enumerate(files))
+    assert len({im.tobytes() for im in pool}) == len(files)
 
 
 def test_info_reports_counts_and_cache_state(omni_root):
@@ -265,6 +318,12 @@ def test_folder_seeded_split_grayscale_and_rgb(tmp_path):
     other = load_folder(make_cfg("folder", tmp_path / "rgb", image_size=16, ways=2, seed=5))
     assert other.class_names != rgb.class_names
     assert len(rgb.mean) == 3 and all(0 < s < 1 for s in rgb.std)
+    # normalisation statistics are those of the decoded pixels, per channel, on the 0..1 scale
+    for data in (grey, rgb):
+        x = np.asarray(data.images, dtype=np.float64) / 255
+        assert np.allclose(data.mean, x.mean(axis=(0, 2, 3)), atol=1e-5)
+        assert np.allclose(data.std, x.std(axis=(0, 2, 3)), atol=1e-5)
+    assert len(set(rgb.mean)) == 3  # the channels differ in these images
     forced = load_folder(make_cfg("folder", tmp_path / "rgb", image_size=16, ways=2, channels=1))
     assert forced.images.shape[1] == 1
     rgb.check_disjoint()

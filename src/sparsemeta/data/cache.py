@@ -13,6 +13,10 @@ size and modification time plus the class structure. A different root, size or a
 therefore never reuses a wrong cache; a rebuilt cache removes the stale ones of the same identity.
 Files are written to a temporary name and renamed; the ``.json`` is written last and is the
 commit mark, so a crash, a truncated ``.npy`` or a foreign file is detected and rebuilt.
+One process builds a given cache at a time: the build runs under an exclusive lock
+(``.<kind>-<identity>.lock`` beside the caches, foundations/lock.py); a second process prints one
+line naming the builder's pid, waits, and then memory-maps what the first one built. Before a
+build, temporary files left by killed builders are removed (``atomic.remove_stale_temps``).
 
 This module also holds the checks every real loader shares (``require_root``, ``check_tasks``).
 """
@@ -24,7 +28,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -34,8 +37,14 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from sparsemeta.data.base import SPLITS, FewShotData, cache_dir
-from sparsemeta.foundations.atomic import atomic_write_text
+from sparsemeta.foundations.atomic import (
+    atomic_write_text,
+    remove_stale_temps,
+    replace_durably,
+    temp_path,
+)
 from sparsemeta.foundations.errors import UserError
+from sparsemeta.foundations.lock import exclusive
 
 #: Bump when the decoded bytes change for the same inputs (invalidates every cache).
 CACHE_VERSION = 1
@@ -57,26 +66,48 @@ def require_root(cfg, name: str, expected: str) -> Path:  # noqa: ANN001
             f"(a directory with {expected})"
         )
     path = Path(root).expanduser()
-    if not path.exists():
-        raise UserError(f"data root '{path}' does not exist; set data.root to a directory with {expected}")
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise UserError(f"data root '{path}' does not exist; set data.root to a directory with "
+                        f"{expected}") from None
+    except OSError as exc:  # e.g. a parent directory the user may not enter
+        raise unreadable(path, exc, "data root") from None
     if not path.is_dir():
         raise UserError(f"data root '{path}' is a file, not a directory; set data.root to a directory with {expected}")
     return path.resolve()
 
 
+def unreadable(path: str | os.PathLike, exc: OSError, what: str = "") -> UserError:
+    """The one-line UserError for a file or directory that cannot be read while loading data:
+    permission denied, vanished (deleted or moved meanwhile), or another OS error."""
+    what = f"{what} " if what else ""
+    if isinstance(exc, PermissionError):
+        return UserError(f"permission denied reading {what}'{path}'; make it readable "
+                         f"(chmod a+r, and a+x for a directory) or run as its owner")
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
+        return UserError(f"{what}'{path}' vanished while the data was being read (deleted or moved "
+                         f"meanwhile?); run again once the data directory is stable")
+    reason = (exc.strerror or str(exc) or type(exc).__name__).replace("\n", " ")
+    return UserError(f"cannot read {what}'{path}' ({reason})")
+
+
+def _scan(directory: Path, keep) -> list[Path]:  # noqa: ANN001
+    try:
+        with os.scandir(directory) as it:
+            return sorted(Path(e.path) for e in it if not e.name.startswith(".") and keep(e))
+    except OSError as exc:
+        raise unreadable(getattr(exc, "filename", None) or directory, exc, "directory") from None
+
+
 def list_images(directory: Path) -> list[Path]:
     """Image files (png/jpg/jpeg, any case) directly in ``directory``, sorted by name."""
-    with os.scandir(directory) as it:
-        files = [Path(e.path) for e in it
-                 if not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTS) and e.is_file()]
-    return sorted(files)
+    return _scan(directory, lambda e: e.name.lower().endswith(IMAGE_EXTS) and e.is_file())
 
 
 def list_dirs(directory: Path) -> list[Path]:
     """Visible sub-directories of ``directory``, sorted by name."""
-    with os.scandir(directory) as it:
-        dirs = [Path(e.path) for e in it if not e.name.startswith(".") and e.is_dir()]
-    return sorted(dirs)
+    return _scan(directory, lambda e: e.is_dir())
 
 
 def check_tasks(data: FewShotData, cfg) -> FewShotData:  # noqa: ANN001
@@ -150,6 +181,27 @@ class DecodeSpec:
     exif: bool = False  # honour the EXIF orientation of photos
 
 
+#: Pillow modes of grey images with more than 8 bits (16-bit PNG/TIFF): ``convert("L")`` would
+#: clip them at 255, so they are scaled instead (see :func:`to_8bit`).
+WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_8bit(im: Image.Image) -> Image.Image:
+    """A 16-bit (or 32-bit integer) grey image as 8-bit ``L``, scaled rather than clipped.
+
+    ``I;16*`` modes: divide by 257 (65535 → 255, 32896 → 128). Mode ``I`` (how some decoders
+    return 16-bit PNGs, and 32-bit TIFFs): divide by 257 when every value lies in 0..65535, else
+    scale the image's own range 0..max to 0..255 (negative values become 0).
+    """
+    arr = np.asarray(im)
+    if im.mode != "I" or (arr.size and arr.min() >= 0 and arr.max() <= 65535):
+        scaled = arr / 257.0
+    else:
+        top = float(arr.max()) if arr.size else 1.0
+        scaled = np.clip(arr, 0, None) * (255.0 / max(top, 1.0))
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+
+
 def decode_image(path: str | os.PathLike, spec: DecodeSpec) -> np.ndarray:
     """One image file as ``(C, H, W)`` uint8, resized (Lanczos) to ``spec.size`` square."""
     mode = "RGB" if spec.channels == 3 else "L"
@@ -159,7 +211,11 @@ def decode_image(path: str | os.PathLike, spec: DecodeSpec) -> np.ndarray:
                 im.draft(mode, (spec.size, spec.size))  # decode big JPEGs at reduced scale
             if spec.exif:
                 im = ImageOps.exif_transpose(im)
+            if im.mode in WIDE_GREY:
+                im = to_8bit(im)
             im = im.convert(mode)
+    except (PermissionError, FileNotFoundError, NotADirectoryError) as exc:
+        raise unreadable(path, exc, "image") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(
@@ -179,6 +235,8 @@ def infer_channels(paths: Iterable[Path]) -> int:
         try:
             with Image.open(p) as im:
                 mode = im.mode
+        except (PermissionError, FileNotFoundError, NotADirectoryError) as exc:
+            raise unreadable(p, exc, "image") from None
         except (OSError, ValueError, SyntaxError) as exc:
             raise UserError(f"cannot read image '{p}' ({exc}); replace or delete that file") from None
         if mode not in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"):
@@ -278,7 +336,10 @@ def file_signature(root: Path, files: Iterable[Path], structure: object = None) 
     """Hash of every file's path (relative to root), size and mtime, plus ``structure``."""
     h = hashlib.sha1(json.dumps(structure, sort_keys=True, default=str).encode())
     for p in files:
-        st = os.stat(p)
+        try:
+            st = os.stat(p)
+        except OSError as exc:
+            raise unreadable(p, exc) from None
         try:
             rel = os.path.relpath(p, root)
         except ValueError:  # another drive (Windows)
@@ -324,13 +385,31 @@ def load_or_build(kind: str, key: dict, signature: str,
     found = _try_load(npy, meta, key, signature)
     if found is not None:
         return found
-    tmp = npy.with_name(f".{npy.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.npy.tmp")
+    # One builder per (kind, identity): a second process waits here, then reads what the
+    # first one built instead of decoding the whole data set again.
+    lock = npy.with_name(f".{npy.stem.rsplit('-', 1)[0]}.lock")
+    with exclusive(lock, f"the {kind} cache in '{npy.parent}'", wait=True):
+        found = _try_load(npy, meta, key, signature)
+        if found is not None:
+            return found
+        remove_stale_temps(npy.parent)  # left by builders that were killed
+        _build(kind, key, signature, build, npy, meta)
+        _remove_stale(npy)
+    found = _try_load(npy, meta, key, signature)
+    if found is None:  # pragma: no cover - only on a broken file system
+        raise UserError(f"the {kind} cache '{npy}' could not be read back; delete it and retry")
+    return found
+
+
+def _build(kind: str, key: dict, signature: str, build: Callable[[Path], dict],
+           npy: Path, meta: Path) -> None:
+    tmp = temp_path(npy)
     try:
         info = build(tmp)
         arr = np.load(tmp, mmap_mode="r")
         shape = list(arr.shape)
         del arr
-        os.replace(tmp, npy)
+        replace_durably(tmp, npy)
         record = {"key": key, "signature": signature, "shape": shape, "version": CACHE_VERSION,
                   "info": info}
         atomic_write_text(meta, json.dumps(record))  # written last: the commit mark
@@ -342,11 +421,6 @@ def load_or_build(kind: str, key: dict, signature: str,
     finally:
         if tmp.exists():
             tmp.unlink()
-    _remove_stale(npy)
-    found = _try_load(npy, meta, key, signature)
-    if found is None:  # pragma: no cover - only on a broken file system
-        raise UserError(f"the {kind} cache '{npy}' could not be read back; delete it and retry")
-    return found
 
 
 def _remove_stale(current: Path) -> None:

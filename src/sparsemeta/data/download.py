@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
+from sparsemeta.foundations.atomic import create_temp, fsync_dir
 from sparsemeta.foundations.errors import UserError
 
 
@@ -155,9 +156,9 @@ def fetch(remote: Remote, dest: Path, opener: Opener | None = None, log: IO[str]
     log = log if log is not None else sys.stderr
     problems = []
     for url in remote.urls:
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-        tmp = Path(tmp_name)
+        tmp = None
         try:
+            fd, tmp = create_temp(dest)  # readable like any downloaded file, not 0600
             with os.fdopen(fd, "wb") as out:
                 try:
                     response = opener(url)
@@ -187,12 +188,13 @@ def fetch(remote: Remote, dest: Path, opener: Opener | None = None, log: IO[str]
                 problems.append(f"{url}: {str(exc).replace(str(tmp), 'the download')}")
                 continue
             os.replace(tmp, dest)
+            fsync_dir(dest.parent)
             return dest
         except OSError as exc:
             raise UserError(f"cannot write '{dest}' ({exc.strerror or exc}); check the directory "
                             f"and free disk space") from None
         finally:
-            if tmp.exists():
+            if tmp is not None and tmp.exists():
                 tmp.unlink()
     raise UserError(f"could not download {remote.filename}: {'; '.join(problems)}; check the "
                     f"internet connection, or fetch the file by hand into '{dest.parent}'")

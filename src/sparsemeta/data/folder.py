@@ -30,6 +30,7 @@ from sparsemeta.data.cache import (
     load_layout,
     require_root,
     to_fewshot,
+    unreadable,
 )
 from sparsemeta.foundations.errors import UserError
 
@@ -70,7 +71,9 @@ def read_split_file(path: Path, names: list[str]) -> dict[str, list[int]]:
     """Class indices per split from a JSON ``{split: [class names]}`` file."""
     try:
         raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except OSError as exc:
+        raise unreadable(path, exc, "split file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"split file '{path}' is not valid JSON ({str(exc).splitlines()[0]})") from None
     if not isinstance(raw, dict) or set(raw) - set(SPLITS) or not all(
             isinstance(v, list) and all(isinstance(c, str) for c in v) for v in raw.values()):

@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from sparsemeta.foundations.atomic import atomic_write
+from sparsemeta.foundations.atomic import atomic_write, remove_stale_temps
+from sparsemeta.foundations.lock import exclusive
 
 __all__ = ["VERSION", "GlyphSpec", "generate", "load_or_generate", "pixel_nn_accuracy"]
 
@@ -469,6 +470,20 @@ def load_or_generate(
     cached = _try_load(spec, npy, meta)
     if cached is not None:
         return cached
+    # one generator at a time (a sweep starting N runs would otherwise generate N times)
+    with exclusive(cache / f".{spec.key()}.lock", f"the glyph cache in '{cache}'", wait=True):
+        cached = _try_load(spec, npy, meta)
+        if cached is not None:
+            return cached
+        remove_stale_temps(cache)  # left by generators that were killed
+        _generate_and_write(spec, npy, meta, workers)
+    cached = _try_load(spec, npy, meta)
+    if cached is None:  # pragma: no cover - only on a broken file system
+        raise OSError(f"failed to write glyph cache {npy}")
+    return cached
+
+
+def _generate_and_write(spec: GlyphSpec, npy: Path, meta: Path, workers: int) -> None:
     images, alphabet_of_class = generate(spec, workers=workers)
     info = {
         "key": spec.key(),
@@ -481,10 +496,6 @@ def load_or_generate(
     # The .npy is written last: a crash in between leaves a state _try_load rejects.
     atomic_write(meta, lambda f: f.write(json.dumps(info).encode()))
     atomic_write(npy, lambda f: np.save(f, images))
-    cached = _try_load(spec, npy, meta)
-    if cached is None:  # pragma: no cover - only on a broken file system
-        raise OSError(f"failed to write glyph cache {npy}")
-    return cached
 
 
 # --------------------------------------------------------------------------- reference

@@ -11,7 +11,9 @@
 4. the pickles ``mini-imagenet-cache-{train,val,test}.pkl`` (``-validation.pkl`` accepted), a
    dict with ``image_data`` (uint8 ``(N, 84, 84, 3)``) and ``class_dict`` (label → indices).
    They are read with a restricted unpickler that only rebuilds numpy arrays, so a foreign
-   pickle cannot run code.
+   pickle cannot run code, nor allocate more than the file holds; the class indices are checked
+   (integers in range, no repeats, no image in two classes, no class in two splits) before use,
+   and anything malformed is a one-line UserError (tests/data/test_pickle_fuzz.py).
 
 Images are 84×84×3 (resized with Lanczos if ``data.image_size`` differs), cached once as uint8 and
 memory-mapped (cache.py). Normalisation uses the ImageNet channel mean and std. Meta-training
@@ -25,6 +27,8 @@ import csv
 import io
 import os
 import pickle
+import struct
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
 from importlib import resources
@@ -45,8 +49,18 @@ from sparsemeta.data.cache import (
     load_or_build,
     require_root,
     to_fewshot,
+    unreadable,
 )
 from sparsemeta.foundations.errors import UserError
+
+try:  # numpy >= 2
+    from numpy._core.multiarray import _reconstruct
+    from numpy._core.multiarray import scalar as _scalar
+    from numpy._core.numeric import _frombuffer
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core.multiarray import _reconstruct
+    from numpy.core.multiarray import scalar as _scalar
+    from numpy.core.numeric import _frombuffer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -139,8 +153,11 @@ def _read_csv(path: Path) -> list[tuple[str, str]]:
 
 
 def _from_csv(root: Path, images_dir: Path) -> tuple[list, dict, list[Path]]:
-    with os.scandir(images_dir) as it:
-        present = {e.name for e in it if not e.name.startswith(".")}
+    try:
+        with os.scandir(images_dir) as it:
+            present = {e.name for e in it if not e.name.startswith(".")}
+    except OSError as exc:
+        raise unreadable(images_dir, exc, "directory") from None
     classes: list[tuple[str, list[Path]]] = []
     splits: dict[str, list[int]] = {}
     owner: dict[str, str] = {}
@@ -273,54 +290,250 @@ _ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
     ("numpy.core.numeric", "_frombuffer"),
 }
+#: no dtype in a mini-ImageNet pickle is wider than this (uint8 pixels, int64 indices)
+_MAX_ITEMSIZE = 64
+_LATIN1 = {"latin1", "latin-1", "latin_1", "iso-8859-1", "iso8859-1", "l1"}
 
 
 class _Forbidden(pickle.UnpicklingError):
     pass
 
 
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles dicts, lists, numbers, strings and numpy arrays; refuses anything else."""
+class _NdarrayClass:
+    """Stands for ``numpy.ndarray`` inside the pickle: only :func:`_reconstruct` may use it (as
+    numpy's own pickles do); calling it would allocate an array of any claimed size."""
+
+    def __call__(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN204
+        raise _Forbidden("numpy.ndarray called directly")
+
+
+_NDARRAY = _NdarrayClass()
+
+
+def _check_dtype(dtype: object) -> np.dtype:
+    if not isinstance(dtype, np.dtype) or dtype.itemsize > _MAX_ITEMSIZE:
+        raise _Forbidden(f"an unsupported numpy dtype ({type(dtype).__name__})")
+    return dtype
+
+
+def _safe_reconstruct(subtype: object, shape: object, typecode: object) -> np.ndarray:
+    # numpy pickles an array as _reconstruct(ndarray, (0,), b'b') + __setstate__(its bytes), so
+    # the array only ever holds bytes present in the file; a non-empty shape here would be an
+    # allocation out of nothing.
+    if subtype is not _NDARRAY or not isinstance(shape, tuple) or shape != (0,):
+        raise _Forbidden("numpy _reconstruct with unusual arguments")
+    if not isinstance(typecode, (bytes, str)) or len(typecode) != 1:
+        raise _Forbidden("numpy _reconstruct with unusual arguments")
+    return _reconstruct(np.ndarray, (0,), typecode)
+
+
+def _safe_dtype(obj: object, align: object = False, copy: object = False) -> np.dtype:
+    if not isinstance(obj, str) or len(obj) > 16:
+        raise _Forbidden("numpy.dtype of an unusual description")
+    return np.dtype(obj, bool(align), bool(copy))
+
+
+def _safe_scalar(dtype: object, obj: object = None) -> object:
+    _check_dtype(dtype)
+    if obj is None and not dtype.hasobject:
+        raise _Forbidden("numpy scalar without data")
+    return _scalar(dtype, obj)
+
+
+def _safe_frombuffer(buf: object, dtype: object, shape: object, order: object) -> np.ndarray:
+    _check_dtype(dtype)
+    if not isinstance(buf, (bytes, bytearray, memoryview)):
+        raise _Forbidden("numpy _frombuffer of a non-buffer")
+    return _frombuffer(buf, dtype, shape, order)
+
+
+def _safe_encode(obj: object, encoding: object = "utf-8", errors: object = "strict") -> bytes:
+    # how protocol-2 pickles carry bytes; any other codec could grow the data (hex: 2x per call)
+    if not isinstance(obj, str) or not isinstance(encoding, str) or encoding.lower() not in _LATIN1:
+        raise _Forbidden("_codecs.encode other than str → latin1 bytes")
+    return obj.encode("latin1")
+
+
+def _safe_bytearray(*args: object) -> bytearray:
+    # bytearray(n) would allocate and zero n bytes out of a few bytes of pickle
+    if not args:
+        return bytearray()
+    if len(args) == 1 and isinstance(args[0], (bytes, bytearray)):
+        return bytearray(args[0])
+    if (len(args) == 2 and isinstance(args[0], str) and isinstance(args[1], str)
+            and args[1].lower() in _LATIN1):
+        return bytearray(args[0], "latin1")
+    raise _Forbidden("bytearray of anything but bytes")
+
+
+_SAFE = {"ndarray": _NDARRAY, "dtype": _safe_dtype, "encode": _safe_encode,
+         "OrderedDict": OrderedDict, "bytearray": _safe_bytearray,
+         "_reconstruct": _safe_reconstruct, "scalar": _safe_scalar, "_frombuffer": _safe_frombuffer}
+
+
+class _Bounded:
+    """The pickle file, refusing any read longer than the whole file: a length field claiming
+    1 TB is a damaged file, not a reason to allocate 1 TB."""
+
+    def __init__(self, f: io.BufferedReader, size: int) -> None:
+        self._f, self.size = f, size
+        self.readline, self.readinto = f.readline, f.readinto
+
+    def read(self, n: int = -1) -> bytes:
+        if n > self.size:
+            raise EOFError(f"a field claims {n:,} bytes, more than the file's {self.size:,}")
+        return self._f.read(n)
+
+
+def _load_bytearray8(self: _ArrayUnpickler) -> None:
+    # pickle._Unpickler zero-fills a bytearray of the claimed length before reading into it
+    (n,) = struct.unpack("<Q", self.read(8))
+    if n > self.file_size:
+        raise EOFError(f"a bytearray claims {n:,} bytes, more than the file's {self.file_size:,}")
+    self.append(bytearray(self.read(n)))
+
+
+class _ArrayUnpickler(pickle._Unpickler):
+    """Unpickles dicts, lists, numbers, strings and numpy arrays; refuses anything else.
+
+    Each allowed global is replaced by a checked stand-in that cannot allocate more than the
+    file holds. The pure-Python unpickler is used on purpose: the C one sizes its memo table by
+    the largest index a pickle names, so ten bytes (``LONG_BINPUT 2**26``) make it allocate and
+    zero 1 GB; this one keeps the memo in a dict (and is as fast on these pickles, which are a
+    few large byte strings).
+    """
+
+    dispatch = {**pickle._Unpickler.dispatch, pickle.BYTEARRAY8[0]: _load_bytearray8}
+
+    def __init__(self, f: io.BufferedReader, size: int) -> None:
+        super().__init__(_Bounded(f, size), encoding="latin1")
+        self.file_size = size
 
     def find_class(self, module: str, name: str):  # noqa: ANN201
         if (module, name) not in _ALLOWED:
-            raise _Forbidden(f"{module}.{name}")
-        if module.startswith("numpy.core") and hasattr(np, "_core"):
-            module = "numpy._core" + module[len("numpy.core"):]  # numpy >= 2 (no warning)
-        return super().find_class(module, name)
+            raise _Forbidden(f"{module[:60]}.{name[:60]}")
+        return _SAFE[name]
+
+
+def _one_line(text: object, limit: int = 80) -> str:
+    """``text`` for an error message: one line, at most ``limit`` characters."""
+    out = " ".join(str(text).split())
+    return out if len(out) <= limit else out[:limit - 1] + "…"
+
+
+def _label(key: object) -> str:
+    return _one_line(repr(key), 40) if isinstance(key, str) else f"<a {type(key).__name__}>"
+
+
+def _indices(idx: object, n: int, budget: int, where: str) -> np.ndarray:
+    """One class's image indices as int64, checked before anything is expanded: a flat list,
+    tuple or 1-D integer array of at most ``budget`` indices, each in ``0..n-1``, no repeats."""
+    if isinstance(idx, np.ndarray):
+        if idx.dtype.kind not in "iu" or idx.ndim != 1:
+            raise UserError(f"{where} is a {idx.ndim}-D {idx.dtype} array, not a list of image "
+                            f"indices")
+        size = idx.size
+    elif isinstance(idx, (list, tuple)):
+        size = len(idx)
+    else:
+        raise UserError(f"{where} is a {type(idx).__name__}, not a list of image indices")
+    if size == 0:
+        raise UserError(f"{where} lists no images")
+    if size > budget:
+        raise UserError(f"{where} claims {size:,} images but only {budget:,} of the {n:,} in "
+                        f"image_data are not yet taken by earlier classes")
+    if isinstance(idx, np.ndarray):
+        lo, hi = int(idx.min()), int(idx.max())
+    else:
+        for v in idx:
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise UserError(f"{where} holds a {type(v).__name__}, not an image index")
+        lo, hi = int(min(idx)), int(max(idx))
+    if lo < 0 or hi >= n:
+        bad = lo if lo < 0 else hi
+        raise UserError(f"{where} points outside image_data (index {_one_line(bad, 30)}, "
+                        f"{n:,} images)")
+    arr = np.asarray(idx, dtype=np.int64)
+    uniq, counts = np.unique(arr, return_counts=True)
+    if len(uniq) != len(arr):
+        raise UserError(f"{where} lists image {int(uniq[counts > 1][0])} more than once")
+    return arr
+
+
+def _check_pickle(obj: object, path: Path, file_size: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The checks of one unpickled object (any failure is a one-line UserError)."""
+    expected = "expected a dict with image_data (N, 84, 84, 3) uint8 and class_dict"
+    if not isinstance(obj, dict):
+        raise UserError(f"'{path}' is not a mini-ImageNet pickle: {expected}, found a "
+                        f"{type(obj).__name__}")
+    data = obj.get("image_data")
+    class_dict = obj.get("class_dict")
+    if data is None or class_dict is None:
+        keys = ", ".join(_label(k) for k in list(obj)[:6]) + (", …" if len(obj) > 6 else "")
+        raise UserError(f"'{path}' is not a mini-ImageNet pickle: {expected}, found keys [{keys}]")
+    if (not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 4
+            or data.shape[-1] != 3 or min(data.shape) < 1):
+        what = (f"a {data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray)
+                else f"a {type(data).__name__}")
+        raise UserError(f"'{path}' is not a mini-ImageNet pickle: {expected}, found image_data "
+                        f"{_one_line(what)}")
+    if data.nbytes > file_size:
+        raise UserError(f"'{path}': image_data claims {data.nbytes:,} bytes but the file has "
+                        f"{file_size:,}; download it again")
+    if not isinstance(class_dict, dict) or not class_dict:
+        what = "an empty dict" if isinstance(class_dict, dict) else f"a {type(class_dict).__name__}"
+        raise UserError(f"'{path}' is not a mini-ImageNet pickle: {expected} (label → image "
+                        f"indices), found class_dict {what}")
+    n = len(data)
+    if len(class_dict) > n:
+        raise UserError(f"'{path}': class_dict has {len(class_dict):,} classes for {n:,} images")
+    owner = np.full(n, -1, dtype=np.int32)
+    labels: list[str] = []
+    out: dict[str, np.ndarray] = {}
+    budget = n
+    for label, idx in class_dict.items():
+        if not isinstance(label, str) or not label.isprintable() or not 0 < len(label) <= 200:
+            raise UserError(f"'{path}': class_dict has the key {_label(label)}; class labels "
+                            f"must be strings such as 'n01532829'")
+        where = f"'{path}': class_dict[{_label(label)}]"
+        arr = _indices(idx, n, budget, where)
+        taken = owner[arr]
+        if (taken >= 0).any():
+            i = int(arr[np.argmax(taken >= 0)])
+            raise UserError(f"'{path}': image {i} is in two classes, "
+                            f"{_label(labels[owner[i]])} and {_label(label)}")
+        owner[arr] = len(labels)
+        labels.append(label)
+        out[label] = arr
+        budget -= len(arr)
+    return data, out
 
 
 def read_pickle(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """``(image_data (N, H, W, 3) uint8, {label: indices})`` of one mini-ImageNet pickle."""
+    """``(image_data (N, H, W, 3) uint8, {label: indices})`` of one mini-ImageNet pickle.
+
+    Whatever the file holds, the result is this or a one-line UserError: only numpy arrays,
+    dicts, lists, numbers and strings are rebuilt, nothing can allocate more than the file holds,
+    and the indices are checked (integers, in range, no repeats, no image in two classes)
+    before they are used.
+    """
     sniff(path, "a mini-ImageNet pickle")
     try:
         with open(path, "rb") as f:
-            obj = _ArrayUnpickler(f, encoding="latin1").load()
+            file_size = os.fstat(f.fileno()).st_size
+            obj = _ArrayUnpickler(f, file_size).load()
+        return _check_pickle(obj, path, file_size)
+    except UserError:
+        raise
     except _Forbidden as exc:
-        raise UserError(f"'{path}' is not a mini-ImageNet pickle (it references {exc}); refusing "
-                        f"to load it, download the file again") from None
+        raise UserError(f"'{path}' is not a mini-ImageNet pickle (it references "
+                        f"{_one_line(exc)}); refusing to load it, download the file again") from None
     except MemoryError:
         raise UserError(f"not enough memory to unpickle '{path}'; free memory or use the "
                         f"images/ + CSV form") from None
     except Exception as exc:  # EOFError, UnpicklingError, ValueError, ... = truncated/corrupt
         raise UserError(f"'{path}' is truncated or not a pickle ({type(exc).__name__}: "
-                        f"{str(exc)[:80]}); download it again") from None
-    keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-    data = obj.get("image_data") if isinstance(obj, dict) else None
-    class_dict = obj.get("class_dict") if isinstance(obj, dict) else None
-    if (not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 4
-            or data.shape[-1] != 3 or not isinstance(class_dict, dict) or not class_dict):
-        shape = getattr(data, "shape", None)
-        raise UserError(f"'{path}' is not a mini-ImageNet pickle: expected a dict with image_data "
-                        f"(N, 84, 84, 3) uint8 and class_dict, found {keys} (image_data {shape})")
-    out = {}
-    for label, idx in class_dict.items():
-        arr = np.asarray(idx, dtype=np.int64).reshape(-1)
-        if arr.size and (arr.min() < 0 or arr.max() >= len(data)):
-            raise UserError(f"'{path}': class_dict['{label}'] points outside image_data; download "
-                            f"the file again")
-        out[str(label)] = arr
-    return data, out
+                        f"{_one_line(exc)}); download it again") from None
 
 
 def _resize_hwc(block: np.ndarray, size: int) -> np.ndarray:
@@ -336,9 +549,14 @@ def _build_from_pickles(src: PickleSource, size: int, tmp: Path) -> dict:
     n = 0
     try:
         with open(raw, "wb") as out:
+            owner: dict[str, str] = {}
             for split in SPLITS:
                 data, class_dict = read_pickle(src.files[split])
                 for label in sorted(class_dict):
+                    if label in owner:
+                        raise UserError(f"class {label!r} is in both the {owner[label]} and the "
+                                        f"{split} pickle of '{src.root}'; the splits overlap")
+                    owner[label] = split
                     block = data[class_dict[label]]
                     if block.shape[1:3] != (size, size):
                         block = _resize_hwc(block, size)

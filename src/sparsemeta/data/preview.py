@@ -10,10 +10,34 @@ from PIL import Image
 from sparsemeta.data.base import FewShotData
 from sparsemeta.foundations.errors import UserError
 
+#: image formats a contact sheet (8-bit grey or RGB) is written in, if this Pillow can write them
+FORMATS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pdf")
+
+
+def supported_suffixes() -> tuple[str, ...]:
+    """The suffixes of :data:`FORMATS` that the installed Pillow can write."""
+    Image.init()
+    writable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+    return tuple(ext for ext in FORMATS if ext in writable)
+
+
+def check_out(out: str | Path) -> Path:
+    """``out`` if its suffix is a format the sheet can be written in, else a one-line UserError
+    listing the supported suffixes. Cheap: call it before loading any data."""
+    out = Path(out)
+    suffixes = supported_suffixes()
+    if out.suffix.lower() not in suffixes:
+        got = f"'{out.suffix}'" if out.suffix else "no suffix"
+        raise UserError(f"--out '{out}' has {got}; a contact sheet can be written as "
+                        f"{', '.join(suffixes)}")
+    return out
+
 
 def contact_sheet(data: FewShotData, split: str, out: str | Path, classes: int = 12,
                   per_class: int = 20, pad: int = 2) -> np.ndarray:
-    """Write a PNG grid of the first ``classes`` classes of ``split``; return the grid array."""
+    """Write an image grid (format from the suffix of ``out``, see :func:`check_out`) of the
+    first ``classes`` classes of ``split``; return the grid array."""
+    out = check_out(out)
     per_split = data.classes[split]
     if classes < 1 or per_class < 1:
         raise UserError("--classes and --per-class must be >= 1")
@@ -31,6 +55,7 @@ def contact_sheet(data: FewShotData, split: str, out: str | Path, classes: int =
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     try:
         img.save(out)
-    except OSError as exc:
-        raise UserError(f"cannot write '{out}': {exc.strerror or exc}") from None
+    except (OSError, ValueError) as exc:
+        reason = " ".join(str(exc.strerror if isinstance(exc, OSError) and exc.strerror else exc).split())
+        raise UserError(f"cannot write '{out}': {reason}") from None
     return grid
