@@ -27,11 +27,33 @@ from dataclasses import dataclass
 import numpy as np
 
 from sparsemeta_edge.data import channel_stats, to_float
-from sparsemeta_edge.nn import Conv4, cross_entropy, init_head, softmax
-from sparsemeta_edge.smz import EdgeError, SmzModel
+from sparsemeta_edge.nn import Conv4, block_names, cross_entropy, init_head, softmax
+from sparsemeta_edge.smz import EdgeError, SmzModel, printable
 
 Stats = list[tuple[np.ndarray, np.ndarray]]
 Rates = float | dict[str, float | np.ndarray]
+
+
+HEAD = frozenset({"head.weight", "head.bias"})
+UPDATE_HELP = ("head: the classifier only; bn: batch-norm weights and biases + head; last:K: the "
+               "last K conv blocks (1-4) + head; all: every parameter (default)")
+
+
+def update_names(mode: str) -> frozenset[str] | None:
+    """The parameters ``--update MODE`` fine-tunes (None: all). Every mode trains the head: the
+    local classes need their own classifier (a re-initialised head that never moved would
+    predict at random), and it is the cheapest layer to train."""
+    if mode == "all":
+        return None
+    if mode == "head":
+        return HEAD
+    if mode == "bn":
+        return HEAD | {n for i in range(4) for n in block_names(i)[2:]}
+    k = mode[len("last:"):] if mode.startswith("last:") else ""
+    if k.isdigit() and 1 <= int(k) <= 4:
+        return HEAD | {n for i in range(4 - int(k), 4) for n in block_names(i)}
+    raise EdgeError(f"--update must be head, bn, last:K (K in 1..4) or all; got "
+                    f"'{printable(mode)}'")
 
 
 def network(model: SmzModel) -> Conv4:
@@ -203,6 +225,7 @@ def finetune(
     lr: float | None = None,
     batch: int = 25,
     seed: int = 0,
+    update: str = "all",
     log: Callable[[str], None] = print,
 ) -> tuple[SmzModel, list[EpochLog]]:
     """Fine-tune on a local labelled set (uint8 images) with masked SGD at the model's inner
@@ -212,8 +235,11 @@ def finetune(
 
     Returns a new model (the input is not modified) holding the best weights, the SGD steps
     they took (``adapted_steps``), the local class names, the normalisation used and the
-    reference batch-norm statistics.
+    reference batch-norm statistics. ``update`` selects the parameters trained
+    (``update_names``); the others stay bit-identical and backward stops below the lowest
+    updated block.
     """
+    trained = update_names(update)
     if epochs < 1 or patience < 1 or batch < 1:
         raise EdgeError("--epochs, --patience and --batch must be >= 1")
     if not 0 <= holdout < 1:
@@ -249,6 +275,8 @@ def finetune(
         arch["ways"] = ways
     adapter = Adapter(model, lr)
     net = adapter.net
+    net.trainable = trained
+    kept = [k for k in model.params if trained is None or k in trained]
     rng = np.random.default_rng(seed)
     train_idx, hold_idx = split_holdout(labels, holdout, rng)
     ref_idx = balanced_sample(labels[train_idx], batch, rng)
@@ -256,7 +284,8 @@ def finetune(
     rule = describe_rates(model) if lr is None else f"lr {lr} for every tensor (--lr)"
     slots = f" ({man['bn_steps']} per-step slots)" if man.get("bn_steps", 1) > 1 else ""
     log(f"fine-tuning on {len(train_idx)} images of {ways} classes, {len(hold_idx)} held out; "
-        f"{rule}, batch {batch}, batch norm '{bn}'{slots}, density {model.density:.3f}")
+        f"{rule}, batch {batch}, batch norm '{bn}'{slots}, density {model.density:.3f}; "
+        f"updating {update} ({sum(model.params[k].size for k in kept)} parameters)")
 
     logs: list[EpochLog] = []
     best_loss, best_params, best_steps, bad = np.inf, None, adapter.step, 0
@@ -287,7 +316,7 @@ def finetune(
             continue
         if hl < best_loss - min_delta:
             best_loss, best_steps, bad = hl, adapter.step, 0
-            best_params = {k: v.copy() for k, v in model.params.items()}
+            best_params = {k: model.params[k].copy() for k in kept}
         else:
             bad += 1
             if bad >= patience:
@@ -315,7 +344,7 @@ def finetune(
         "holdout_accuracy": (None if best_params is None else
                              float(min((e for e in logs if e.holdout_loss is not None),
                                        key=lambda e: e.holdout_loss).holdout_acc)),
-        "reference_images": int(len(ref_idx)),
+        "reference_images": int(len(ref_idx)), "update": update,
     }
     return model, logs
 
