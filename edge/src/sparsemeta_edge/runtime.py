@@ -151,7 +151,16 @@ def stored_stats(model: SmzModel) -> Stats | None:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """Peak resident memory of this process so far: ``VmHWM`` on Linux (ru_maxrss there also
+    counts the parent's memory when this process was started by fork + exec), else ru_maxrss
+    (KiB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 

@@ -157,7 +157,8 @@ class _Payload:
         self.offset = 0
 
     def add(self, array: np.ndarray, dtype: str | np.dtype, name: str) -> list[int]:
-        stored = np.ascontiguousarray(array, dtype=np.dtype(dtype))
+        with np.errstate(over="ignore"):  # beyond float16's range: refused just below
+            stored = np.ascontiguousarray(array, dtype=np.dtype(dtype))
         if stored.dtype.kind == "f" and not np.isfinite(stored).all():
             raise SmzError(f"'{name}' has values that are not finite in {np.dtype(dtype).name} "
                            "(NaN, inf, or beyond float16's range); a file that holds them "
