@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from sparsemeta_edge import smz
-from sparsemeta_edge.budget import BASELINE_BYTES, estimate, parse_size
+from sparsemeta_edge.budget import BASELINE_BYTES, OVERHEAD_BYTES, estimate, parse_size
 from sparsemeta_edge.cli import _dense_bytes
 from sparsemeta_edge.cli import main as edge_main
 from sparsemeta_edge.data import load_folder, to_float
@@ -227,6 +227,7 @@ def test_plan_estimate_equals_a_hand_calculation():
         # 2·16·16·9·4
         "working": 1024 + 2 * 4096 + 18432,
         "images": 3 * 256 + 2 * 256 * (1 + 4),  # all uint8 + one batch as uint8 and float32
+        "overhead": OVERHEAD_BYTES,
         "baseline": BASELINE_BYTES,
     }
     head = estimate(_tiny(), images=3, update="head", batch=2)
@@ -242,9 +243,10 @@ def test_plan_cli_exit_status_says_whether_it_fits(tmp_path, capsys):
     smz.save(tmp_path / "m.smz", man, params, masks)
     assert edge_main(["plan", str(tmp_path / "m.smz"), "--ram", "512M", "--images", "200"]) == 0
     out = capsys.readouterr().out
-    for part in ("weights", "gradients", "activations", "working", "images", "baseline", "fits"):
+    for part in ("weights", "gradients", "activations", "working", "images", "overhead",
+                 "baseline", "fits"):
         assert part in out
-    assert edge_main(["plan", str(tmp_path / "m.smz"), "--ram", "41M", "--images", "200",
+    assert edge_main(["plan", str(tmp_path / "m.smz"), "--ram", "47M", "--images", "200",
                       "--update", "all"]) == 1
     assert "does NOT fit" in capsys.readouterr().out
     assert edge_main(["plan", str(tmp_path / "m.smz"), "--ram", "lots", "--images", "2"]) == 2

@@ -13,6 +13,7 @@ term, so that a device can be checked before a long run is started:
   one im2col group, and x̂ and the padded input where they are not kept) or backward (input
   gradient, output gradient, one group's dy/dz and im2col/col2im columns);
 * image buffer — every image as uint8 (``load_folder``), plus one batch as uint8 and as floats;
+* overhead — BLAS workspace and allocator slack, a measured constant (``OVERHEAD_BYTES``);
 * the interpreter baseline — CPython with NumPy, Pillow and this package imported, a measured
   constant (``BASELINE_BYTES``).
 """
@@ -32,6 +33,10 @@ from sparsemeta_edge.smz import SmzModel
 #: ru_maxrss right after ``import numpy, PIL.Image, sparsemeta_edge.cli`` (CPython 3.11, NumPy
 #: 2.4, Pillow, x86-64 Linux: 39.5–39.7 MB measured); 32-bit ARM builds need less
 BASELINE_BYTES = 40 << 20
+#: what fine-tuning adds beyond its arrays: OpenBLAS's packing buffers, glibc's slack between
+#: freed and reused blocks, modules loaded on first use — measured 6–8 MB above the arrays
+#: (Conv4-32 at 28×28×1 and 84×84×3, every update mode)
+OVERHEAD_BYTES = 6 << 20
 MiB = 1 << 20
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", re.IGNORECASE)
@@ -143,6 +148,7 @@ def estimate(model: SmzModel, images: int, update: str = "all", batch: int = 25,
         "activations": kept,
         "working": working,
         "images": images * pixels + step * pixels * (1 + item),
+        "overhead": OVERHEAD_BYTES,
         "baseline": BASELINE_BYTES,
     }
     notes = {
@@ -153,6 +159,7 @@ def estimate(model: SmzModel, images: int, update: str = "all", batch: int = 25,
         "working": "largest block's transient buffers (output, im2col group, gradients)",
         "images": f"{images} × {arch['in_channels']}×{arch['image_size']}×"
                   f"{arch['image_size']} uint8 + one batch of {step} as floats",
+        "overhead": "BLAS workspace, allocator slack (measured constant)",
         "baseline": "CPython + NumPy + Pillow imported (measured constant)",
     }
     return Budget(parts, notes)
