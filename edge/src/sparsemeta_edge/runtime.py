@@ -221,6 +221,59 @@ def evaluate(net: Conv4, x_u8: np.ndarray, y: np.ndarray, mean: list[float], std
     return losses / len(y), hits / len(y)
 
 
+def _prepare(model: SmzModel, images: np.ndarray, class_names: list[str], seed: int,
+             log: Callable[[str], None]) -> tuple[list[float], list[float]]:
+    """Fit a model copy to the local data, in place: the input normalisation (the local
+    data's where the model has none) and a new head when the number of classes differs.
+    Returns the normalisation's mean and std."""
+    man = model.manifest
+    arch = man["architecture"]
+    inp = man.setdefault("input", {})
+    if images.shape[1] != arch["in_channels"]:
+        raise EdgeError(f"images have {images.shape[1]} channel(s), the model expects {arch['in_channels']}")
+    if inp.get("mean") is None or inp.get("std") is None:
+        inp["mean"], inp["std"] = channel_stats(images)
+        inp["stats_source"] = "local data"
+        log(f"the model has no input normalisation; using the local data's mean {inp['mean']} "
+            f"and std {inp['std']}")
+    ways = len(class_names)
+    dtype = model.params["head.weight"].dtype
+    if ways != arch["ways"]:
+        features = model.params["head.weight"].shape[1]
+        rates = ""
+        if man.get("lr_rule") == "metasgd":
+            rates = _head_alpha(model, ways, features, dtype)
+        elif man.get("lr_rule") == "lslr":
+            rates = "; its learned per-step rates are kept (they are per tensor, not per class)"
+        model.params["head.weight"], model.params["head.bias"] = init_head(ways, features, dtype, seed)
+        model.masks["head.weight"] = np.ones((ways, features), bool)
+        log(f"the local data has {ways} classes but the exported head has {arch['ways']}; "
+            f"re-initialised the head for {ways} classes (dense, Xavier-uniform){rates}")
+        arch["ways"] = ways
+    return inp["mean"], inp["std"]
+
+
+def _train_epoch(adapter: Adapter, images: np.ndarray, labels: np.ndarray, order: np.ndarray,
+                 batch: int, mean: list[float], std: list[float]) -> tuple[float, float]:
+    """One pass of SGD steps over ``order`` in batches; mean loss and accuracy before each."""
+    loss_sum, acc_sum = 0.0, 0.0
+    for i in range(0, len(order), batch):
+        idx = np.sort(order[i:i + batch])
+        xb = to_float(images[idx], mean, std, adapter.net.dtype)
+        loss, acc = adapter.sgd_step(xb, labels[idx])
+        loss_sum += loss * len(idx)
+        acc_sum += acc * len(idx)
+    return loss_sum / len(order), acc_sum / len(order)
+
+
+def _store_reference_stats(model: SmzModel, reference: np.ndarray) -> None:
+    """Batch-norm statistics of a class-balanced reference batch, at the model's step, stored
+    so that a single image can be classified later (``bn_stats.*``)."""
+    net = network(model)
+    for i, (m, v) in enumerate(net.batch_stats(reference, model.manifest["adapted_steps"])):
+        model.extra[f"bn_stats.{i}.mean"], model.extra[f"bn_stats.{i}.var"] = m, v
+
+
 def finetune(
     model: SmzModel,
     images: np.ndarray,
@@ -255,33 +308,12 @@ def finetune(
         raise EdgeError(f"--holdout must be in [0, 1), got {holdout}")
     model = copy.deepcopy(model)
     man = model.manifest
-    arch = man["architecture"]
     bn = man.get("bn", "transductive")
     if lr is not None and not lr > 0:
         raise EdgeError(f"--lr must be > 0, got {lr}")
-    inp = man.setdefault("input", {})
-    if images.shape[1] != arch["in_channels"]:
-        raise EdgeError(f"images have {images.shape[1]} channel(s), the model expects {arch['in_channels']}")
-    if inp.get("mean") is None or inp.get("std") is None:
-        inp["mean"], inp["std"] = channel_stats(images)
-        inp["stats_source"] = "local data"
-        log(f"the model has no input normalisation; using the local data's mean {inp['mean']} "
-            f"and std {inp['std']}")
-    mean, std = inp["mean"], inp["std"]
+    mean, std = _prepare(model, images, class_names, seed, log)
     ways = len(class_names)
     dtype = model.params["head.weight"].dtype
-    if ways != arch["ways"]:
-        features = model.params["head.weight"].shape[1]
-        rates = ""
-        if man.get("lr_rule") == "metasgd":
-            rates = _head_alpha(model, ways, features, dtype)
-        elif man.get("lr_rule") == "lslr":
-            rates = "; its learned per-step rates are kept (they are per tensor, not per class)"
-        model.params["head.weight"], model.params["head.bias"] = init_head(ways, features, dtype, seed)
-        model.masks["head.weight"] = np.ones((ways, features), bool)
-        log(f"the local data has {ways} classes but the exported head has {arch['ways']}; "
-            f"re-initialised the head for {ways} classes (dense, Xavier-uniform){rates}")
-        arch["ways"] = ways
     adapter = Adapter(model, lr)
     net = adapter.net
     net.trainable = trained
@@ -300,25 +332,19 @@ def finetune(
     best_loss, best_params, best_steps, bad = np.inf, None, adapter.step, 0
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
-        order = rng.permutation(train_idx)
-        loss_sum, acc_sum = 0.0, 0.0
-        for i in range(0, len(order), batch):
-            idx = np.sort(order[i:i + batch])
-            xb = to_float(images[idx], mean, std, dtype)
-            loss, acc = adapter.sgd_step(xb, labels[idx])
-            loss_sum += loss * len(idx)
-            acc_sum += acc * len(idx)
+        train_loss, train_acc = _train_epoch(adapter, images, labels,
+                                             rng.permutation(train_idx), batch, mean, std)
         hl = ha = None
         if len(hold_idx):
             stats = (net.batch_stats(to_float(ref_u8, mean, std, dtype), adapter.step)
                      if bn == "support" else adapter.stats())
             hl, ha = evaluate(net, images[hold_idx], labels[hold_idx], mean, std, stats, batch,
                               adapter.step)
-        if not np.isfinite(loss_sum) or (hl is not None and not np.isfinite(hl)):
+        if not np.isfinite(train_loss) or (hl is not None and not np.isfinite(hl)):
             raise EdgeError(f"fine-tuning diverged at epoch {epoch} (loss not finite) with "
                             f"{rule}; pass a lower --lr")
-        entry = EpochLog(epoch, loss_sum / len(order), acc_sum / len(order), hl, ha,
-                         time.perf_counter() - start, peak_rss_mb())
+        entry = EpochLog(epoch, train_loss, train_acc, hl, ha, time.perf_counter() - start,
+                         peak_rss_mb())
         logs.append(entry)
         log(entry.line(epochs))
         if hl is None:
@@ -332,27 +358,24 @@ def finetune(
                 log(f"early stop: holdout loss has not improved by more than {min_delta} "
                     f"for {patience} epoch(s)")
                 break
-    if best_params is not None:
-        best = min((e for e in logs if e.holdout_loss is not None), key=lambda e: e.holdout_loss)
+    best = min((e for e in logs if e.holdout_loss is not None), key=lambda e: e.holdout_loss,
+               default=None)
+    if best_params is not None and best is not None:
         model.params.update(best_params)
         log(f"kept the weights of epoch {best.epoch} (holdout loss {best.holdout_loss:.4f}, "
             f"accuracy {100 * best.holdout_acc:.1f}%)")
     man["adapted_steps"] = best_steps if best_params is not None else adapter.step
     if bn != "running":  # under 'running' predictions use the running statistics instead
-        net = network(model)
-        ref = to_float(ref_u8, mean, std, dtype)
-        for i, (m, v) in enumerate(net.batch_stats(ref, man["adapted_steps"])):
-            model.extra[f"bn_stats.{i}.mean"], model.extra[f"bn_stats.{i}.var"] = m, v
+        _store_reference_stats(model, to_float(ref_u8, mean, std, dtype))
     man["class_names"] = list(class_names)
     scalar = lr is not None or man.get("lr_rule", "scalar") == "scalar"
+    kept_best = best if best_params is not None else None
     man["finetuned"] = {
         "epochs": len(logs), "lr_rule": "scalar" if scalar else man["lr_rule"],
         "lr": adapter.rates() if scalar else None, "batch": batch, "train_images": int(len(train_idx)),
         "holdout_images": int(len(hold_idx)), "seed": seed,
-        "holdout_loss": None if best_params is None else float(best_loss),
-        "holdout_accuracy": (None if best_params is None else
-                             float(min((e for e in logs if e.holdout_loss is not None),
-                                       key=lambda e: e.holdout_loss).holdout_acc)),
+        "holdout_loss": None if kept_best is None else float(kept_best.holdout_loss),
+        "holdout_accuracy": None if kept_best is None else float(kept_best.holdout_acc),
         "reference_images": int(len(ref_idx)), "update": update,
     }
     return model, logs
