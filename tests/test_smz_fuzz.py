@@ -184,6 +184,23 @@ def cases() -> dict[str, bytes]:
     bad = bytearray(payload)
     bad[mask[0] + mask[1] - 1] |= 0x01  # 5×4=20 bits: the last byte's 4 padding bits
     out["mask padding bit set"] = forge(man, bytes(bad))
+    return {**out, **wrong_types(raw)}
+
+
+WRONG = {"not a field": 1}  # the wrong type for every field: no field is an object of this key
+
+
+def wrong_types(raw: bytes) -> dict[str, bytes]:
+    """Every field of the manifest, of its nested objects and of a tensor entry, in turn set
+    to an object of the wrong shape."""
+    man, _ = split(raw)
+    out = {f"wrong type: {key}": edit(raw, _set(key, WRONG)) for key in man}
+    for parent in ("architecture", "input"):
+        out.update({f"wrong type: {parent}.{key}": edit(raw, _set(f"{parent}.{key}", WRONG))
+                    for key in man[parent]})
+    tensor = entry(man, "blocks.1.conv.weight")
+    out.update({f"wrong type: tensor.{key}": edit(raw, _set(key, WRONG, "blocks.1.conv.weight"))
+                for key in tensor})
     return out
 
 
@@ -206,7 +223,52 @@ def test_base_file_is_valid_and_small():
 
 
 def test_there_are_at_least_40_cases():
-    assert len(cases()) >= 40
+    assert len(cases()) >= 40 + len(wrong_types(base_file()))
+
+
+OLD_FILES = Path(__file__).resolve().parent / "smz_files"
+
+
+def test_version_1_and_2_files_of_the_previous_writer_are_still_read():
+    """Files written by the version-2 writer (commit 702baee): a plain sparse MAML ticket
+    (version 1) and Meta-SGD with per-step batch norm, running statistics and fine-tuning's
+    reference statistics (version 2) decode to the values they were written from."""
+    v1 = smz.load(OLD_FILES / "v1.smz")
+    assert v1.manifest["version"] == 1 and len(v1.checksum) == 64
+    man, params, masks, _ = _v1_source()
+    for k, v in params.items():
+        np.testing.assert_array_equal(v1.params[k], v, err_msg=k)
+    for k, m in masks.items():
+        np.testing.assert_array_equal(v1.masks[k], m)
+    v2 = smz.load(OLD_FILES / "v2.smz")
+    assert v2.manifest["version"] == 2 and v2.manifest["lr_rule"] == "metasgd"
+    assert v2.params["blocks.2.bn.running_var"].shape == (3, FILTERS)
+    assert v2.params["blocks.2.bn.weight"].shape == (3, FILTERS)
+    assert set(v2.rates) == {k for k in v2.params if "running" not in k}
+    assert sorted(v2.extra) == sorted(f"bn_stats.{i}.{s}" for i in range(4) for s in ("mean", "var"))
+    assert edge_main(["info", str(OLD_FILES / "v2.smz")]) == 0
+    flipped = bytearray((OLD_FILES / "v2.smz").read_bytes())
+    flipped[-3] ^= 0x10  # the payload's checksum still guards versions 1 and 2
+    with pytest.raises(smz.SmzError, match="checksum"):
+        smz.decode(bytes(flipped))
+
+
+def _v1_source() -> tuple[dict, dict, dict, dict]:
+    """What tests/smz_files/v1.smz was written from (``test_edge_device.make_model`` with
+    filters 4, density 0.5, seed 3, at that commit)."""
+    rng = np.random.default_rng(3)
+    shapes = param_shapes(1, 5, 28, FILTERS, "maxpool")
+    params, masks = {}, {}
+    for name, shape in shapes.items():
+        if is_prunable(name, shape):
+            fan = int(np.prod(shape[1:]))
+            params[name] = rng.normal(0, np.sqrt(2 / fan), size=shape).astype(np.float32)
+            masks[name] = rng.random(shape) < 0.5
+            params[name] *= masks[name]
+        else:
+            params[name] = (rng.uniform(0.5, 1.5, shape) if name.endswith("bn.weight")
+                            else rng.normal(0, 0.1, shape)).astype(np.float32)
+    return {}, params, masks, {}
 
 
 @pytest.mark.parametrize("name", list(cases()))
