@@ -251,3 +251,42 @@ def test_plan_cli_exit_status_says_whether_it_fits(tmp_path, capsys):
     assert "does NOT fit" in capsys.readouterr().out
     assert edge_main(["plan", str(tmp_path / "m.smz"), "--ram", "lots", "--images", "2"]) == 2
     assert parse_size("1.5G") == 3 << 29 and parse_size("300MiB") == 300 << 20
+
+
+_MEASURE = """
+import json, sys
+sys.modules["torch"] = None
+import numpy, PIL.Image
+from sparsemeta_edge import cli, runtime
+baseline = runtime.peak_rss_mb()
+rc = cli.main(sys.argv[1:])
+print(json.dumps({"rc": rc, "baseline_mb": baseline, "peak_mb": runtime.peak_rss_mb()}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["head", "all"])
+def test_plan_is_within_20_percent_of_the_measured_peak(tmp_path, mode):
+    """``sparsemeta-edge finetune`` in a fresh process (Conv4-32, 28×28, 60 images, as the
+    default run's ticket): its peak RSS against the plan, with the plan's baseline constant
+    replaced by this interpreter's measured one (the constant is for the documented setup)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    man, params, masks, _ = make_model(filters=32, density=0.3)
+    smz.save(tmp_path / "m.smz", man, params, masks)
+    data = _folder(tmp_path / "data", classes=5, per_class=12)
+    edge_src = str(Path(__file__).resolve().parents[1] / "edge" / "src")
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEASURE, "finetune", str(tmp_path / "m.smz"), "--data", str(data),
+         "--epochs", "2", "--update", mode, "--out", str(tmp_path / "t.smz")],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": edge_src, "OMP_NUM_THREADS": "1",
+             "OPENBLAS_NUM_THREADS": "1"})
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert measured["rc"] == 0, proc.stderr
+    plan = estimate(smz.load(tmp_path / "m.smz"), images=60, update=mode, batch=25)
+    predicted = (plan.total - BASELINE_BYTES) / 2**20 + measured["baseline_mb"]
+    assert abs(predicted / measured["peak_mb"] - 1) <= 0.20, (predicted, measured)
