@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import struct
 import tempfile
@@ -484,7 +483,3 @@ def size_bound(model: SmzModel) -> int:
         bits += 64 * value.size
     return bits // 8 + 4096
 
-
-def dense_fp32_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
-    """fp32 bytes of tensors of these shapes (what a dense export would store)."""
-    return 4 * sum(math.prod(s) for s in shapes.values())
