@@ -15,6 +15,15 @@ save (``skip%``) so the decision is measured, not guessed.
 
     python benchmarks/edge.py            # full grid (~3-4 min on one core)
     python benchmarks/edge.py --quick    # fewer steps, densities 100% and 10%
+
+``--finetune MODEL.smz`` measures ``sparsemeta-edge finetune`` itself instead, once per
+``--update`` mode, each in a fresh process (torch unimportable) on a synthetic class folder:
+the interpreter's baseline RSS (after imports), the peak RSS, the runtime's own share (peak −
+baseline), seconds per epoch, and ``sparsemeta-edge plan``'s estimate against the measured
+peak (target: within 20%). ``--finetune synthetic:SIZExCHANNELS`` (e.g. ``synthetic:84x3``)
+writes a random 20%-density Conv4-32 ticket of that input size first.
+
+    python benchmarks/edge.py --finetune model.smz --images 100
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ CONFIGS = {  # name: (image size, channels, filters)
 }
 WAYS = 5
 SRC = Path(__file__).resolve().parents[1] / "src"
+EDGE_SRC = Path(__file__).resolve().parents[1] / "edge" / "src"
 ENV_THREADS = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
@@ -123,8 +133,8 @@ def child_torch(spec: dict) -> dict:
 def run_child(script: str, spec: dict, *args: str) -> dict:
     """Run one measurement of ``script --child SPEC`` in a fresh, single-threaded process (it
     pins itself); its last output line is the JSON result."""
-    env = {**os.environ, **ENV_THREADS,
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, **ENV_THREADS, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(SRC), str(EDGE_SRC), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, script, *args, "--child", json.dumps(spec)],
                           capture_output=True, text=True, env=env, timeout=600)
     if proc.returncode != 0:
@@ -132,19 +142,130 @@ def run_child(script: str, spec: dict, *args: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+UPDATE_MODES = ("head", "bn", "last:1", "last:2", "all")
+FINETUNE_TARGETS_MB = {"head": 40, "all": 64}  # the runtime's own peak (above the baseline)
+PLAN_TOLERANCE = 0.20
+
+
+def child_finetune(spec: dict) -> dict:
+    """One ``sparsemeta-edge finetune`` run through its CLI: baseline, peak, time per epoch."""
+    import contextlib
+    import io
+    import re
+
+    sys.modules["torch"] = None  # type: ignore[assignment]
+    import numpy as np  # noqa: F401  (the baseline includes what the CLI imports)
+    import PIL.Image  # noqa: F401
+
+    from sparsemeta_edge import cli, data, runtime  # noqa: F401
+    from sparsemeta_edge.budget import estimate
+    from sparsemeta_edge.smz import load
+
+    baseline = runtime.peak_rss_mb()
+    out = io.StringIO()
+    argv = ["finetune", spec["model"], "--data", spec["data"], "--epochs", str(spec["epochs"]),
+            "--patience", str(spec["epochs"]), "--batch", str(spec["batch"]), "--update",
+            spec["update"], "--out", spec["out"]]
+    with contextlib.redirect_stdout(out):
+        rc = cli.main(argv)
+    if rc:
+        raise RuntimeError(f"finetune failed ({rc}): {out.getvalue()[-500:]}")
+    peak = runtime.peak_rss_mb()
+    times = [float(t) for t in re.findall(r"time (\d+\.\d+)s", out.getvalue())]
+    plan = estimate(load(spec["model"]), spec["images"], spec["update"], spec["batch"])
+    return {"baseline_mb": baseline, "peak_mb": peak, "epoch_s": sorted(times)[len(times) // 2],
+            "estimate_mb": plan.total / 2**20, "parts": plan.parts}
+
+
+def _synthetic_ticket(spec: str, path: Path) -> str:
+    """A random 20%-density Conv4-32 ticket for SIZExCHANNELS inputs (e.g. 84x3)."""
+    import numpy as np
+
+    from sparsemeta_edge import smz
+    from sparsemeta_edge.nn import is_prunable, param_shapes
+
+    size, channels = (int(v) for v in spec.split(":", 1)[1].split("x"))
+    rng = np.random.default_rng(0)
+    params, masks = {}, {}
+    for name, shape in param_shapes(channels, WAYS, size, 32, "maxpool").items():
+        params[name] = (rng.normal(0, 0.1, shape) + (name.endswith("bn.weight"))).astype(np.float32)
+        if is_prunable(name, shape):
+            masks[name] = rng.random(shape) < 0.2
+            params[name] *= masks[name]
+    man = {"architecture": {"name": "conv4", "in_channels": channels, "image_size": size,
+                            "filters": 32, "downsample": "maxpool", "ways": WAYS},
+           "inner_lr": 0.01, "inner_steps": 5, "bn": "transductive",
+           "input": {"mean": [0.5] * channels, "std": [0.25] * channels}}
+    smz.save(path, man, params, masks)
+    return str(path)
+
+
+def _image_folder(root: Path, images: int, size: int, channels: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(images):
+        folder = root / f"class_{i % WAYS}"
+        folder.mkdir(parents=True, exist_ok=True)
+        shape = (size, size) if channels == 1 else (size, size, channels)
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def finetune_table(model: str, images: int, batch: int, epochs: int) -> bool:
+    """Measure every update mode; print the table; True if every target is met."""
+    import tempfile
+
+    from sparsemeta_edge.smz import load
+
+    work = Path(tempfile.mkdtemp(prefix="edge-bench-"))
+    if model.startswith("synthetic:"):
+        model = _synthetic_ticket(model, work / "synthetic.smz")
+    arch = load(model).manifest["architecture"]
+    _image_folder(work / "data", images, arch["image_size"], arch["in_channels"])
+    print(f"{model}: {images} images {arch['in_channels']}×{arch['image_size']}², batch {batch}, "
+          f"{epochs} epochs; one core; MB = MiB")
+    head = (f"{'update':<7} {'baseline':>8} {'peak':>7} {'own':>7} {'target':>6} {'s/epoch':>8} "
+            f"{'plan':>7} {'plan/peak':>9}  ok")
+    print(head + "\n" + "-" * len(head))
+    ok_all = True
+    for mode in UPDATE_MODES:
+        spec = {"runtime": "finetune", "model": model, "data": str(work / "data"),
+                "update": mode, "images": images, "batch": batch, "epochs": epochs,
+                "out": str(work / "tuned.smz")}
+        r = run_child(__file__, spec)
+        own = r["peak_mb"] - r["baseline_mb"]
+        ratio = r["estimate_mb"] / r["peak_mb"]
+        target = FINETUNE_TARGETS_MB.get(mode)
+        ok = abs(ratio - 1) <= PLAN_TOLERANCE and (target is None or own <= target)
+        ok_all &= ok
+        print(f"{mode:<7} {r['baseline_mb']:>8.1f} {r['peak_mb']:>7.1f} {own:>7.1f} "
+              f"{'' if target is None else target:>6} {r['epoch_s']:>8.3f} "
+              f"{r['estimate_mb']:>7.1f} {ratio:>9.2f}  {'yes' if ok else 'NO'}", flush=True)
+    return ok_all
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps; densities 100%% and 10%%")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--finetune", default=None, metavar="MODEL",
+                        help="measure sparsemeta-edge finetune per --update mode on MODEL.smz "
+                             "(or synthetic:84x3)")
+    parser.add_argument("--images", type=int, default=100, help="images for --finetune")
+    parser.add_argument("--batch", type=int, default=25, help="batch for --finetune")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs for --finetune")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     pin()
     if args.child:
         spec = json.loads(args.child)
-        result = (child_numpy if spec["runtime"] == "numpy" else child_torch)(spec)
-        print(json.dumps(result))
+        children = {"numpy": child_numpy, "torch": child_torch, "finetune": child_finetune}
+        print(json.dumps(children[spec["runtime"]](spec)))
         return 0
+    if args.finetune:
+        return 0 if finetune_table(args.finetune, args.images, args.batch, args.epochs) else 1
 
     densities = (1.0, 0.1) if args.quick else (1.0, 0.5, 0.2, 0.1)
     steps = args.steps or (5 if args.quick else 15)

@@ -119,14 +119,15 @@ def test_size_bound_holds_and_round_trip_is_exact(tmp_path, density):
 def test_manifest_carries_what_adaptation_needs(tmp_path):
     make_run(tmp_path / "run", 0.3)
     export_run(tmp_path / "run", tmp_path / "m.smz")
-    m = smz.load(tmp_path / "m.smz").manifest
+    loaded = smz.load(tmp_path / "m.smz")
+    m = loaded.manifest
     assert m["architecture"] == {"name": "conv4", "in_channels": 1, "image_size": 28,
                                  "filters": 16, "layer_filters": [16] * 4,
                                  "downsample": "maxpool", "ways": 5}
     assert (m["bn"], m["inner_lr"], m["inner_steps"], m["algorithm"]) == ("support", 0.3, 5, "maml")
     assert m["input"]["size"] == 28 and m["input"]["channels"] == 1
     assert m["input"]["mean"] == [0.0] and m["input"]["std"] == [1.0]  # glyphs: x / 255
-    assert len(m["payload_sha256"]) == 64 and m["density"] == pytest.approx(0.3, abs=0.02)
+    assert len(loaded.checksum) == 64 and m["density"] == pytest.approx(0.3, abs=0.02)
 
 
 def test_checksum_mismatch_and_truncation_are_detected(tmp_path):
@@ -238,7 +239,7 @@ def test_metasgd_alpha_is_stored_for_kept_weights_only(tmp_path, fp16):
     result = export_run(tmp_path / "run", tmp_path / "m.smz", fp16=fp16)
     model = smz.load(tmp_path / "m.smz")
     man = model.manifest
-    assert (man["algorithm"], man["lr_rule"], man["version"]) == ("metasgd", "metasgd", 2)
+    assert (man["algorithm"], man["lr_rule"], man["version"]) == ("metasgd", "metasgd", smz.FORMAT_VERSION)
     width = 2 if fp16 else 4
     for t in man["tensors"]:
         name, shape = t["name"], tuple(t["shape"])
@@ -273,7 +274,7 @@ def test_lslr_per_step_and_running_batch_norm_round_trip_exactly(tmp_path):
     man = model.manifest
     assert (man["algorithm"], man["lr_rule"], man["bn"], man["bn_steps"]) == (
         "mamlpp", "lslr", "running", 3)
-    assert (man["inner_steps"], man["train_inner_steps"], man["version"]) == (3, 2, 2)
+    assert (man["inner_steps"], man["train_inner_steps"], man["version"]) == (3, 2, 3)
     assert list(model.params) == [k for k in state if not k.startswith("inner_lr.")]
     for k, v in state.items():
         if k.startswith("inner_lr."):
@@ -289,7 +290,7 @@ def test_lslr_per_step_and_running_batch_norm_round_trip_exactly(tmp_path):
     assert (tmp_path / "m.smz").stat().st_size <= smz.size_bound(model)
     plain = make_run(tmp_path / "plain", 0.3)
     export_run(tmp_path / "plain", tmp_path / "p.smz")
-    assert smz.load(tmp_path / "p.smz").manifest["version"] == 1  # nothing of version 2 used
+    assert smz.load(tmp_path / "p.smz").manifest["version"] == 3  # every file is written as 3
     assert not plain["state"].keys() - smz.load(tmp_path / "p.smz").params.keys()
     text = export_command(tmp_path / "run", tmp_path / "c.smz")
     assert "adaptation: mamlpp, learned rates per layer and step, batch norm 'running', " \
@@ -304,7 +305,7 @@ def test_newer_format_versions_are_refused_with_what_to_do(tmp_path):
     manifest = json.loads(raw[8:8 + n])
     manifest["version"] = smz.FORMAT_VERSION + 1
     text = json.dumps(manifest).encode()
-    with pytest.raises(smz.SmzError, match="version 3; .* update sparsemeta-edge"):
+    with pytest.raises(smz.SmzError, match=f"version {smz.FORMAT_VERSION + 1}; .* update sparsemeta-edge"):
         smz.decode(raw[:4] + struct.pack("<I", len(text)) + text + raw[8 + n:])
 
 
@@ -341,7 +342,8 @@ def test_filter_pruned_ticket_exports_as_a_smaller_dense_conv4(tmp_path):
     # size: 4 bytes per value of the 8-filter network plus header and manifest, no mask bits
     values = sum(v.size for v in model.params.values())
     assert man["payload_bytes"] == 4 * values
-    assert result["bytes"] == 8 + len(json.dumps(man, separators=(",", ":")).encode()) + 4 * values
+    assert result["bytes"] == (8 + len(json.dumps(man, separators=(",", ":")).encode()) + 4 * values
+                               + smz.TRAILER_BYTES)
     assert result["bytes"] == export_bytes(tmp_path / "run") == out.stat().st_size
     assert result["dense_fp32_bytes"] == 4 * 7333 and 4 * values / result["dense_fp32_bytes"] < 0.27
     # the same parameter count unstructured needs bitmasks: the structured file is smaller

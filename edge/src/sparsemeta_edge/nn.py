@@ -23,7 +23,7 @@ statistics ``blocks.{i}.bn.running_mean|var`` of the same shape) uses the slot o
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,26 +49,41 @@ def slot(array: np.ndarray, step: int) -> np.ndarray:
 
 
 def param_shapes(in_channels: int, ways: int, image_size: int, filters: int, downsample: str,
-                 bn_steps: int = 1, running: bool = False) -> dict[str, tuple[int, ...]]:
+                 bn_steps: int = 1, running: bool = False,
+                 layer_filters: Sequence[int] | None = None) -> dict[str, tuple[int, ...]]:
     """Names and shapes of Conv4's ``state_dict`` entries, in order: parameters, with per-step
-    batch norm if ``bn_steps > 1``, and running statistics if ``running``."""
+    batch norm if ``bn_steps > 1``, and running statistics if ``running``. ``layer_filters``
+    gives a compacted (filter-pruned) network's width per block (default ``filters`` each)."""
+    widths = list(layer_filters) if layer_filters is not None else [filters] * 4
     shapes: dict[str, tuple[int, ...]] = {}
     c = in_channels
-    bn = (filters,) if bn_steps == 1 else (bn_steps, filters)
-    for i in range(4):
+    for i, width in enumerate(widths):
+        bn = (width,) if bn_steps == 1 else (bn_steps, width)
         w, b, g, beta = block_names(i)
-        shapes[w], shapes[b], shapes[g], shapes[beta] = (filters, c, 3, 3), (filters,), bn, bn
+        shapes[w], shapes[b], shapes[g], shapes[beta] = (width, c, 3, 3), (width,), bn, bn
         if running:
             for name in running_names(i):
-                shapes[name] = (bn_steps, filters)
-        c = filters
+                shapes[name] = (bn_steps, width)
+        c = width
+    size = feature_size(image_size, downsample)
+    if size < 1:
+        raise ValueError(f"image_size {image_size} is too small for four downsampling blocks")
+    shapes["head.weight"], shapes["head.bias"] = (ways, c * size * size), (ways,)
+    return shapes
+
+
+def feature_size(image_size: int, downsample: str) -> int:
+    """Side of the last feature map: four halvings (ceil for stride 2, floor for max-pool)."""
     size = image_size
     for _ in range(4):
         size = (size + 1) // 2 if downsample == "stride" else size // 2
-    if size < 1:
-        raise ValueError(f"image_size {image_size} is too small for four downsampling blocks")
-    shapes["head.weight"], shapes["head.bias"] = (ways, filters * size * size), (ways,)
-    return shapes
+    return size
+
+
+def is_prunable(name: str, shape: tuple[int, ...]) -> bool:
+    """Conv and linear weights: rank ≥ 2 (``sparsemeta.sparsity.masks.prunable_names``), but not
+    batch norm's (steps, C) per-step weights and running statistics."""
+    return len(shape) >= 2 and ".bn." not in name
 
 
 def init_head(ways: int, features: int, dtype: np.dtype | type, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -151,15 +166,21 @@ def conv_forward(xp: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride: in
     return z
 
 
-def conv_backward_add(xp: np.ndarray, dz: np.ndarray, wm: np.ndarray, dwm: np.ndarray,
-                      dxp: np.ndarray | None, stride: int, nchw: bool = False) -> None:
+def conv_backward_add(xp: np.ndarray | None, dz: np.ndarray, wm: np.ndarray,
+                      dwm: np.ndarray | None, dxp: np.ndarray | None, stride: int,
+                      nchw: bool = False) -> None:
     """The adjoint of ``conv_forward`` for one group of images: adds the gradient of the
-    (9·C, F) weight matrix into ``dwm`` and, unless None (the image), of the padded input into
+    (9·C, F) weight matrix into ``dwm`` (unless None: a frozen conv, whose input ``xp`` was not
+    kept) and, unless None (the image, or the first updated block), of the padded input into
     ``dxp``. im2col is rebuilt here rather than kept from the forward pass (memory)."""
-    _, _, ho, wo = _geometry(xp, stride, nchw)
-    cols = _im2col(xp, stride, ho, wo, nchw)
-    dwm += cols.T @ dz
-    del cols
+    ref = xp if xp is not None else dxp
+    if ref is None:
+        return
+    _, _, ho, wo = _geometry(ref, stride, nchw and xp is not None)
+    if dwm is not None and xp is not None:
+        cols = _im2col(xp, stride, ho, wo, nchw)
+        dwm += cols.T @ dz
+        del cols
     if dxp is not None:
         _col2im_add(dxp, dz @ wm.T, stride, ho, wo)
 
@@ -235,7 +256,8 @@ def _pool_backward(dout: np.ndarray, idx: np.ndarray, shape: tuple[int, ...]) ->
 class _Block:
     """What one block keeps for the backward pass."""
 
-    xp: np.ndarray  # padded input
+    xp: np.ndarray | None  # padded input, kept only where the conv weight is updated
+    in_shape: tuple[int, ...]  # shape of the padded input
     xhat: np.ndarray  # normalised conv output (n·h·w, F)
     inv: np.ndarray  # 1 / sqrt(var + eps)
     shape: tuple[int, int, int, int]  # (n, h, w, F) of the conv output
@@ -259,6 +281,16 @@ class Conv4:
     _feat: np.ndarray | None = None
     _rows: int | None = None
     _step: int = 0
+    trainable: frozenset[str] | None = None  # parameters backward computes gradients of; all if None
+
+    def trains(self, name: str) -> bool:
+        return self.trainable is None or name in self.trainable
+
+    @property
+    def first_block(self) -> int:
+        """The lowest block with an updated parameter (4: the head only). Backward stops there:
+        blocks below keep no activations and no input gradient is computed for it."""
+        return next((i for i in range(4) if any(map(self.trains, block_names(i)))), 4)
 
     @property
     def stride(self) -> int:
@@ -316,7 +348,9 @@ class Conv4:
                 out[n0:n1], r = y4, (y4 > 0 if keep else None)
             if route is not None:
                 route[n0:n1] = r
-        blk = _Block(xp, z, inv, (n, ho, wo, f), route) if keep and route is not None else None
+        blk = None
+        if keep and route is not None:
+            blk = _Block(xp if self.trains(wname) else None, xp.shape, z, inv, (n, ho, wo, f), route)
         return out, blk, (mean, var)
 
     def forward(self, x: np.ndarray, stats_rows: int | None = None,
@@ -332,9 +366,10 @@ class Conv4:
             raise ValueError(f"batch-norm statistics need at least one row, got {stats_rows}")
         a = np.asarray(x, dtype=self.dtype)
         cache: list[_Block] = []
+        first = self.first_block
         for i in range(4):
-            a, blk, _ = self._block_forward(i, a, rows, None if stats is None else stats[i], keep,
-                                            step)
+            a, blk, _ = self._block_forward(i, a, rows, None if stats is None else stats[i],
+                                            keep and i >= first, step)
             if blk is not None:
                 cache.append(blk)
         feat = np.ascontiguousarray(a.transpose(0, 3, 1, 2)).reshape(n, -1)
@@ -362,26 +397,30 @@ class Conv4:
                 for i in range(4)]
 
     def backward(self, dlogits: np.ndarray) -> dict[str, np.ndarray]:
-        """Gradients of all parameters from the last ``forward(..., keep=True)``; pruned entries
-        of masked weights get exactly zero."""
+        """Gradients of the updated parameters (``trainable``; all if None) from the last
+        ``forward(..., keep=True)``; pruned entries of masked weights get exactly zero. The
+        pass stops at ``first_block``."""
         if self._cache is None or self._feat is None or self._rows is None:
             raise RuntimeError("backward() needs a forward(..., keep=True) first")
         p = self.params
         cache, feat, rows = self._cache, self._feat, self._rows
         self._cache = self._feat = None
-        grads: dict[str, np.ndarray] = {
-            "head.weight": dlogits.T @ feat,
-            "head.bias": dlogits.sum(axis=0),
-        }
+        grads: dict[str, np.ndarray] = {}
+        if self.trains("head.weight"):
+            grads["head.weight"] = dlogits.T @ feat
+        if self.trains("head.bias"):
+            grads["head.bias"] = dlogits.sum(axis=0)
         del feat
-        n = dlogits.shape[0]
-        shape = cache[-1].shape
-        oh, ow = (shape[1] // 2, shape[2] // 2) if self.downsample == "maxpool" else shape[1:3]
-        da = (dlogits @ p["head.weight"]).reshape(n, shape[3], oh, ow).transpose(0, 2, 3, 1)
-        for i in range(3, -1, -1):
-            blk = cache.pop()
-            da = self._block_backward(i, blk, da, rows, grads)
-            del blk
+        first = self.first_block
+        if first < 4:
+            n = dlogits.shape[0]
+            shape = cache[-1].shape
+            oh, ow = (shape[1] // 2, shape[2] // 2) if self.downsample == "maxpool" else shape[1:3]
+            da = (dlogits @ p["head.weight"]).reshape(n, shape[3], oh, ow).transpose(0, 2, 3, 1)
+            for i in range(3, first - 1, -1):
+                blk = cache.pop()
+                da = self._block_backward(i, blk, da, rows, grads, need_input=i > first)
+                del blk
         for name, m in self.masks.items():
             if name in grads and not m.all():
                 grads[name] *= m
@@ -399,18 +438,10 @@ class Conv4:
             dy = np.multiply(d, blk.route[n0:n1])
         return dy.reshape(-1, f)
 
-    def _block_backward(self, i: int, blk: _Block, da: np.ndarray, rows: int,
-                        grads: dict[str, np.ndarray]) -> np.ndarray | None:
-        """Batch-norm and conv gradients of one block, per group of images, in two passes (the
-        batch-norm gradient needs Σdy and Σdy·x̂ over the batch before any dz is known):
-        dz = γ·inv·(dy − [reference rows]·(Σdy + x̂·Σdy·x̂)/n_ref)."""
-        p = self.params
-        wname, bname, gname, betaname = block_names(i)
-        nchw = i == 0
+    def _bn_sums(self, blk: _Block, da: np.ndarray, g: int) -> tuple[np.ndarray, np.ndarray]:
+        """Σdy and Σdy·x̂ over the batch (batch norm's β and γ gradients), per group of images."""
         n, h, w, f = blk.shape
         per = h * w
-        _, c, _, _ = _geometry(blk.xp, self.stride, nchw)
-        g = _group(n, per * (9 * c + 2 * f) * blk.xhat.itemsize)
         dbeta = np.zeros(f, dtype=np.float64)
         dgamma = np.zeros(f, dtype=np.float64)
         for n0 in range(0, n, g):
@@ -419,12 +450,27 @@ class Conv4:
             dbeta += rowsum(dy)
             dgamma += rowsum(dy, blk.xhat[n0 * per:n1 * per])
         dtype = blk.xhat.dtype
-        dbeta, dgamma = dbeta.astype(dtype), dgamma.astype(dtype)
+        return dbeta.astype(dtype), dgamma.astype(dtype)
+
+    def _block_backward(self, i: int, blk: _Block, da: np.ndarray, rows: int,
+                        grads: dict[str, np.ndarray], need_input: bool = True) -> np.ndarray | None:
+        """Batch-norm and conv gradients of one block, per group of images, in two passes (the
+        batch-norm gradient needs Σdy and Σdy·x̂ over the batch before any dz is known):
+        dz = γ·inv·(dy − [reference rows]·(Σdy + x̂·Σdy·x̂)/n_ref). The conv weight's gradient
+        only where it is updated; the input's only if ``need_input`` (a block below updates)."""
+        p = self.params
+        wname, bname, gname, betaname = block_names(i)
+        nchw = i == 0
+        n, h, w, f = blk.shape
+        per = h * w
+        c = blk.in_shape[1] if nchw else blk.in_shape[3]
+        g = _group(n, per * (9 * c + 2 * f) * blk.xhat.itemsize)
+        dbeta, dgamma = self._bn_sums(blk, da, g)
         ref = rows * per
         scale = slot(p[gname], self._step) * blk.inv
         wm = _weight_matrix(p[wname], nchw)
-        dwm = np.zeros(wm.shape, dtype=wm.dtype)
-        dxp = None if nchw else np.zeros_like(blk.xp)
+        dwm = None if blk.xp is None else np.zeros(wm.shape, dtype=wm.dtype)
+        dxp = np.zeros(blk.in_shape, dtype=blk.xhat.dtype) if need_input and not nchw else None
         for n0 in range(0, n, g):
             n1 = min(n, n0 + g)
             r0, r1 = n0 * per, n1 * per
@@ -434,13 +480,17 @@ class Conv4:
                 xr *= scale * dgamma / ref
                 xr += scale * dbeta / ref
                 dz[:len(xr)] -= xr
-            conv_backward_add(blk.xp[n0:n1], dz, wm, dwm, None if dxp is None else dxp[n0:n1],
-                              self.stride, nchw)
-        grads[wname] = np.ascontiguousarray(
-            dwm.T.reshape(f, c, 3, 3) if nchw else dwm.reshape(3, 3, c, f).transpose(3, 2, 0, 1))
-        # batch statistics cancel the conv bias (its gradient is exactly 0); fixed ones do not
-        grads[bname] = scale * dbeta if rows == 0 else np.zeros(f, dtype=wm.dtype)
-        grads[gname], grads[betaname] = self._per_step(gname, dgamma), self._per_step(betaname, dbeta)
+            conv_backward_add(None if blk.xp is None else blk.xp[n0:n1], dz, wm, dwm,
+                              None if dxp is None else dxp[n0:n1], self.stride, nchw)
+        if dwm is not None:
+            grads[wname] = np.ascontiguousarray(
+                dwm.T.reshape(f, c, 3, 3) if nchw else dwm.reshape(3, 3, c, f).transpose(3, 2, 0, 1))
+        if self.trains(bname):  # batch statistics cancel the conv bias (gradient exactly 0)
+            grads[bname] = scale * dbeta if rows == 0 else np.zeros(f, dtype=wm.dtype)
+        if self.trains(gname):
+            grads[gname] = self._per_step(gname, dgamma)
+        if self.trains(betaname):
+            grads[betaname] = self._per_step(betaname, dbeta)
         return None if dxp is None else dxp[:, 1:-1, 1:-1, :]
 
     def _per_step(self, name: str, grad: np.ndarray) -> np.ndarray:

@@ -27,11 +27,33 @@ from dataclasses import dataclass
 import numpy as np
 
 from sparsemeta_edge.data import channel_stats, to_float
-from sparsemeta_edge.nn import Conv4, cross_entropy, init_head, softmax
-from sparsemeta_edge.smz import EdgeError, SmzModel
+from sparsemeta_edge.nn import Conv4, block_names, cross_entropy, init_head, softmax
+from sparsemeta_edge.smz import EdgeError, SmzModel, printable
 
 Stats = list[tuple[np.ndarray, np.ndarray]]
 Rates = float | dict[str, float | np.ndarray]
+
+
+HEAD = frozenset({"head.weight", "head.bias"})
+UPDATE_HELP = ("head: the classifier only; bn: batch-norm weights and biases + head; last:K: the "
+               "last K conv blocks (1-4) + head; all: every parameter (default)")
+
+
+def update_names(mode: str) -> frozenset[str] | None:
+    """The parameters ``--update MODE`` fine-tunes (None: all). Every mode trains the head: the
+    local classes need their own classifier (a re-initialised head that never moved would
+    predict at random), and it is the cheapest layer to train."""
+    if mode == "all":
+        return None
+    if mode == "head":
+        return HEAD
+    if mode == "bn":
+        return HEAD | {n for i in range(4) for n in block_names(i)[2:]}
+    k = mode[len("last:"):] if mode.startswith("last:") else ""
+    if k.isdigit() and 1 <= int(k) <= 4:
+        return HEAD | {n for i in range(4 - int(k), 4) for n in block_names(i)}
+    raise EdgeError(f"--update must be head, bn, last:K (K in 1..4) or all; got "
+                    f"'{printable(mode)}'")
 
 
 def network(model: SmzModel) -> Conv4:
@@ -129,7 +151,16 @@ def stored_stats(model: SmzModel) -> Stats | None:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """Peak resident memory of this process so far: ``VmHWM`` on Linux (ru_maxrss there also
+    counts the parent's memory when this process was started by fork + exec), else ru_maxrss
+    (KiB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
@@ -190,40 +221,13 @@ def evaluate(net: Conv4, x_u8: np.ndarray, y: np.ndarray, mean: list[float], std
     return losses / len(y), hits / len(y)
 
 
-def finetune(
-    model: SmzModel,
-    images: np.ndarray,
-    labels: np.ndarray,
-    class_names: list[str],
-    *,
-    epochs: int = 20,
-    patience: int = 3,
-    min_delta: float = 0.0,
-    holdout: float = 0.2,
-    lr: float | None = None,
-    batch: int = 25,
-    seed: int = 0,
-    log: Callable[[str], None] = print,
-) -> tuple[SmzModel, list[EpochLog]]:
-    """Fine-tune on a local labelled set (uint8 images) with masked SGD at the model's inner
-    learning rate(s) (``Adapter``; ``lr`` replaces them by one scalar) and its batch-norm
-    policy; early stopping on the held-out loss. Every mini-batch is one adaptation step, so
-    past meta-training's inner steps the last learned rate and batch-norm slot are used.
-
-    Returns a new model (the input is not modified) holding the best weights, the SGD steps
-    they took (``adapted_steps``), the local class names, the normalisation used and the
-    reference batch-norm statistics.
-    """
-    if epochs < 1 or patience < 1 or batch < 1:
-        raise EdgeError("--epochs, --patience and --batch must be >= 1")
-    if not 0 <= holdout < 1:
-        raise EdgeError(f"--holdout must be in [0, 1), got {holdout}")
-    model = copy.deepcopy(model)
+def _prepare(model: SmzModel, images: np.ndarray, class_names: list[str], seed: int,
+             log: Callable[[str], None]) -> tuple[list[float], list[float]]:
+    """Fit a model copy to the local data, in place: the input normalisation (the local
+    data's where the model has none) and a new head when the number of classes differs.
+    Returns the normalisation's mean and std."""
     man = model.manifest
     arch = man["architecture"]
-    bn = man.get("bn", "transductive")
-    if lr is not None and not lr > 0:
-        raise EdgeError(f"--lr must be > 0, got {lr}")
     inp = man.setdefault("input", {})
     if images.shape[1] != arch["in_channels"]:
         raise EdgeError(f"images have {images.shape[1]} channel(s), the model expects {arch['in_channels']}")
@@ -232,7 +236,6 @@ def finetune(
         inp["stats_source"] = "local data"
         log(f"the model has no input normalisation; using the local data's mean {inp['mean']} "
             f"and std {inp['std']}")
-    mean, std = inp["mean"], inp["std"]
     ways = len(class_names)
     dtype = model.params["head.weight"].dtype
     if ways != arch["ways"]:
@@ -247,8 +250,74 @@ def finetune(
         log(f"the local data has {ways} classes but the exported head has {arch['ways']}; "
             f"re-initialised the head for {ways} classes (dense, Xavier-uniform){rates}")
         arch["ways"] = ways
+    return inp["mean"], inp["std"]
+
+
+def _train_epoch(adapter: Adapter, images: np.ndarray, labels: np.ndarray, order: np.ndarray,
+                 batch: int, mean: list[float], std: list[float]) -> tuple[float, float]:
+    """One pass of SGD steps over ``order`` in batches; mean loss and accuracy before each."""
+    loss_sum, acc_sum = 0.0, 0.0
+    for i in range(0, len(order), batch):
+        idx = np.sort(order[i:i + batch])
+        xb = to_float(images[idx], mean, std, adapter.net.dtype)
+        loss, acc = adapter.sgd_step(xb, labels[idx])
+        loss_sum += loss * len(idx)
+        acc_sum += acc * len(idx)
+    return loss_sum / len(order), acc_sum / len(order)
+
+
+def _store_reference_stats(model: SmzModel, reference: np.ndarray) -> None:
+    """Batch-norm statistics of a class-balanced reference batch, at the model's step, stored
+    so that a single image can be classified later (``bn_stats.*``)."""
+    net = network(model)
+    for i, (m, v) in enumerate(net.batch_stats(reference, model.manifest["adapted_steps"])):
+        model.extra[f"bn_stats.{i}.mean"], model.extra[f"bn_stats.{i}.var"] = m, v
+
+
+def finetune(
+    model: SmzModel,
+    images: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str],
+    *,
+    epochs: int = 20,
+    patience: int = 3,
+    min_delta: float = 0.0,
+    holdout: float = 0.2,
+    lr: float | None = None,
+    batch: int = 25,
+    seed: int = 0,
+    update: str = "all",
+    log: Callable[[str], None] = print,
+) -> tuple[SmzModel, list[EpochLog]]:
+    """Fine-tune on a local labelled set (uint8 images) with masked SGD at the model's inner
+    learning rate(s) (``Adapter``; ``lr`` replaces them by one scalar) and its batch-norm
+    policy; early stopping on the held-out loss. Every mini-batch is one adaptation step, so
+    past meta-training's inner steps the last learned rate and batch-norm slot are used.
+
+    Returns a new model (the input is not modified) holding the best weights, the SGD steps
+    they took (``adapted_steps``), the local class names, the normalisation used and the
+    reference batch-norm statistics. ``update`` selects the parameters trained
+    (``update_names``); the others stay bit-identical and backward stops below the lowest
+    updated block.
+    """
+    trained = update_names(update)
+    if epochs < 1 or patience < 1 or batch < 1:
+        raise EdgeError("--epochs, --patience and --batch must be >= 1")
+    if not 0 <= holdout < 1:
+        raise EdgeError(f"--holdout must be in [0, 1), got {holdout}")
+    model = copy.deepcopy(model)
+    man = model.manifest
+    bn = man.get("bn", "transductive")
+    if lr is not None and not lr > 0:
+        raise EdgeError(f"--lr must be > 0, got {lr}")
+    mean, std = _prepare(model, images, class_names, seed, log)
+    ways = len(class_names)
+    dtype = model.params["head.weight"].dtype
     adapter = Adapter(model, lr)
     net = adapter.net
+    net.trainable = trained
+    kept = [k for k in model.params if trained is None or k in trained]
     rng = np.random.default_rng(seed)
     train_idx, hold_idx = split_holdout(labels, holdout, rng)
     ref_idx = balanced_sample(labels[train_idx], batch, rng)
@@ -256,66 +325,58 @@ def finetune(
     rule = describe_rates(model) if lr is None else f"lr {lr} for every tensor (--lr)"
     slots = f" ({man['bn_steps']} per-step slots)" if man.get("bn_steps", 1) > 1 else ""
     log(f"fine-tuning on {len(train_idx)} images of {ways} classes, {len(hold_idx)} held out; "
-        f"{rule}, batch {batch}, batch norm '{bn}'{slots}, density {model.density:.3f}")
+        f"{rule}, batch {batch}, batch norm '{bn}'{slots}, density {model.density:.3f}; "
+        f"updating {update} ({sum(model.params[k].size for k in kept)} parameters)")
 
     logs: list[EpochLog] = []
     best_loss, best_params, best_steps, bad = np.inf, None, adapter.step, 0
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
-        order = rng.permutation(train_idx)
-        loss_sum, acc_sum = 0.0, 0.0
-        for i in range(0, len(order), batch):
-            idx = np.sort(order[i:i + batch])
-            xb = to_float(images[idx], mean, std, dtype)
-            loss, acc = adapter.sgd_step(xb, labels[idx])
-            loss_sum += loss * len(idx)
-            acc_sum += acc * len(idx)
+        train_loss, train_acc = _train_epoch(adapter, images, labels,
+                                             rng.permutation(train_idx), batch, mean, std)
         hl = ha = None
         if len(hold_idx):
             stats = (net.batch_stats(to_float(ref_u8, mean, std, dtype), adapter.step)
                      if bn == "support" else adapter.stats())
             hl, ha = evaluate(net, images[hold_idx], labels[hold_idx], mean, std, stats, batch,
                               adapter.step)
-        if not np.isfinite(loss_sum) or (hl is not None and not np.isfinite(hl)):
+        if not np.isfinite(train_loss) or (hl is not None and not np.isfinite(hl)):
             raise EdgeError(f"fine-tuning diverged at epoch {epoch} (loss not finite) with "
                             f"{rule}; pass a lower --lr")
-        entry = EpochLog(epoch, loss_sum / len(order), acc_sum / len(order), hl, ha,
-                         time.perf_counter() - start, peak_rss_mb())
+        entry = EpochLog(epoch, train_loss, train_acc, hl, ha, time.perf_counter() - start,
+                         peak_rss_mb())
         logs.append(entry)
         log(entry.line(epochs))
         if hl is None:
             continue
         if hl < best_loss - min_delta:
             best_loss, best_steps, bad = hl, adapter.step, 0
-            best_params = {k: v.copy() for k, v in model.params.items()}
+            best_params = {k: model.params[k].copy() for k in kept}
         else:
             bad += 1
             if bad >= patience:
                 log(f"early stop: holdout loss has not improved by more than {min_delta} "
                     f"for {patience} epoch(s)")
                 break
-    if best_params is not None:
-        best = min((e for e in logs if e.holdout_loss is not None), key=lambda e: e.holdout_loss)
+    best = min((e for e in logs if e.holdout_loss is not None), key=lambda e: e.holdout_loss,
+               default=None)
+    if best_params is not None and best is not None:
         model.params.update(best_params)
         log(f"kept the weights of epoch {best.epoch} (holdout loss {best.holdout_loss:.4f}, "
             f"accuracy {100 * best.holdout_acc:.1f}%)")
     man["adapted_steps"] = best_steps if best_params is not None else adapter.step
     if bn != "running":  # under 'running' predictions use the running statistics instead
-        net = network(model)
-        ref = to_float(ref_u8, mean, std, dtype)
-        for i, (m, v) in enumerate(net.batch_stats(ref, man["adapted_steps"])):
-            model.extra[f"bn_stats.{i}.mean"], model.extra[f"bn_stats.{i}.var"] = m, v
+        _store_reference_stats(model, to_float(ref_u8, mean, std, dtype))
     man["class_names"] = list(class_names)
     scalar = lr is not None or man.get("lr_rule", "scalar") == "scalar"
+    kept_best = best if best_params is not None else None
     man["finetuned"] = {
         "epochs": len(logs), "lr_rule": "scalar" if scalar else man["lr_rule"],
         "lr": adapter.rates() if scalar else None, "batch": batch, "train_images": int(len(train_idx)),
         "holdout_images": int(len(hold_idx)), "seed": seed,
-        "holdout_loss": None if best_params is None else float(best_loss),
-        "holdout_accuracy": (None if best_params is None else
-                             float(min((e for e in logs if e.holdout_loss is not None),
-                                       key=lambda e: e.holdout_loss).holdout_acc)),
-        "reference_images": int(len(ref_idx)),
+        "holdout_loss": None if kept_best is None else float(kept_best.holdout_loss),
+        "holdout_accuracy": None if kept_best is None else float(kept_best.holdout_acc),
+        "reference_images": int(len(ref_idx)), "update": update,
     }
     return model, logs
 
