@@ -139,7 +139,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from sparsemeta.experiments.export import export_command
 
-    print(export_command(args.path, args.out, level=args.level, fp16=args.fp16,
+    print(export_command(args.path, args.out, level=args.level, fp16=args.fp16, int8=args.int8,
                          seed=args.seed, as_json=args.json))
     return 0
 
@@ -201,9 +201,10 @@ def cmd_data_download(args: argparse.Namespace) -> int:
 
 
 def cmd_data_preview(args: argparse.Namespace) -> int:
-    from sparsemeta.data.preview import contact_sheet
+    from sparsemeta.data.preview import check_out, contact_sheet
     from sparsemeta.data.registry import load_data
 
+    check_out(args.out)  # an unwritable format is refused before the data is loaded
     data = load_data(_data_config(args))
     out = Path(args.out)
     if not out.parent.exists():
@@ -293,6 +294,8 @@ def _add_results(sub) -> None:  # noqa: ANN001
     p.add_argument("--seed", type=int, default=None,
                    help="experiment only: which seed's ticket (default: the first)")
     p.add_argument("--fp16", action="store_true", help="store kept weights in half precision")
+    p.add_argument("--int8", action="store_true",
+                   help="store kept conv/linear weights as int8, one scale per output channel")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_export)
 
@@ -323,10 +326,37 @@ def _add_data(sub) -> None:  # noqa: ANN001
     q.set_defaults(func=cmd_data_download)
 
 
+def cmd_config_keys(args: argparse.Namespace) -> int:
+    import shutil
+
+    from sparsemeta.config import config_keys, format_keys
+
+    print(format_keys(config_keys(), width=max(80, shutil.get_terminal_size().columns)))
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    print(yaml.safe_dump(build_config(args.config, args.overrides).to_dict(), sort_keys=False),
+          end="")
+    return 0
+
+
+def _add_config(sub) -> None:  # noqa: ANN001
+    p = sub.add_parser("config", help="configuration: every key with its doc, or a resolved config")
+    csub = p.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
+    q = csub.add_parser("keys", help="every config key with its type, default and meaning")
+    q.set_defaults(func=cmd_config_keys)
+    q = csub.add_parser("show", help="the resolved config of a preset and --set overrides")
+    _config_args(q)
+    q.set_defaults(func=cmd_config_show)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sparsemeta", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_train_and_run, _add_sweep_and_tune, _add_results, _add_data):
+    for add in (_add_train_and_run, _add_sweep_and_tune, _add_results, _add_data, _add_config):
         add(sub)
     return parser
 

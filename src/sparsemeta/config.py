@@ -24,6 +24,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from sparsemeta.data.registry import LOADERS
 from sparsemeta.foundations.errors import UserError
 
 DEFAULT_PRESET = "glyphs-quick"
@@ -52,11 +53,15 @@ def _open_unit(key: str, value: float, closed_high: bool = False) -> None:
         raise UserError(f"{key} must be in (0, 1{']' if closed_high else ')'}, got {value}")
 
 
+#: data set names, from the data layer's registry (a new loader there is a new name here)
+DATASET_NAMES = tuple(LOADERS)
+
+
 @dataclass
 class DataConfig:
     """Data set and task shape: N-way K-shot classification tasks."""
 
-    name: Literal["glyphs", "omniglot", "miniimagenet", "folder"] = "glyphs"
+    name: Literal[DATASET_NAMES] = "glyphs"
     """Data set: generated glyphs (no download), Omniglot, mini-ImageNet, or a folder of class
     folders."""
     root: str | None = None

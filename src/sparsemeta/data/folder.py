@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
 from sparsemeta.data.base import SPLITS, FewShotData
 from sparsemeta.data.cache import (
     Layout,
@@ -32,6 +30,7 @@ from sparsemeta.data.cache import (
     to_fewshot,
     unreadable,
 )
+from sparsemeta.foundations import streams
 from sparsemeta.foundations.errors import UserError
 
 EXPECTED = "one folder per class: ROOT/CLASS_NAME/*.png|jpg|jpeg"
@@ -48,7 +47,7 @@ def seeded_split(n: int, seed: int, val_fraction: float, test_fraction: float) -
         raise UserError(
             f"data.val_fraction + data.test_fraction leave no meta-train class of {n}; lower them"
         )
-    order = np.random.default_rng([seed, 4099]).permutation(n)
+    order = streams.rng(streams.FOLDER_CLASS_SPLIT, seed).permutation(n)
     return {"val": sorted(order[:n_val].tolist()),
             "test": sorted(order[n_val:n_val + n_test].tolist()),
             "train": sorted(order[n_val + n_test:].tolist())}

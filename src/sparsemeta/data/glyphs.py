@@ -238,6 +238,45 @@ def _alphabet_style(spec: GlyphSpec, a: int) -> _Style:
 _Stroke = tuple[int, np.ndarray]  # (render kind, control points (k, 2))
 
 
+def _shape(typ: int, start: np.ndarray, end: np.ndarray, angle: float, length: float,
+           styled: bool, style: _Style, rng: np.random.Generator) -> _Stroke:
+    """The control points of one stroke of type ``typ`` from ``start`` to ``end``."""
+    chord = end - start
+    perp = np.array([-chord[1], chord[0]])
+    curv = style.curvature
+    if typ == _LINE:
+        return (_R_BEZIER, np.stack([start, end]))
+    elif typ == _QUAD:
+        bend = curv * rng.choice([-1, 1]) * rng.uniform(0.6, 1.6)
+        return (_R_BEZIER, np.stack([start, (start + end) / 2 + bend * perp, end]))
+    elif typ == _CUBIC:
+        b1, b2 = curv * rng.normal(0, 1.2, 2)
+        c1 = start + chord / 3 + b1 * perp
+        c2 = start + 2 * chord / 3 + b2 * perp
+        return (_R_BEZIER, np.stack([start, c1, c2, end]))
+    elif typ == _POLY:
+        pts = [start]
+        heading = angle
+        seg = length / style.poly_segments * 1.2
+        for _ in range(style.poly_segments):
+            pts.append(pts[-1] + seg * rng.uniform(0.7, 1.3) * _unit(heading))
+            if styled:
+                heading = (
+                    rng.choice(style.angles) + np.pi * rng.integers(2) + rng.normal(0, 0.08)
+                )
+            else:
+                heading += rng.uniform(-2.5, 2.5)
+        return (_R_POLY, np.stack(pts))
+    elif typ == _ARC:
+        radius = length / 2 * rng.uniform(0.6, 1.0)
+        span = style.arc_span * rng.uniform(0.8, 1.15) * rng.choice([-1, 1])
+        k = 4 if abs(span) < np.pi else 6
+        phi = angle + np.linspace(0, span, k)
+        centre = start - radius * _unit(angle)
+        return (_R_SPLINE, centre + radius * np.stack([np.cos(phi), np.sin(phi)], 1))
+    return (_R_DOT, start[None, :].copy())
+
+
 def _character(spec: GlyphSpec, style: _Style, a: int, c: int) -> list[_Stroke]:
     """Sample a character's prototype strokes, normalised to a centred box of side _EXTENT."""
     rng = np.random.default_rng([spec.seed, _TAG_CHARACTER, a, c, 0])
@@ -275,41 +314,7 @@ def _character(spec: GlyphSpec, style: _Style, a: int, c: int) -> list[_Stroke]:
             j = int(np.argmin(d))
             if d[j] < 0.4 * length:
                 end = style.anchors[j].copy()
-        chord = end - start
-        perp = np.array([-chord[1], chord[0]])
-        curv = style.curvature
-        if typ == _LINE:
-            stroke = (_R_BEZIER, np.stack([start, end]))
-        elif typ == _QUAD:
-            bend = curv * rng.choice([-1, 1]) * rng.uniform(0.6, 1.6)
-            stroke = (_R_BEZIER, np.stack([start, (start + end) / 2 + bend * perp, end]))
-        elif typ == _CUBIC:
-            b1, b2 = curv * rng.normal(0, 1.2, 2)
-            c1 = start + chord / 3 + b1 * perp
-            c2 = start + 2 * chord / 3 + b2 * perp
-            stroke = (_R_BEZIER, np.stack([start, c1, c2, end]))
-        elif typ == _POLY:
-            pts = [start]
-            heading = angle
-            seg = length / style.poly_segments * 1.2
-            for _ in range(style.poly_segments):
-                pts.append(pts[-1] + seg * rng.uniform(0.7, 1.3) * _unit(heading))
-                if styled:
-                    heading = (
-                        rng.choice(style.angles) + np.pi * rng.integers(2) + rng.normal(0, 0.08)
-                    )
-                else:
-                    heading += rng.uniform(-2.5, 2.5)
-            stroke = (_R_POLY, np.stack(pts))
-        elif typ == _ARC:
-            radius = length / 2 * rng.uniform(0.6, 1.0)
-            span = style.arc_span * rng.uniform(0.8, 1.15) * rng.choice([-1, 1])
-            k = 4 if abs(span) < np.pi else 6
-            phi = angle + np.linspace(0, span, k)
-            centre = start - radius * _unit(angle)
-            stroke = (_R_SPLINE, centre + radius * np.stack([np.cos(phi), np.sin(phi)], 1))
-        else:
-            stroke = (_R_DOT, start[None, :].copy())
+        stroke = _shape(typ, start, end, angle, length, styled, style, rng)
         strokes.append(stroke)
         paths.append(_stroke_path(*stroke))
     # Alphabet-wide slant/aspect, then centre and scale the character into the canvas.

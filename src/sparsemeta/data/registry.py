@@ -8,6 +8,7 @@ from sparsemeta.data.base import FewShotData, cache_dir
 from sparsemeta.data.folder import load_folder
 from sparsemeta.data.miniimagenet import load_miniimagenet
 from sparsemeta.data.omniglot import load_omniglot
+from sparsemeta.foundations import streams
 from sparsemeta.foundations.errors import UserError
 
 # Glyph alphabets per split (by alphabet, so no alphabet's style leaks into test).
@@ -17,7 +18,7 @@ GLYPH_SPLIT = (0.6, 0.2, 0.2)
 def split_by_group(groups: np.ndarray, seed: int, fractions=GLYPH_SPLIT) -> dict[str, np.ndarray]:
     """Partition class indices by their group (alphabet) into train/val/test, seeded and fixed."""
     unique = np.unique(groups)
-    order = np.random.default_rng([seed, 7919]).permutation(unique)
+    order = streams.rng(streams.GLYPH_ALPHABET_SPLIT, seed).permutation(unique)
     n_train = round(fractions[0] * len(order))
     n_val = round(fractions[1] * len(order))
     parts = {"train": order[:n_train], "val": order[n_train:n_train + n_val],

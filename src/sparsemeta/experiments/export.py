@@ -206,13 +206,18 @@ def _export_parts(run: Path) -> tuple[dict[str, Any], Arrays, Arrays, Arrays, di
     return manifest, params, masks, rates, {**facts, "normalisation": stats_source}
 
 
-def export_bytes(run_dir: str | Path, fp16: bool = False) -> int:
+def export_bytes(run_dir: str | Path, fp16: bool = False, int8: bool = False) -> int:
     """The exact size of ``export_run``'s file for this run, computed without writing it."""
     manifest, params, masks, rates, _ = _export_parts(Path(run_dir))
-    return sum(len(chunk) for chunk in smz.encode(manifest, params, masks, fp16=fp16, rates=rates))
+    try:
+        return sum(len(chunk) for chunk in smz.encode(manifest, params, masks, fp16=fp16,
+                                                      rates=rates, int8=int8))
+    except smz.EdgeError as exc:  # e.g. non-finite weights: not exportable, said in one line
+        raise UserError(f"'{run_dir}': {exc}") from None
 
 
-def export_run(run_dir: str | Path, out_path: str | Path, fp16: bool = False) -> dict[str, Any]:
+def export_run(run_dir: str | Path, out_path: str | Path, fp16: bool = False,
+               int8: bool = False) -> dict[str, Any]:
     """Write ``run_dir``'s chosen model as ``out_path`` (.smz); returns sizes and density.
 
     ``fp16`` stores the kept weight values, and Meta-SGD's α of them, in half precision (biases,
@@ -226,7 +231,10 @@ def export_run(run_dir: str | Path, out_path: str | Path, fp16: bool = False) ->
         raise UserError(f"--out '{out}' is a directory; give a file name such as model.smz")
     if not out.parent.is_dir():
         raise UserError(f"directory '{out.parent}' does not exist; create it or choose another --out")
-    nbytes = smz.save(out, manifest, params, masks, fp16=fp16, rates=rates)
+    try:
+        nbytes = smz.save(out, manifest, params, masks, fp16=fp16, rates=rates, int8=int8)
+    except smz.EdgeError as exc:  # e.g. non-finite weights, or --fp16 with --int8
+        raise UserError(f"'{run}': {exc}") from None
     model = smz.load(out)
     dense = facts["dense_fp32_bytes"]
     arch = manifest["architecture"]
@@ -316,7 +324,8 @@ def choose_level(rows: list[dict]) -> tuple[int, str]:
 
 
 def export_experiment(exp_dir: str | Path, out: str | Path, level: int | None = None,
-                      fp16: bool = False, seed: int | None = None) -> dict[str, Any]:
+                      fp16: bool = False, seed: int | None = None,
+                      int8: bool = False) -> dict[str, Any]:
     """Export one ticket of a lottery experiment (``level`` or the automatic choice)."""
     exp = Path(exp_dir)
     if not exp.is_dir():
@@ -333,7 +342,7 @@ def export_experiment(exp_dir: str | Path, out: str | Path, level: int | None = 
     if not runs:
         raise UserError(f"no trained ticket at level {level} under '{exp}'"
                         + (f" for seed {seed}" if seed is not None else ""))
-    result = export_run(runs[0], out, fp16=fp16)
+    result = export_run(runs[0], out, fp16=fp16, int8=int8)
     seed_name = runs[0].parent.parent.name
     result.update({"level": level, "seed": int(seed_name.split("_")[1]),
                    "choice": f"{why}; exported {seed_name}'s ticket"})
@@ -361,13 +370,14 @@ def format_export(result: dict[str, Any]) -> str:
 
 
 def export_command(path: str | Path, out: str | Path, level: int | None = None,
-                   fp16: bool = False, seed: int | None = None, as_json: bool = False) -> str:
+                   fp16: bool = False, seed: int | None = None, as_json: bool = False,
+                   int8: bool = False) -> str:
     """``sparsemeta export``: a run directory (has config.yaml) or a lottery experiment."""
     p = Path(path)
     if RunDir(p).file(rundir.CONFIG).is_file():
         if level is not None:
             raise UserError("--level applies to a lottery experiment directory, not a run directory")
-        result = export_run(p, out, fp16=fp16)
+        result = export_run(p, out, fp16=fp16, int8=int8)
     else:
-        result = export_experiment(p, out, level=level, fp16=fp16, seed=seed)
+        result = export_experiment(p, out, level=level, fp16=fp16, seed=seed, int8=int8)
     return json.dumps(result, indent=2) if as_json else format_export(result)

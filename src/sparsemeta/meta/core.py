@@ -37,6 +37,7 @@ from torch import nn
 from torch.func import functional_call
 
 from sparsemeta.data.tasks import Task
+from sparsemeta.foundations import streams
 from sparsemeta.models.conv4 import Mix, Pass, Shuffle
 from sparsemeta.sparsity.masks import Mask, apply_mask
 
@@ -189,7 +190,7 @@ class MetaLearner:
     def _shuffle_plan(self, task: Task) -> tuple[int, int, np.ndarray]:
         """(layer, channel group, class map) of this task's Channel Shuffle: the class map is
         one cycle through a random order of the classes, so every class borrows from another."""
-        rng = np.random.default_rng([self.mix_seed, 7718, task.index])
+        rng = streams.rng(streams.CHANNEL_SHUFFLE_PLAN, self.mix_seed, task.index)
         order = rng.permutation(int(task.support_y.max()) + 1)
         classes = np.empty_like(order)
         classes[order] = np.roll(order, -1)
@@ -205,7 +206,7 @@ class MetaLearner:
             return F.cross_entropy(logits, task.query_y), logits
         if task.query_x.shape[0] != task.support_x.shape[0]:
             raise ValueError("MetaMix needs as many query as support examples per class")
-        rng = np.random.default_rng([self.mix_seed, 7717, task.index, step])
+        rng = streams.rng(streams.METAMIX_DRAW, self.mix_seed, task.index, step)
         lam = float(rng.beta(*self.mix))
         perm = torch.as_tensor(rng.permutation(task.support_x.shape[0]),
                                device=task.support_x.device)

@@ -8,10 +8,10 @@ and cosine meta learning rate; MetaMix's Channel Shuffle on half the meta-batche
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from sparsemeta.config import Config
+from sparsemeta.foundations import streams
 from sparsemeta.meta.core import MetaLearner
 from sparsemeta.meta.mamlpp import schedule as mamlpp_schedule
 from sparsemeta.models.conv4 import build_model
@@ -19,8 +19,6 @@ from sparsemeta.sparsity.masks import Mask
 
 #: meta.algorithm → the inner learning-rate rule of the core
 LR_RULE = {"maml": "scalar", "metasgd": "metasgd", "mamlpp": "lslr"}
-#: random stream that decides, per (seed, iteration), whether Channel Shuffle is on
-CHANNEL_SHUFFLE_STREAM = 7719
 
 
 def build_learner(cfg: Config, in_channels: int, mask: Mask | None = None) -> MetaLearner:
@@ -58,7 +56,7 @@ class ChannelShuffleSchedule:
 
     def __call__(self, learner: MetaLearner, iteration: int, optimizer: torch.optim.Optimizer) -> None:
         learner.channel_shuffle = iteration >= self.start and bool(
-            np.random.default_rng([self.seed, CHANNEL_SHUFFLE_STREAM, iteration]).random() < 0.5)
+            streams.rng(streams.CHANNEL_SHUFFLE_SWITCH, self.seed, iteration).random() < 0.5)
 
 
 class MamlppSchedule:

@@ -188,7 +188,7 @@ def load_run_config(run_dir: str | Path) -> Config:
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise UserError(f"'{run_dir}' is not a run directory (no {CONFIG})")
-    return config_from_dict(read_yaml(path))
+    return config_from_dict(read_yaml(path), source=str(path))
 
 
 def bind_experiment(root: Path, cfg: Config, methods: list[str], seeds: list[int],

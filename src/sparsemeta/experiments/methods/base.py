@@ -20,6 +20,7 @@ import torch
 
 from sparsemeta.config import Config
 from sparsemeta.data.base import FewShotData
+from sparsemeta.foundations import streams
 from sparsemeta.models.conv4 import build_model
 from sparsemeta.sparsity.masks import Mask, full_mask, load_mask
 from sparsemeta.sparsity.prune import (
@@ -34,19 +35,6 @@ from sparsemeta.sparsity.prune import (
 from sparsemeta.training import rundir
 from sparsemeta.training.loop import train
 from sparsemeta.training.rundir import RunDir, RunResult
-
-#: random streams of an experiment, per (purpose, seed, level): reinit weights, random masks,
-#: RigL's initial masks
-REINIT_STREAM, RANDOM_MASK_STREAM, RIGL_MASK_STREAM = 1, 2, 3
-
-
-def stream_seed(kind: int, seed: int, level: int) -> int:
-    """Independent, reproducible random streams per (purpose, seed, level)."""
-    return 1_000_003 * kind + 7919 * (seed + 1) + 104_729 * level
-
-
-def generator(kind: int, seed: int, level: int) -> torch.Generator:
-    return torch.Generator().manual_seed(stream_seed(kind, seed, level))
 
 
 def all_levels(level: int) -> int:
@@ -129,7 +117,7 @@ class SeedRun:
         return magnitude_prune(weights, mask, p.rate, p.scope, p.output_rate_factor)
 
     def random_like(self, mask: Mask, level: int) -> Mask:
-        gen = generator(RANDOM_MASK_STREAM, self.seed, level)
+        gen = streams.level_generator(streams.RANDOM_MASK, self.seed, level)
         return random_filter_mask_like(mask, gen) if self.filters else random_mask_like(mask, gen)
 
     def start(self, state: dict[str, torch.Tensor], mask: Mask) -> dict[str, torch.Tensor]:

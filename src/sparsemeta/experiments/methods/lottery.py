@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 
 from sparsemeta.config import Config
-from sparsemeta.experiments.methods.base import REINIT_STREAM, Branch, Method, SeedRun, stream_seed
+from sparsemeta.experiments.methods.base import Branch, Method, SeedRun
+from sparsemeta.foundations import streams
 from sparsemeta.models.conv4 import build_model
 from sparsemeta.sparsity.masks import Mask
 
@@ -20,7 +21,7 @@ def run(s: SeedRun) -> None:
 
     def controls(level: int, mask: Mask, start: dict[str, torch.Tensor]):  # noqa: ANN202
         if "reinit" in s.controls:
-            torch.manual_seed(stream_seed(REINIT_STREAM, s.seed, level))
+            torch.manual_seed(streams.level_seed(streams.REINIT, s.seed, level))
             fresh = build_model(s.cfg, s.data.channels).state_dict()
             s.run(f"{s.label(level)} reinit", s.dir(level, "reinit"), init=s.start(fresh, mask),
                   mask=mask)

@@ -3,13 +3,8 @@ every level, trained from θ₀."""
 
 from __future__ import annotations
 
-from sparsemeta.experiments.methods.base import (
-    RANDOM_MASK_STREAM,
-    Branch,
-    Method,
-    SeedRun,
-    generator,
-)
+from sparsemeta.experiments.methods.base import Branch, Method, SeedRun
+from sparsemeta.foundations import streams
 from sparsemeta.sparsity.prune import random_filter_mask
 from sparsemeta.sparsity.rigl import random_mask
 
@@ -20,7 +15,7 @@ def run(s: SeedRun) -> None:
     for level in range(1, s.levels + 1):
         path = s.dir(level, "random")
         mask = s.saved_mask(path, lambda lv=level: make(
-            shapes, s.counts[lv], generator(RANDOM_MASK_STREAM, s.seed, lv)))
+            shapes, s.counts[lv], streams.level_generator(streams.RANDOM_MASK, s.seed, lv)))
         s.run(f"{s.label(level)} random", path, init=s.start(s.theta0(), mask), mask=mask)
 
 

@@ -7,7 +7,8 @@ import math
 
 import torch
 
-from sparsemeta.experiments.methods.base import RIGL_MASK_STREAM, Branch, Method, SeedRun, generator
+from sparsemeta.experiments.methods.base import Branch, Method, SeedRun
+from sparsemeta.foundations import streams
 from sparsemeta.sparsity.rigl import RigLUpdater, layer_counts, random_mask
 from sparsemeta.training.hooks import StepContext, TrainHooks
 
@@ -49,7 +50,7 @@ def run(s: SeedRun) -> None:
         path = s.dir(level, "rigl")
         target = sum(s.counts[level].values()) / total
         mask = s.saved_mask(path, lambda d=target, lv=level: random_mask(
-            shapes, layer_counts(shapes, d, r.distribution), generator(RIGL_MASK_STREAM, s.seed, lv)))
+            shapes, layer_counts(shapes, d, r.distribution), streams.level_generator(streams.RIGL_INITIAL_MASK, s.seed, lv)))
         s.run(f"{s.label(level)} rigl", path, init=s.theta0(), mask=mask,
               hooks=RigLHooks(r.drop_fraction, r.update_every, end))
 
