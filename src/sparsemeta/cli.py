@@ -362,10 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every user mistake or file-system failure ends in one line, exit 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command != "train":
+        if _world_size() > 1 and args.command != "train":
             raise UserError(f"'sparsemeta {args.command}' runs in one process; under torchrun "
                             f"only 'sparsemeta train' is data-parallel (spread experiments "
                             f"with 'sparsemeta sweep' instead)")
@@ -379,6 +380,20 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into e.g. `head`, which closed early
         sys.stderr.close()
         return 0
+    except OSError as exc:  # permission denied, disk full, …: say which file, keep what is saved
+        where = f" '{exc.filename}'" if exc.filename else ""
+        print(f"sparsemeta: error: {exc.strerror or exc}{where}; fix that and run the same "
+              "command again (finished work is kept)", file=sys.stderr)
+        return 2
+
+
+def _world_size() -> int:
+    text = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"WORLD_SIZE={text!r} is not a number; unset it or launch with "
+                        "torchrun") from None
 
 
 if __name__ == "__main__":
