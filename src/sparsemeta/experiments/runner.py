@@ -46,7 +46,8 @@ from sparsemeta.experiments.methods import METHODS
 from sparsemeta.experiments.methods.base import SeedRun
 from sparsemeta.experiments.methods.lottery import CONTROLS
 from sparsemeta.foundations.errors import UserError
-from sparsemeta.training.rundir import RunResult, bind_experiment, make_dir
+from sparsemeta.foundations.lock import exclusive
+from sparsemeta.training.rundir import LOCK, RunResult, bind_experiment, make_dir
 
 
 def _parse_list(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
@@ -147,13 +148,20 @@ def run_experiment(cfg: Config, out: str | Path, methods: list[str], seeds: list
                         f"filters use {', '.join(structured)}")
     data = data if data is not None else load_data(cfg)
     root = make_dir(out)
-    bind_experiment(root, cfg, methods, seeds, controls)
+    with exclusive(root / LOCK, f"experiment '{root}'", wait=False):
+        bind_experiment(root, cfg, methods, seeds, controls)
+        _run_seeds(cfg, root, methods, seeds, controls, progress, data, workers)
+    return root
+
+
+def _run_seeds(cfg: Config, root: Path, methods: list[str], seeds: list[int], controls: list[str],
+               progress: bool, data: FewShotData, workers: int) -> None:
     workers = max(1, min(workers, len(seeds)))
     if workers == 1:
         counter = RunCounter(len(seeds) * planned_runs(cfg, methods, controls), progress)
         for seed in seeds:
             run_seed(cfg, root, seed, methods, controls, data, counter, progress)
-        return root
+        return
     threads = max(1, (os.cpu_count() or 1) // workers)
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
@@ -161,7 +169,6 @@ def run_experiment(cfg: Config, out: str | Path, methods: list[str], seeds: list
                                threads) for seed in seeds]
         for future in futures:
             future.result()
-    return root
 
 
 def run_lottery(cfg: Config, out: str | Path, seeds: list[int], controls: list[str],

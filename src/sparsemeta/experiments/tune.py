@@ -21,7 +21,9 @@ from sparsemeta.config import Config, build_config
 from sparsemeta.experiments.methods import METHODS
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.foundations.io import write_json
-from sparsemeta.training.rundir import make_dir
+from sparsemeta.foundations.lock import exclusive
+from sparsemeta.training.loop import Diverged
+from sparsemeta.training.rundir import LOCK, make_dir
 
 
 @dataclass(frozen=True)
@@ -107,9 +109,6 @@ def tune(config: str, overrides: list[str], method: str, out: str | Path, trials
         import optuna
     except ImportError:
         raise UserError('sparsemeta tune needs Optuna: pip install -e ".[tune]"') from None
-    from sparsemeta.experiments.report import collect, summarize
-    from sparsemeta.experiments.runner import run_experiment
-
     if method not in METHODS:
         raise UserError(f"--method takes one of {', '.join(METHODS)}, got '{method}'")
     if trials < 1:
@@ -120,13 +119,24 @@ def tune(config: str, overrides: list[str], method: str, out: str | Path, trials
     cfg = build_config(config, base)  # fail on config mistakes before anything is written
     names = parse_params(params, cfg, method)
     out = make_dir(out)
-    storage = f"sqlite:///{(out / 'study.db').resolve()}"
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name="sparsemeta", storage=storage, load_if_exists=True,
-                                direction="maximize",
-                                sampler=optuna.samplers.TPESampler(seed=seed))
     setting = {"config": config, "overrides": overrides, "method": method, "params": names,
                "target_density": target_density, "seed": seed}
+    with exclusive(out / LOCK, f"study '{out}'", wait=False):
+        study = _open_study(optuna, out, setting, trials)
+        finished = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+        if trials > finished:
+            study.optimize(_objective(config, base, names, method, out, target_density, seed),
+                           n_trials=trials - finished, catch=(RuntimeError, Diverged))
+        return _best(optuna, study, out, method, config, overrides)
+
+
+def _open_study(optuna, out: Path, setting: dict, trials: int):  # noqa: ANN001, ANN202 - optuna types
+    """The study in ``out`` (created, or continued with the same setting), its interrupted
+    trials queued again."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name="sparsemeta", storage=f"sqlite:///{(out / 'study.db').resolve()}",
+                                load_if_exists=True, direction="maximize",
+                                sampler=optuna.samplers.TPESampler(seed=setting["seed"]))
     old = study.user_attrs.get("setting")
     if old is not None and old != setting:
         differ = next(k for k in setting if old.get(k) != setting[k])
@@ -135,9 +145,17 @@ def tune(config: str, overrides: list[str], method: str, out: str | Path, trials
     study.set_user_attr("setting", setting)
     requeued = _requeue_interrupted(study)
     finished = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
-    print(f"tune: {method} on {config}; parameters {', '.join(names)}; {finished} of {trials} "
-          f"trials done" + (f", {requeued} interrupted one(s) queued again" if requeued else "")
+    print(f"tune: {setting['method']} on {setting['config']}; parameters "
+          f"{', '.join(setting['params'])}; {finished} of {trials} trials done"
+          + (f", {requeued} interrupted one(s) queued again" if requeued else "")
           + f"; study {out / 'study.db'}", file=sys.stderr)
+    return study
+
+
+def _objective(config: str, base: list[str], names: list[str], method: str, out: Path,
+               target_density: float, seed: int):  # noqa: ANN202 - a function of an optuna.Trial
+    from sparsemeta.experiments.report import collect, summarize
+    from sparsemeta.experiments.runner import run_experiment
 
     def objective(trial) -> float:  # noqa: ANN001 - optuna.Trial
         values = {n: trial.suggest_float(n, PARAMS[n].low, PARAMS[n].high, log=PARAMS[n].log)
@@ -145,8 +163,13 @@ def tune(config: str, overrides: list[str], method: str, out: str | Path, trials
         trial_over = base + [f"{PARAMS[n].key}={v!r}" for n, v in values.items()]
         run_dir = _trial_dir(out, trial_over)
         trial.set_user_attr("run_dir", str(run_dir))
-        run_experiment(build_config(config, trial_over), run_dir, [method], [seed], [],
-                       progress=False)
+        try:
+            run_experiment(build_config(config, trial_over), run_dir, [method],
+                           [seed], [], progress=False)
+        except Diverged as exc:  # a failed trial, with its reason; the study goes on
+            trial.set_user_attr("failure", str(exc))
+            print(f"trial {trial.number}: failed — {exc}", file=sys.stderr)
+            raise
         acc, dens = score(summarize(collect([run_dir])), method, target_density)
         trial.set_user_attr("density", dens)
         print(f"trial {trial.number}: " + ", ".join(f"{n}={v:.4g}" for n, v in values.items())
@@ -154,13 +177,18 @@ def tune(config: str, overrides: list[str], method: str, out: str | Path, trials
               file=sys.stderr)
         return acc
 
-    remaining = trials - finished
-    if remaining > 0:
-        study.optimize(objective, n_trials=remaining, catch=(RuntimeError,))
+    return objective
+
+
+def _best(optuna, study, out: Path, method: str, config: str, overrides: list[str]) -> dict:  # noqa: ANN001
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        reasons = {t.user_attrs.get("failure", "see the messages above") for t in study.trials}
+        raise UserError(f"every trial of the study in '{out}' failed ({'; '.join(sorted(reasons))}"
+                        "); narrow the search ranges or fix the setting")
     best = study.best_trial
     result = {"method": method, "config": config, "overrides": overrides,
-              "trials": sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials),
-              "best_value": best.value, "best_params": best.params,
+              "trials": len(complete), "best_value": best.value, "best_params": best.params,
               "best_set": [f"{PARAMS[n].key}={v!r}" for n, v in best.params.items()],
               "best_run_dir": best.user_attrs.get("run_dir"),
               "density": best.user_attrs.get("density")}

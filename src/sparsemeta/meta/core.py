@@ -49,6 +49,10 @@ Schedule = Callable[["MetaLearner", int, torch.optim.Optimizer], None]
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """Fraction of correct predictions; NaN where the logits are not finite (a diverged model
+    must not score 1/ways by argmax-ing NaN to class 0)."""
+    if not bool(torch.isfinite(logits).all()):
+        return float("nan")
     return float((logits.argmax(dim=1) == y).float().mean())
 
 
@@ -244,11 +248,13 @@ class MetaLearner:
                 loss = loss + weight * step_loss
         return loss, accuracy(logits, task.query_y)
 
-    def meta_gradient_step(self, params: Params, tasks: list[Task]) -> tuple[float, float]:
+    def meta_gradient_step(self, params: Params, tasks: list[Task],
+                           track_running: bool = True) -> tuple[float, float]:
         """Accumulate the mean meta-gradient of ``tasks`` into ``params[*].grad`` (and into the
-        learned rates). One backward per task keeps only one task's graph alive at a time."""
+        learned rates). One backward per task keeps only one task's graph alive at a time.
+        ``track_running=False``: leave running BN statistics alone (an extra, scoring pass)."""
         total_loss, total_acc = 0.0, 0.0
-        self.tracking = True
+        self.tracking = track_running
         try:
             for task in tasks:
                 loss, acc = self.outer_loss(params, task)

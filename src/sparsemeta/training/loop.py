@@ -8,11 +8,14 @@ validation, checkpoints and the final evaluation are the helpers below.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -23,7 +26,8 @@ from sparsemeta.data.registry import load_data
 from sparsemeta.data.tasks import sampler_for
 from sparsemeta.foundations.device import resolve_device
 from sparsemeta.foundations.errors import UserError
-from sparsemeta.foundations.io import atomic_torch_save, load_tensors
+from sparsemeta.foundations.io import atomic_torch_save, load_tensors, read_json, write_json
+from sparsemeta.foundations.lock import exclusive
 from sparsemeta.meta.batched import vmap_meta_gradient_step
 from sparsemeta.meta.core import MetaLearner
 from sparsemeta.meta.learners import build_learner
@@ -53,6 +57,7 @@ class Session:
     elapsed: float = 0.0
     best: dict = field(default_factory=lambda: {"accuracy": -1.0, "iteration": 0})
     writers: list[MetricsWriter] = field(default_factory=list)
+    stopped: bool = False  # the method stopped training early (saved: a resume does not go on)
 
     @property
     def params(self) -> dict[str, torch.Tensor]:
@@ -84,6 +89,7 @@ def _restore(s: Session) -> None:
     torch.set_rng_state(ckpt["torch_rng"].cpu())
     s.start, s.elapsed, s.best = ckpt["iteration"], ckpt["elapsed"], ckpt["best"]
     s.hooks.load_state_dict(ckpt["hooks"])
+    s.stopped = bool(ckpt.get("stopped", False))
     if s.mask is not None:  # a method may move the mask (RigL): the checkpoint's is current
         for k, m in ckpt["mask"].items():
             s.mask[k].copy_(m)
@@ -111,6 +117,7 @@ def _checkpoint(s: Session, iteration: int) -> None:
             "iteration": iteration, "elapsed": s.elapsed, "best": s.best,
             "model": s.learner.state_dict(), "optimizer": s.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(), "hooks": s.hooks.state_dict(), "mask": s.mask,
+            "stopped": s.stopped,
         }, s.run.file(rundir.CHECKPOINT))
 
 
@@ -163,8 +170,48 @@ def _outer_step(s: Session, it: int, tasks: list) -> tuple[float, float, StepCon
     penalty = s.hooks.regularizer(ctx)
     if penalty is not None:
         penalty.backward()
+    _check_finite(s, it + 1, loss)
     s.optimizer.step()
     return loss, acc, ctx
+
+
+#: an outer (cross-entropy) loss above this is divergence, not learning: an untrained N-way model
+#: starts near ln N (1.6 nats for 5 ways) and a confidently wrong one stays within tens of nats
+MAX_LOSS = 1e4
+
+
+class Diverged(UserError):
+    """Training produced a non-finite loss or meta-gradient: the run stops, keeping its last
+    good checkpoint, and says where (``diverged.json``)."""
+
+
+def _check_finite(s: Session, iteration: int, loss: float) -> None:
+    """Stop before a non-finite update reaches the weights (Adam would spread it everywhere)."""
+    bad = None
+    if not math.isfinite(loss) or loss > MAX_LOSS:
+        bad = f"the outer loss is {loss:.3g}" + (f" (above {MAX_LOSS:g})" if loss > MAX_LOSS else "")
+    if bad is None:
+        named = [*s.learner.model.named_parameters(), *(
+            (f"inner_lr.{k}", v) for k, v in s.learner.rates.named_parameters())]
+        bad = next((f"the meta-gradient of {name} is not finite" for name, p in named
+                    if p.grad is not None and not bool(torch.isfinite(p.grad).all())), None)
+    if bad is None:
+        return
+    record = {"iteration": iteration, "what": bad, "loss": loss if math.isfinite(loss) else str(loss),
+              "meta_lr": s.optimizer.param_groups[0]["lr"], "inner_lr": s.cfg.meta.inner_lr,
+              "last_checkpoint": s.start if not s.run.file(rundir.CHECKPOINT).exists()
+              else int(load_tensors(s.run.file(rundir.CHECKPOINT))["iteration"])}
+    if s.g.main:
+        write_json(s.run.file(rundir.DIVERGED), record)
+    raise Diverged(_diverged_line(s.run, record))
+
+
+def _diverged_line(run: RunDir, record: dict) -> str:
+    last = record["last_checkpoint"]
+    kept = f"checkpoint of iteration {last}" if last else "θ₀ (init.pt)"
+    return (f"training diverged at iteration {record['iteration']}: {record['what']} (meta_lr "
+            f"{record['meta_lr']:g}, inner_lr {record['inner_lr']:g}); the last good state, the "
+            f"{kept}, is kept in '{run.path}' — lower the learning rates (see {rundir.DIVERGED})")
 
 
 def _summary(s: Session, total: int, done: int, final_density: float,
@@ -207,6 +254,9 @@ def _begin(cfg: Config, out: str | Path, data: FewShotData, init: Mapping[str, t
         raise UserError(f"{g.world} processes but train.meta_batch={cfg.train.meta_batch}: every "
                         f"process needs at least one task; raise train.meta_batch or use fewer")
     run = RunDir(rundir.make_dir(out))
+    if run.file(rundir.DIVERGED).exists() and not run.finished:
+        raise Diverged(_diverged_line(run, read_json(run.file(rundir.DIVERGED))) + "; this run "
+                       f"is not resumed: use another --out, or delete {rundir.DIVERGED} to retry")
     if g.main:
         rundir.bind_config(run.path, cfg)
         if not run.finished:
@@ -215,7 +265,7 @@ def _begin(cfg: Config, out: str | Path, data: FewShotData, init: Mapping[str, t
     return run, g
 
 
-def train(
+def _train(
     cfg: Config,
     out: str | Path,
     *,
@@ -229,14 +279,7 @@ def train(
     desc: str = "meta-train",
     progress: bool = True,
 ) -> RunResult:
-    """Meta-train into ``out`` (resuming if it holds an unfinished run) and return its result.
-
-    ``init``/``mask`` (saved on first use) set θ₀ and a fixed sparsity pattern; ``snapshot_at=k``
-    keeps the weights after k iterations (late rewinding); ``hooks`` is a sparsity method's part
-    of the loop; ``iterations`` overrides ``train.iterations``; ``test=False`` skips the final
-    evaluation (search runs). Under ``torchrun`` each rank takes its share of every meta-batch
-    and only rank 0 writes; the result equals one process's.
-    """
+    """The loop of ``train`` (its run directory is locked by the caller)."""
     data = data if data is not None else load_data(cfg)
     total = cfg.train.iterations if iterations is None else iterations
     run, g = _begin(cfg, out, data, init, mask)
@@ -251,14 +294,14 @@ def train(
     if test and total == 0:  # evaluate-as-is run: the model is chosen as given
         _validate(s, 0, log=False)
     try:
-        for it in range(s.start, total):
+        for it in range(s.start, s.start if s.stopped else total):
             mb = cfg.train.meta_batch
             tasks = [train_tasks.task(it * mb + b).to(s.device) for b in range(mb)]
             loss, acc, ctx = _outer_step(s, it, tasks)
             done = it + 1
             if s.hooks.after_step(ctx):
                 s.log({"iteration": done, "split": "mask", "density": density(s.mask)})
-            stop = s.hooks.should_stop(ctx)
+            s.stopped = stop = s.hooks.should_stop(ctx)
             s.elapsed = time.perf_counter() - t0
             s.log({"iteration": done, "split": "train", "loss": loss, "accuracy": acc})
             best_val = f"{s.best['accuracy']:.3f}" if s.best["accuracy"] >= 0 else "n/a"
@@ -277,3 +320,22 @@ def train(
         for writer in s.writers:
             writer.close()
     return _finish(s, total, done, test, progress)
+
+
+def train(cfg: Config, out: str | Path, **options: Any) -> RunResult:
+    """Meta-train into ``out`` (resuming if it holds an unfinished run) and return its result.
+
+    Options: ``init``/``mask`` (saved on first use) set θ₀ and a fixed sparsity pattern;
+    ``data`` the loaded data set; ``snapshot_at=k`` keeps the weights after k iterations (late
+    rewinding); ``hooks`` is a sparsity method's part of the loop; ``iterations`` overrides
+    ``train.iterations``; ``test=False`` skips the final evaluation (search runs); ``desc`` and
+    ``progress`` the progress bar. One process writes a run directory (a second gets a one-line
+    error naming the first); under ``torchrun`` each rank takes its share of every meta-batch,
+    only rank 0 writes, and the result equals one process's. A run whose loss or meta-gradient
+    stops being finite raises ``Diverged`` and keeps its last good checkpoint.
+    """
+    path = rundir.make_dir(out)
+    lock = (exclusive(path / rundir.LOCK, f"run directory '{path}'", wait=False)
+            if group().main else contextlib.nullcontext())
+    with lock:
+        return _train(cfg, path, **options)

@@ -12,6 +12,8 @@ A run directory (one meta-training) holds::
     best_mask.pt     the mask ``best.pt`` was evaluated with, where a method moves the mask
     metrics.jsonl    one line per train iteration, validation and mask change
     eval.json        the result (``RunResult``); its presence marks the run finished
+    diverged.json    where a run stopped on a non-finite loss or meta-gradient (it is not resumed)
+    .lock            held by the one process writing the directory
 
 An experiment directory holds ``experiment.yaml`` and runs at ``seed_S/level_LL/<branch>``, and
 its report writes ``summary.json`` and ``report.md`` beside them. Every write is atomic.
@@ -43,6 +45,8 @@ BEST = "best.pt"
 BEST_MASK = "best_mask.pt"
 METRICS = "metrics.jsonl"
 EVAL = "eval.json"
+DIVERGED = "diverged.json"
+LOCK = ".lock"
 EXPERIMENT = "experiment.yaml"
 SUMMARY = "summary.json"
 REPORT = "report.md"

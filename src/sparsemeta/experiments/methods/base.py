@@ -21,6 +21,7 @@ import torch
 from sparsemeta.config import Config
 from sparsemeta.data.base import FewShotData
 from sparsemeta.foundations import streams
+from sparsemeta.foundations.errors import UserError
 from sparsemeta.models.conv4 import build_model
 from sparsemeta.sparsity.masks import Mask, full_mask, load_mask
 from sparsemeta.sparsity.prune import (
@@ -80,6 +81,18 @@ class SeedRun:
         # IMP's exact per-layer counts by level: kept weights, or kept filters if structured
         self.counts = (filter_counts(self.full, p.rate, self.levels) if self.filters
                        else imp_counts(self.full, p.rate, p.output_rate_factor, self.levels))
+
+    def counts_at(self, level: int) -> dict[str, int]:
+        """Kept weights (filters if structured) per layer at ``level``, as IMP has them: known in
+        advance for layerwise pruning; with ``prune.scope=global`` they depend on the trained
+        weights, so they are read from the ticket's mask of that level."""
+        if self.cfg.prune.scope != "global" or self.filters or level == 0:
+            return self.counts[level]
+        ticket = self.dir(level, "ticket") / rundir.MASK
+        if not ticket.exists():
+            raise UserError("prune.scope=global: random and rigl take IMP's per-layer counts from "
+                            "the ticket masks; run them together with --method lottery")
+        return {k: int(m.sum()) for k, m in load_mask(ticket).items()}
 
     def run(self, name: str, path: Path, **kwargs) -> RunResult:  # noqa: ANN003
         t0 = time.perf_counter()

@@ -15,7 +15,7 @@ def run(s: SeedRun) -> None:
     for level in range(1, s.levels + 1):
         path = s.dir(level, "random")
         mask = s.saved_mask(path, lambda lv=level: make(
-            shapes, s.counts[lv], streams.level_generator(streams.RANDOM_MASK, s.seed, lv)))
+            shapes, s.counts_at(lv), streams.level_generator(streams.RANDOM_MASK, s.seed, lv)))
         s.run(f"{s.label(level)} random", path, init=s.start(s.theta0(), mask), mask=mask)
 
 

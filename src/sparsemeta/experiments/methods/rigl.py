@@ -32,7 +32,7 @@ class RigLHooks(TrainHooks):
                    for k, v in params.items()}
             kept, learner.mask = learner.mask, None
             try:
-                learner.meta_gradient_step(eff, ctx.tasks)
+                learner.meta_gradient_step(eff, ctx.tasks, track_running=False)
             finally:
                 learner.mask = kept
             return {k: eff[k].grad for k in mask}
@@ -48,7 +48,7 @@ def run(s: SeedRun) -> None:
     end = max(1, math.floor(r.end_fraction * s.cfg.train.iterations))
     for level in range(1, s.levels + 1):
         path = s.dir(level, "rigl")
-        target = sum(s.counts[level].values()) / total
+        target = sum(s.counts_at(level).values()) / total
         mask = s.saved_mask(path, lambda d=target, lv=level: random_mask(
             shapes, layer_counts(shapes, d, r.distribution), streams.level_generator(streams.RIGL_INITIAL_MASK, s.seed, lv)))
         s.run(f"{s.label(level)} rigl", path, init=s.theta0(), mask=mask,

@@ -1,0 +1,157 @@
+"""Results and files a researcher can trust: divergence stops a run, one writer per directory,
+early stops survive a crash, global-scope baselines use IMP's counts, no stray BN updates."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sparsemeta.cli import main
+from sparsemeta.config import build_config
+from sparsemeta.data.tasks import Task
+from sparsemeta.experiments.methods.earlybird import EarlyBirdHooks
+from sparsemeta.experiments.methods.rigl import RigLHooks
+from sparsemeta.experiments.runner import run_experiment
+from sparsemeta.foundations.errors import UserError
+from sparsemeta.foundations.io import load_tensors
+from sparsemeta.meta.core import MetaLearner, accuracy
+from sparsemeta.meta.learners import build_learner
+from sparsemeta.sparsity.masks import full_mask, load_mask
+from sparsemeta.training import rundir
+from sparsemeta.training.hooks import StepContext
+from sparsemeta.training.loop import Diverged, train
+from sparsemeta.training.rundir import level_dir
+from tests.conftest import make_data
+
+OVERRIDES = ["device=cpu", "data.image_size=16", "model.filters=8", "train.iterations=6",
+             "train.meta_batch=2", "train.val_every=3", "train.val_tasks=4",
+             "train.checkpoint_every=2", "eval.tasks=6", "data.queries=2"]
+
+
+def test_a_non_finite_meta_gradient_stops_the_run_at_its_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg = build_config(overrides=OVERRIDES)  # checkpoints after iterations 2 and 4
+    real = MetaLearner.meta_gradient_step
+    calls = {"n": 0}
+
+    def nan_on_fifth(self, params, tasks, track_running=True):
+        out = real(self, params, tasks, track_running)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            params["blocks.1.conv.weight"].grad[0, 0, 0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(MetaLearner, "meta_gradient_step", nan_on_fifth)
+    with pytest.raises(Diverged, match="diverged at iteration 5") as err:
+        train(cfg, tmp_path, data=make_data(), progress=False)
+    assert "\n" not in str(err.value) and "checkpoint of iteration 4" in str(err.value)
+    record = json.loads((tmp_path / rundir.DIVERGED).read_text())
+    assert record["what"] == "the meta-gradient of blocks.1.conv.weight is not finite"
+    assert record["last_checkpoint"] == 4
+    ckpt = load_tensors(tmp_path / rundir.CHECKPOINT)
+    assert ckpt["iteration"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert not (tmp_path / rundir.EVAL).exists()
+    monkeypatch.setattr(MetaLearner, "meta_gradient_step", real)
+    with pytest.raises(Diverged, match="is not resumed"):
+        train(cfg, tmp_path, data=make_data(), progress=False)
+
+
+def test_an_exploding_loss_counts_as_divergence(tmp_path):
+    cfg = build_config(overrides=OVERRIDES + ["meta.inner_lr=1e6"])
+    with pytest.raises(Diverged, match=r"diverged at iteration 1: the outer loss is .* \(above"):
+        train(cfg, tmp_path, data=make_data(), progress=False)
+
+
+def test_the_cli_says_divergence_in_one_line_and_refuses_non_finite_rates(tmp_path, capsys):
+    tiny = [a for o in OVERRIDES if "image_size" not in o for a in ("--set", o)]
+    assert main(["train", *tiny, "--set", "meta.inner_lr=1e6", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("sparsemeta: error: training diverged at")
+    assert errors[0] == err[-1]
+    assert main(["train", "--set", "meta.inner_lr=inf", "--out", str(tmp_path / "s")]) == 2
+    assert "meta.inner_lr" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_non_finite_logits_score_nan_not_one_over_ways():
+    logits = torch.full((10, 5), float("nan"))
+    assert accuracy(logits, torch.zeros(10, dtype=torch.long)) != accuracy(logits, torch.zeros(10, dtype=torch.long))  # NaN
+    assert accuracy(torch.eye(5), torch.arange(5)) == 1.0
+
+
+def test_a_second_writer_of_a_run_directory_gets_one_line_naming_the_first(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from sparsemeta.foundations.lock import exclusive\n"
+         f"with exclusive({str(run / rundir.LOCK)!r}, 'a run', wait=False):\n"
+         "    print('held', flush=True); time.sleep(60)\n"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=rf"in use by process {holder.pid}\b"):
+            train(build_config(overrides=OVERRIDES), run, data=make_data(), progress=False)
+        assert main(["train", "--set", "train.iterations=2", "--out", str(run)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("sparsemeta: error: run directory") and str(holder.pid) in err[-1]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (run / rundir.CONFIG).exists()  # nothing was written by the refused runs
+
+
+def test_an_early_bird_stop_survives_a_crash_before_eval_json(tmp_path):
+    cfg = build_config(overrides=OVERRIDES + ["train.iterations=20"])
+    data = make_data()
+
+    def hooks() -> EarlyBirdHooks:
+        return EarlyBirdHooks(0.2, "layerwise", 0.5, epsilon=0.99, every=1, window=2)
+
+    first = train(cfg, tmp_path / "a", data=data, progress=False, hooks=hooks(), test=False)
+    assert first.iterations_run == 3  # two distances, both below ε, after steps 2 and 3
+    (tmp_path / "a" / rundir.EVAL).unlink()  # killed after the stop's checkpoint
+    again = train(cfg, tmp_path / "a", data=data, progress=False, hooks=hooks(), test=False)
+    assert again.iterations_run == 3
+    assert load_tensors(tmp_path / "a" / rundir.CHECKPOINT)["iteration"] == 3
+
+
+def test_global_scope_random_and_rigl_take_the_tickets_per_layer_counts(tmp_path):
+    cfg = build_config(overrides=OVERRIDES + ["prune.scope=global", "prune.levels=1",
+                                              "prune.rate=0.5", "rigl.distribution=uniform"])
+    run_experiment(cfg, tmp_path, ["lottery", "random", "rigl"], [0], [], progress=False,
+                   data=make_data())
+    ticket = load_mask(level_dir(tmp_path, 0, 1, "ticket") / rundir.MASK)
+    random = load_mask(level_dir(tmp_path, 0, 1, "random") / rundir.MASK)
+    rigl = load_mask(level_dir(tmp_path, 0, 1, "rigl") / rundir.MASK)
+    counts = {k: int(m.sum()) for k, m in ticket.items()}
+    assert {k: int(m.sum()) for k, m in random.items()} == counts
+    layerwise = {k: round(0.5 * m.numel()) for k, m in ticket.items()}
+    assert counts != layerwise  # global pruning really moved weights between layers
+    assert sum(int(m.sum()) for m in rigl.values()) == pytest.approx(sum(counts.values()), abs=4)
+    with pytest.raises(UserError, match="together with --method lottery"):
+        run_experiment(cfg, tmp_path / "alone", ["random"], [0], [], progress=False,
+                       data=make_data())
+
+
+def test_rigls_scoring_pass_leaves_running_batch_norm_statistics_alone():
+    cfg = build_config(overrides=OVERRIDES + ["meta.bn=running"])
+    data = make_data()
+    params_mask = full_mask(dict(build_learner(cfg, 1).model.named_parameters()))
+    mask = {k: torch.rand(m.shape, generator=torch.Generator().manual_seed(0)) < 0.5
+            for k, m in params_mask.items()}
+    learner: MetaLearner = build_learner(cfg, 1, mask)
+    from sparsemeta.data.tasks import sampler_for
+
+    tasks: list[Task] = [sampler_for(cfg, data, "train").task(i) for i in range(2)]
+    params = dict(learner.model.named_parameters())
+    opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
+    before = {k: b.clone() for k, b in learner.model.named_buffers()}
+    assert before, "meta.bn=running must give the model running-statistics buffers"
+    RigLHooks(0.3, every=1, end=100).after_step(StepContext(1, params, mask, opt, learner, tasks))
+    for k, b in learner.model.named_buffers():
+        assert torch.equal(b, before[k]), k
