@@ -41,6 +41,11 @@ def test_grid_expands_to_one_experiment_per_combination(tmp_path):
     ({"methods": ["magic"]}, {}, "unknown method 'magic'"),
     ({"meta.inner_steps": [0]}, {}, "meta.inner_steps must be >= 1"),
     ({"nope.key": [1]}, {}, "unknown config key 'nope"),
+    ({"seeds": [0, 0]}, {}, "share the directory name 'lottery-seed0'"),
+    ({"prune.rate": [0.2, 0.2]}, {}, "share the directory name 'lottery-seed0-prune.rate=0.2'"),
+    ({"data.root": ["a b", "a_b"]}, {}, "share the directory name"),
+    ({"seeds": [0]}, {"ray": {"cpus_per_task": "two"}}, "ray.cpus_per_task must be a number"),
+    ({"seeds": [0]}, {"ray": {"cpus_per_task": 0}}, "ray.cpus_per_task must be a number"),
 ])
 def test_bad_sweep_files_are_refused_before_any_run(tmp_path, grid, extra, fragment):
     with pytest.raises(UserError, match=fragment.replace("(", r"\(")):

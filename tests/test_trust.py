@@ -155,3 +155,27 @@ def test_rigls_scoring_pass_leaves_running_batch_norm_statistics_alone():
     RigLHooks(0.3, every=1, end=100).after_step(StepContext(1, params, mask, opt, learner, tasks))
     for k, b in learner.model.named_buffers():
         assert torch.equal(b, before[k]), k
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, monkeypatch):
+    cfg = build_config(overrides=OVERRIDES)
+    data = make_data()
+    train(cfg, tmp_path / "a", data=data, progress=False)
+    real = MetaLearner.meta_gradient_step
+
+    def crash_on_fifth(self, params, tasks, track_running=True):
+        if crash_on_fifth.calls == 4:
+            raise RuntimeError("simulated power loss")
+        crash_on_fifth.calls += 1
+        return real(self, params, tasks, track_running)
+
+    crash_on_fifth.calls = 0
+    monkeypatch.setattr(MetaLearner, "meta_gradient_step", crash_on_fifth)
+    with pytest.raises(RuntimeError):
+        train(cfg, tmp_path / "b", data=data, progress=False)
+    with (tmp_path / "b" / rundir.METRICS).open("a") as fh:
+        fh.write('{"iteration": 5, "split": "tr')  # the half-written line of a power loss
+    monkeypatch.setattr(MetaLearner, "meta_gradient_step", real)
+    train(cfg, tmp_path / "b", data=data, progress=False)
+    lines = [(tmp_path / r / rundir.METRICS).read_text().splitlines() for r in ("a", "b")]
+    assert lines[0] == lines[1] and all(json.loads(line) for line in lines[1])

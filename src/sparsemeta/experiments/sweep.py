@@ -38,7 +38,8 @@ from sparsemeta.config import build_config
 from sparsemeta.foundations.atomic import atomic_write_text
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.foundations.io import write_json
-from sparsemeta.training.rundir import make_dir
+from sparsemeta.foundations.lock import exclusive
+from sparsemeta.training.rundir import LOCK, make_dir
 
 SWEEP_KEYS = {"config", "set", "grid", "controls", "out", "ray"}
 RAY_KEYS = {"cpus_per_task", "gpus_per_task"}
@@ -101,6 +102,10 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
     ray = spec.get("ray") or {}
     if not isinstance(ray, dict) or set(ray) - RAY_KEYS:
         raise UserError(f"'ray' takes only {', '.join(sorted(RAY_KEYS))}, got {ray!r}")
+    for key, value in ray.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
+                key == "cpus_per_task" and value == 0):
+            raise UserError(f"ray.{key} must be a number (cpus > 0, gpus >= 0), got {value!r}")
     controls = spec.get("controls", ["reinit", "random"])
     controls = parse_controls(",".join(controls) if isinstance(controls, list) else str(controls))
     methods = parse_methods(",".join(str(m) for m in grid.get("methods", ["lottery"])))
@@ -122,9 +127,23 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
                 build_config(config, list(overrides))  # every config valid before any run
                 name = _slug("-".join([method, f"seed{seed}", *variant_over]))
                 experiments.append(Experiment(name, variant, method, seed, overrides))
+    _check_unique(experiments, path)
     out_dir = out or spec.get("out") or Path("runs") / f"sweep-{path.stem}"
     return Sweep(config, Path(out_dir), controls, experiments,
                  float(ray.get("cpus_per_task", 1)), float(ray.get("gpus_per_task", 0)))
+
+
+def _check_unique(experiments: list[Experiment], path: Path) -> None:
+    """Two grid points with one directory name (a repeated value, or names equal once made
+    file-safe) would share a directory: refused before anything runs."""
+    seen: dict[str, Experiment] = {}
+    for exp in experiments:
+        other = seen.setdefault(exp.name, exp)
+        if other is not exp:
+            a = " ".join(other.overrides[:-1]) or "base"
+            b = " ".join(exp.overrides[:-1]) or "base"
+            raise UserError(f"sweep file '{path}': grid points '{a}' and '{b}' share the "
+                            f"directory name '{exp.name}'; remove repeated or look-alike values")
 
 
 def run_one(config: str, out: str, exp: Experiment, controls: list[str], threads: int,
@@ -173,14 +192,46 @@ def _report(sweep: Sweep) -> str:
     return text
 
 
+def _result(ray, ref, exp: Experiment) -> dict:  # noqa: ANN001 - Ray's module and ObjectRef
+    """A Ray task's record; its failure as one line (the remote traceback stays in Ray's log)."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None) or exc
+        text = str(cause).strip().splitlines()
+        what = str(cause) if isinstance(cause, UserError) else (
+            f"{type(cause).__name__}: {text[-1] if text else ''}")
+        raise UserError(f"experiment '{exp.name}' failed: {what}; re-run the sweep to resume "
+                        "(finished experiments are kept)") from None
+
+
+def _prepare_data(sweep: Sweep) -> None:
+    """Build each data set's cache once, here, before tasks are dispatched: otherwise every
+    task of a cold cache would decode the whole data set at the same time."""
+    from sparsemeta.data.registry import load_data
+
+    done = set()
+    for exp in sweep.experiments:
+        cfg = build_config(sweep.config, list(exp.overrides))
+        key = json.dumps(cfg.to_dict()["data"], sort_keys=True)
+        if key not in done:
+            load_data(cfg)
+            done.add(key)
+
+
 def ray_available() -> bool:
     return importlib.util.find_spec("ray") is not None
 
 
 def run_sweep(sweep: Sweep, engine: str = "auto", address: str | None = None) -> str:
     """Run every experiment not yet done (Ray tasks, or locally one after another), then
-    write the aggregated report; returns its Markdown."""
+    write the aggregated report; returns its Markdown. One sweep process per directory."""
     out = make_dir(sweep.out)
+    with exclusive(out / LOCK, f"sweep '{out}'", wait=False):
+        return _run_sweep(sweep, out, engine, address)
+
+
+def _run_sweep(sweep: Sweep, out: Path, engine: str, address: str | None) -> str:
     atomic_write_text(out / "sweep.yaml", yaml.safe_dump(
         {"config": sweep.config, "controls": sweep.controls,
          "experiments": [e.name for e in sweep.experiments]}, sort_keys=False))
@@ -191,6 +242,7 @@ def run_sweep(sweep: Sweep, engine: str = "auto", address: str | None = None) ->
     if engine == "local" and address:
         raise UserError("--address needs the Ray engine")
     todo = [e for e in sweep.experiments if not (out / e.name / "done.json").exists()]
+    _prepare_data(sweep)
     total = len(sweep.experiments)
     print(f"sweep: {total} experiments in {out}; {total - len(todo)} already done, "
           f"{len(todo)} to run ({engine})", file=sys.stderr)
@@ -214,8 +266,11 @@ def _run_on_ray(sweep: Sweep, todo: list[Experiment], address: str | None, finis
     import ray
 
     started = not ray.is_initialized()  # a caller's own Ray session is left running
-    if started:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    if started:  # never attach silently to whatever RAY_ADDRESS or `ray start` names
+        context = ray.init(address=address or "local", include_dashboard=False,
+                           log_to_driver=False)
+        print(f"ray: {'cluster ' + address if address else 'a new local Ray instance'} "
+              f"(gcs {context.address_info.get('gcs_address', '?')})", file=sys.stderr)
     try:
         task = ray.remote(num_cpus=sweep.cpus_per_task, num_gpus=sweep.gpus_per_task)(run_one)
         threads = max(1, int(sweep.cpus_per_task))
@@ -225,9 +280,9 @@ def _run_on_ray(sweep: Sweep, todo: list[Experiment], address: str | None, finis
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
-                pending.pop(ref)
+                exp = pending.pop(ref)
                 i += 1
-                finished(i, ray.get(ref))
+                finished(i, _result(ray, ref, exp))
     finally:
         if started:
             ray.shutdown()
