@@ -110,3 +110,19 @@ def test_ci_over_a_few_seeds_uses_students_t_and_over_tasks_the_normal_quantile(
     assert mean_ci95(seeds)[1] == pytest.approx(1.96 * sd / np.sqrt(3))
     assert t975(1) == 12.706 and t975(30) == 2.042
     assert t975(60) == pytest.approx(2.000, abs=0.003) and t975(120) == pytest.approx(1.980, abs=0.003)
+
+
+def test_metrics_go_to_jsonl_and_tensorboard_with_the_same_values(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(build_config(overrides=OVERRIDES), tmp_path, data=make_data(), progress=False)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/accuracy", "val/accuracy", "val/ci95"} <= set(events.Tags()["scalars"])
+    jsonl = [m for m in _metrics(tmp_path) if m["split"] == "train"]
+    tb = events.Scalars("train/loss")
+    assert [e.step for e in tb] == [m["iteration"] for m in jsonl] == list(range(1, 7))
+    assert [e.value for e in tb] == pytest.approx([m["loss"] for m in jsonl], rel=1e-6)
+    val = events.Scalars("val/accuracy")
+    assert [e.step for e in val] == [3, 6]

@@ -123,7 +123,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"best of {result['trials']} trials: validation accuracy "
           f"{100 * result['best_value']:.2f}% with " + " ".join(
               f"--set {s}" for s in result["best_set"]))
-    print(f"study: {Path(out) / 'study.db'}; best: {Path(out) / 'best.json'}")
+    print(f"study: {Path(out) / rundir.STUDY_DB}; best: {Path(out) / rundir.BEST_TRIAL}")
     return 0
 
 

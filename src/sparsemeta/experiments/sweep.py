@@ -39,6 +39,7 @@ from sparsemeta.foundations.atomic import atomic_write_text
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.foundations.io import write_json
 from sparsemeta.foundations.lock import exclusive
+from sparsemeta.training import rundir
 from sparsemeta.training.rundir import LOCK, make_dir
 
 SWEEP_KEYS = {"config", "set", "grid", "controls", "out", "ray"}
@@ -154,7 +155,7 @@ def run_one(config: str, out: str, exp: Experiment, controls: list[str], threads
     from sparsemeta.experiments.runner import run_experiment
 
     root = Path(out) / exp.name
-    done = root / "done.json"
+    done = root / rundir.SWEEP_DONE
     if done.exists():
         return {"name": exp.name, "skipped": True}
     if threads > 0:
@@ -179,16 +180,16 @@ def _report(sweep: Sweep) -> str:
         # a dense run is a lottery run's level 0 (same config and seed): count it once
         lottery_seeds = {e.seed for e in exps if e.method == "lottery"}
         exps = [e for e in exps if not (e.method == "dense" and e.seed in lottery_seeds)]
-        roots = [sweep.out / e.name for e in exps if (sweep.out / e.name / "done.json").exists()]
+        roots = [sweep.out / e.name for e in exps if (sweep.out / e.name / rundir.SWEEP_DONE).exists()]
         if not roots:
             continue
-        result = write_report(roots, sweep.out / "reports" / variant)
+        result = write_report(roots, sweep.out / rundir.SWEEP_REPORTS / variant)
         summary[variant] = {"experiments": [e.name for e in exps],
                             "overrides": list(exps[0].overrides[:-1]), "rows": result["rows"]}
         parts.append(f"## {variant}\n\n{result['table']}\n")
     text = "\n".join(parts)
-    atomic_write_text(sweep.out / "report.md", text)
-    write_json(sweep.out / "summary.json", summary)
+    atomic_write_text(sweep.out / rundir.REPORT, text)
+    write_json(sweep.out / rundir.SUMMARY, summary)
     return text
 
 
@@ -232,7 +233,7 @@ def run_sweep(sweep: Sweep, engine: str = "auto", address: str | None = None) ->
 
 
 def _run_sweep(sweep: Sweep, out: Path, engine: str, address: str | None) -> str:
-    atomic_write_text(out / "sweep.yaml", yaml.safe_dump(
+    atomic_write_text(out / rundir.SWEEP, yaml.safe_dump(
         {"config": sweep.config, "controls": sweep.controls,
          "experiments": [e.name for e in sweep.experiments]}, sort_keys=False))
     if engine == "auto":
@@ -241,7 +242,7 @@ def _run_sweep(sweep: Sweep, out: Path, engine: str, address: str | None) -> str
         raise UserError("--engine ray needs Ray: pip install -e \".[ray]\" (or use --engine local)")
     if engine == "local" and address:
         raise UserError("--address needs the Ray engine")
-    todo = [e for e in sweep.experiments if not (out / e.name / "done.json").exists()]
+    todo = [e for e in sweep.experiments if not (out / e.name / rundir.SWEEP_DONE).exists()]
     _prepare_data(sweep)
     total = len(sweep.experiments)
     print(f"sweep: {total} experiments in {out}; {total - len(todo)} already done, "

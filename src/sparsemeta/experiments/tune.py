@@ -22,6 +22,7 @@ from sparsemeta.experiments.methods import METHODS
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.foundations.io import write_json
 from sparsemeta.foundations.lock import exclusive
+from sparsemeta.training import rundir
 from sparsemeta.training.loop import Diverged
 from sparsemeta.training.rundir import LOCK, make_dir
 
@@ -77,7 +78,7 @@ def score(rows: list[dict], method: str, target_density: float) -> tuple[float, 
 
 def _trial_dir(out: Path, overrides: list[str]) -> Path:
     digest = hashlib.sha1(json.dumps(overrides).encode()).hexdigest()[:10]
-    return out / "trials" / digest
+    return out / rundir.TRIALS / digest
 
 
 def _requeue_interrupted(study) -> int:  # noqa: ANN001 - optuna.Study
@@ -134,7 +135,7 @@ def _open_study(optuna, out: Path, setting: dict, trials: int):  # noqa: ANN001,
     """The study in ``out`` (created, or continued with the same setting), its interrupted
     trials queued again."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name="sparsemeta", storage=f"sqlite:///{(out / 'study.db').resolve()}",
+    study = optuna.create_study(study_name="sparsemeta", storage=f"sqlite:///{(out / rundir.STUDY_DB).resolve()}",
                                 load_if_exists=True, direction="maximize",
                                 sampler=optuna.samplers.TPESampler(seed=setting["seed"]))
     old = study.user_attrs.get("setting")
@@ -148,7 +149,7 @@ def _open_study(optuna, out: Path, setting: dict, trials: int):  # noqa: ANN001,
     print(f"tune: {setting['method']} on {setting['config']}; parameters "
           f"{', '.join(setting['params'])}; {finished} of {trials} trials done"
           + (f", {requeued} interrupted one(s) queued again" if requeued else "")
-          + f"; study {out / 'study.db'}", file=sys.stderr)
+          + f"; study {out / rundir.STUDY_DB}", file=sys.stderr)
     return study
 
 
@@ -192,5 +193,5 @@ def _best(optuna, study, out: Path, method: str, config: str, overrides: list[st
               "best_set": [f"{PARAMS[n].key}={v!r}" for n, v in best.params.items()],
               "best_run_dir": best.user_attrs.get("run_dir"),
               "density": best.user_attrs.get("density")}
-    write_json(out / "best.json", result)
+    write_json(out / rundir.BEST_TRIAL, result)
     return result

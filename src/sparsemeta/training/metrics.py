@@ -13,9 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sparsemeta.foundations.atomic import atomic_write_text
-
-#: sub-directory of a run directory that holds TensorBoard event files
-TENSORBOARD_DIR = "tensorboard"
+from sparsemeta.training.rundir import METRICS, TENSORBOARD
 
 
 class MetricsWriter(Protocol):
@@ -88,7 +86,7 @@ def open_writers(run: Path | None, keep_until: int) -> list[MetricsWriter]:
     """The writers of a run directory (none without one: ranks other than 0 write nothing)."""
     if run is None:
         return []
-    writers: list[MetricsWriter] = [JsonlWriter(run / "metrics.jsonl", keep_until)]
+    writers: list[MetricsWriter] = [JsonlWriter(run / METRICS, keep_until)]
     if tensorboard_available():
-        writers.append(TensorBoardWriter(run / TENSORBOARD_DIR, keep_until))
+        writers.append(TensorBoardWriter(run / TENSORBOARD, keep_until))
     return writers

@@ -11,6 +11,7 @@ A run directory (one meta-training) holds::
     best.pt          the weights with the best validation accuracy
     best_mask.pt     the mask ``best.pt`` was evaluated with, where a method moves the mask
     metrics.jsonl    one line per train iteration, validation and mask change
+    tensorboard/     the same scalars as TensorBoard events (when ``tensorboard`` is installed)
     eval.json        the result (``RunResult``); its presence marks the run finished
     diverged.json    where a run stopped on a non-finite loss or meta-gradient (it is not resumed)
     .lock            held by the one process writing the directory
@@ -47,9 +48,18 @@ METRICS = "metrics.jsonl"
 EVAL = "eval.json"
 DIVERGED = "diverged.json"
 LOCK = ".lock"
+TENSORBOARD = "tensorboard"
 EXPERIMENT = "experiment.yaml"
 SUMMARY = "summary.json"
 REPORT = "report.md"
+# a sweep directory: one experiment directory per grid point, each marked done when finished
+SWEEP = "sweep.yaml"
+SWEEP_DONE = "done.json"
+SWEEP_REPORTS = "reports"
+# a study directory (``tune``): the Optuna database, the best trial, one experiment per trial
+STUDY_DB = "study.db"
+BEST_TRIAL = "best.json"
+TRIALS = "trials"
 
 
 def step_file(k: int) -> str:
