@@ -274,6 +274,50 @@ def _store_reference_stats(model: SmzModel, reference: np.ndarray) -> None:
         model.extra[f"bn_stats.{i}.mean"], model.extra[f"bn_stats.{i}.var"] = m, v
 
 
+def _epochs(adapter: Adapter, model: SmzModel, kept: list[str], images: np.ndarray,
+            labels: np.ndarray, split: tuple[np.ndarray, np.ndarray, np.ndarray],
+            norm: tuple[list[float], list[float]], *, epochs: int, patience: int,
+            min_delta: float, batch: int, rule: str, rng: np.random.Generator,
+            log: Callable[[str], None]) -> tuple[list[EpochLog], dict | None, int]:
+    """The epochs of ``finetune`` with early stopping on the held-out loss: the log, the best
+    weights of the updated tensors (None without a holdout) and the SGD steps they took."""
+    logs: list[EpochLog] = []
+    train_idx, hold_idx, ref_u8 = split
+    mean, std = norm
+    net, bn = adapter.net, model.manifest.get("bn", "transductive")
+    dtype = model.params["head.weight"].dtype
+    best_loss, best_params, best_steps, bad = np.inf, None, adapter.step, 0
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        train_loss, train_acc = _train_epoch(adapter, images, labels,
+                                             rng.permutation(train_idx), batch, mean, std)
+        hl = ha = None
+        if len(hold_idx):
+            stats = (net.batch_stats(to_float(ref_u8, mean, std, dtype), adapter.step)
+                     if bn == "support" else adapter.stats())
+            hl, ha = evaluate(net, images[hold_idx], labels[hold_idx], mean, std, stats, batch,
+                              adapter.step)
+        if not np.isfinite(train_loss) or (hl is not None and not np.isfinite(hl)):
+            raise EdgeError(f"fine-tuning diverged at epoch {epoch} (loss not finite) with "
+                            f"{rule}; pass a lower --lr")
+        entry = EpochLog(epoch, train_loss, train_acc, hl, ha, time.perf_counter() - start,
+                         peak_rss_mb())
+        logs.append(entry)
+        log(entry.line(epochs))
+        if hl is None:
+            continue
+        if hl < best_loss - min_delta:
+            best_loss, best_steps, bad = hl, adapter.step, 0
+            best_params = {k: model.params[k].copy() for k in kept}
+        else:
+            bad += 1
+            if bad >= patience:
+                log(f"early stop: holdout loss has not improved by more than {min_delta} "
+                    f"for {patience} epoch(s)")
+                break
+    return logs, best_params, best_steps
+
+
 def finetune(
     model: SmzModel,
     images: np.ndarray,
@@ -328,36 +372,10 @@ def finetune(
         f"{rule}, batch {batch}, batch norm '{bn}'{slots}, density {model.density:.3f}; "
         f"updating {update} ({sum(model.params[k].size for k in kept)} parameters)")
 
-    logs: list[EpochLog] = []
-    best_loss, best_params, best_steps, bad = np.inf, None, adapter.step, 0
-    for epoch in range(1, epochs + 1):
-        start = time.perf_counter()
-        train_loss, train_acc = _train_epoch(adapter, images, labels,
-                                             rng.permutation(train_idx), batch, mean, std)
-        hl = ha = None
-        if len(hold_idx):
-            stats = (net.batch_stats(to_float(ref_u8, mean, std, dtype), adapter.step)
-                     if bn == "support" else adapter.stats())
-            hl, ha = evaluate(net, images[hold_idx], labels[hold_idx], mean, std, stats, batch,
-                              adapter.step)
-        if not np.isfinite(train_loss) or (hl is not None and not np.isfinite(hl)):
-            raise EdgeError(f"fine-tuning diverged at epoch {epoch} (loss not finite) with "
-                            f"{rule}; pass a lower --lr")
-        entry = EpochLog(epoch, train_loss, train_acc, hl, ha, time.perf_counter() - start,
-                         peak_rss_mb())
-        logs.append(entry)
-        log(entry.line(epochs))
-        if hl is None:
-            continue
-        if hl < best_loss - min_delta:
-            best_loss, best_steps, bad = hl, adapter.step, 0
-            best_params = {k: model.params[k].copy() for k in kept}
-        else:
-            bad += 1
-            if bad >= patience:
-                log(f"early stop: holdout loss has not improved by more than {min_delta} "
-                    f"for {patience} epoch(s)")
-                break
+    logs, best_params, best_steps = _epochs(
+        adapter, model, kept, images, labels, (train_idx, hold_idx, ref_u8), (mean, std),
+        epochs=epochs, patience=patience, min_delta=min_delta, batch=batch, rule=rule, rng=rng,
+        log=log)
     best = min((e for e in logs if e.holdout_loss is not None), key=lambda e: e.holdout_loss,
                default=None)
     if best_params is not None and best is not None:
