@@ -24,6 +24,7 @@ from sparsemeta.config import Config
 from sparsemeta.data.base import FewShotData
 from sparsemeta.data.registry import load_data
 from sparsemeta.data.tasks import sampler_for
+from sparsemeta.foundations.atomic import remove_stale_temps
 from sparsemeta.foundations.device import resolve_device
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.foundations.io import atomic_torch_save, load_tensors, read_json, write_json
@@ -258,6 +259,7 @@ def _begin(cfg: Config, out: str | Path, data: FewShotData, init: Mapping[str, t
         raise Diverged(_diverged_line(run, read_json(run.file(rundir.DIVERGED))) + "; this run "
                        f"is not resumed: use another --out, or delete {rundir.DIVERGED} to retry")
     if g.main:
+        remove_stale_temps(run.path)  # half-written files of a killed writer of this run
         rundir.bind_config(run.path, cfg)
         if not run.finished:
             _prepare(run, cfg, data.channels, init, mask)
