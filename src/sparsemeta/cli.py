@@ -140,6 +140,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from sparsemeta.experiments.export import export_command
 
     print(export_command(args.path, args.out, level=args.level, fp16=args.fp16, int8=args.int8,
+                         fmt=args.format,
                          seed=args.seed, as_json=args.json))
     return 0
 
@@ -296,6 +297,9 @@ def _add_results(sub) -> None:  # noqa: ANN001
     p.add_argument("--fp16", action="store_true", help="store kept weights in half precision")
     p.add_argument("--int8", action="store_true",
                    help="store kept conv/linear weights as int8, one scale per output channel")
+    p.add_argument("--format", choices=["smz", "onnx"], default="smz",
+                   help="smz: compact file for sparsemeta-edge (default); onnx: the model for "
+                        "ONNX Runtime (pip install -e \".[onnx]\" for its tests)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_export)
 

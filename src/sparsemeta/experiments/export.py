@@ -323,10 +323,10 @@ def choose_level(rows: list[dict]) -> tuple[int, str]:
     return int(pick["level"]), why
 
 
-def export_experiment(exp_dir: str | Path, out: str | Path, level: int | None = None,
-                      fp16: bool = False, seed: int | None = None,
-                      int8: bool = False) -> dict[str, Any]:
-    """Export one ticket of a lottery experiment (``level`` or the automatic choice)."""
+def choose_run(exp_dir: str | Path, level: int | None = None,
+               seed: int | None = None) -> tuple[Path, dict[str, Any]]:
+    """The ticket run of a lottery experiment to export (``level`` or the choice on
+    validation) and the facts of that choice."""
     exp = Path(exp_dir)
     if not exp.is_dir():
         raise UserError(f"experiment directory '{exp}' does not exist")
@@ -342,11 +342,17 @@ def export_experiment(exp_dir: str | Path, out: str | Path, level: int | None = 
     if not runs:
         raise UserError(f"no trained ticket at level {level} under '{exp}'"
                         + (f" for seed {seed}" if seed is not None else ""))
-    result = export_run(runs[0], out, fp16=fp16, int8=int8)
     seed_name = runs[0].parent.parent.name
-    result.update({"level": level, "seed": int(seed_name.split("_")[1]),
-                   "choice": f"{why}; exported {seed_name}'s ticket"})
-    return result
+    return runs[0], {"level": level, "seed": int(seed_name.split("_")[1]),
+                     "choice": f"{why}; exported {seed_name}'s ticket"}
+
+
+def export_experiment(exp_dir: str | Path, out: str | Path, level: int | None = None,
+                      fp16: bool = False, seed: int | None = None,
+                      int8: bool = False) -> dict[str, Any]:
+    """Export one ticket of a lottery experiment (``level`` or the automatic choice)."""
+    run, facts = choose_run(exp_dir, level, seed)
+    return {**export_run(run, out, fp16=fp16, int8=int8), **facts}
 
 
 def format_export(result: dict[str, Any]) -> str:
@@ -371,13 +377,22 @@ def format_export(result: dict[str, Any]) -> str:
 
 def export_command(path: str | Path, out: str | Path, level: int | None = None,
                    fp16: bool = False, seed: int | None = None, as_json: bool = False,
-                   int8: bool = False) -> str:
-    """``sparsemeta export``: a run directory (has config.yaml) or a lottery experiment."""
+                   int8: bool = False, fmt: str = "smz") -> str:
+    """``sparsemeta export``: a run directory (has config.yaml) or a lottery experiment, as a
+    ``.smz`` file for sparsemeta-edge or an ONNX model for ONNX Runtime."""
     p = Path(path)
     if RunDir(p).file(rundir.CONFIG).is_file():
         if level is not None:
             raise UserError("--level applies to a lottery experiment directory, not a run directory")
-        result = export_run(p, out, fp16=fp16, int8=int8)
+        run, facts = p, {}
     else:
-        result = export_experiment(p, out, level=level, fp16=fp16, seed=seed, int8=int8)
+        run, facts = choose_run(p, level, seed)
+    if fmt == "onnx":
+        if fp16 or int8:
+            raise UserError("--fp16 and --int8 apply to --format smz; an ONNX model is fp32")
+        from sparsemeta.experiments.onnx import export_onnx, format_onnx
+
+        result = {**export_onnx(run, out), **facts}
+        return json.dumps(result, indent=2) if as_json else format_onnx(result)
+    result = {**export_run(run, out, fp16=fp16, int8=int8), **facts}
     return json.dumps(result, indent=2) if as_json else format_export(result)
