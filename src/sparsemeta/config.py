@@ -150,11 +150,19 @@ class MetaConfig:
     mix: Literal["none", "metamix"] = "none"
     """'metamix': the outer loss mixes the query with the permuted support set at a random
     layer (MetaMix); needs data.queries == data.shots."""
+    adapt: str = "all"
+    """What the inner loop adapts: 'all' (MAML), 'head' (ANIL: the classifier only), 'bn' (batch
+    norm and head), 'last:K' (the last K conv blocks and the head); the others stay as
+    meta-trained. Meta-train with the mode the device fine-tunes with (sparsemeta-edge
+    finetune --update)."""
 
     def validate(self, at: str = "meta") -> None:
         _learning_rate(f"{at}.inner_lr", self.inner_lr)
         _at_least(f"{at}.inner_steps", self.inner_steps, 1)
         _at_least(f"{at}.eval_inner_steps", self.eval_inner_steps, 0)
+        if not re.fullmatch(r"all|head|bn|last:[1-4]", self.adapt):
+            raise UserError(f"{at}.adapt must be all, head, bn or last:K with K in 1..4; "
+                            f"got {self.adapt!r}")
 
 
 @dataclass

@@ -67,6 +67,22 @@ def _class_sources(y: torch.Tensor, classes: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(source, device=y.device)
 
 
+def adapted_names(mode: str, names: list[str]) -> frozenset[str]:
+    """The parameters the inner loop adapts under ``meta.adapt`` (the edge runtime's
+    ``--update`` modes): all; the head; batch norm and the head; the last K blocks and the head."""
+    if mode == "all":
+        return frozenset(names)
+    head = {k for k in names if k.startswith("head.")}
+    if mode == "head":
+        return frozenset(head)
+    if mode == "bn":
+        return frozenset(head | {k for k in names if ".bn." in k})
+    k = int(mode.split(":", 1)[1])
+    blocks = sorted({n.split(".")[1] for n in names if n.startswith("blocks.")}, key=int)
+    last = {f"blocks.{b}." for b in blocks[-k:]}
+    return frozenset(head | {n for n in names if any(n.startswith(p) for p in last)})
+
+
 def _rate_key(name: str) -> str:
     return name.replace(".", "-")  # ParameterDict keys may not contain dots
 
@@ -87,6 +103,7 @@ class MetaLearner:
         eval_steps: int | None = None,
         mix: tuple[float, float] | None = None,
         mix_seed: int = 0,
+        adapt: str = "all",
     ) -> None:
         if bn not in BN_POLICIES:
             raise ValueError(f"meta.bn must be one of {BN_POLICIES}, got {bn!r}")
@@ -101,6 +118,7 @@ class MetaLearner:
         self.lr_rule = lr_rule
         self.mix = mix
         self.mix_seed = mix_seed
+        self.adapted = adapted_names(adapt, [k for k, _ in model.named_parameters()])
         self.step_weights: list[float] | None = None
         self.channel_shuffle = False  # MetaMix's Channel Shuffle (switched on by the trainer)
         self.tracking = False  # update running BN statistics (meta-training forwards only)
@@ -175,7 +193,7 @@ class MetaLearner:
         """One SGD step on the support loss; keeps the graph to ``params`` for the outer step."""
         logits = self.logits(params, task.support_x, step=step, shuffle=shuffle)
         loss = F.cross_entropy(logits, task.support_y)
-        names = [k for k, v in params.items() if v.requires_grad]
+        names = [k for k, v in params.items() if v.requires_grad and k in self.adapted]
         grads = torch.autograd.grad(loss, [params[k] for k in names], create_graph=create_graph)
         fast = dict(params)
         for name, grad in zip(names, grads):

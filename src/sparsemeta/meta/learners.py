@@ -39,6 +39,7 @@ def build_learner(cfg: Config, in_channels: int, mask: Mask | None = None) -> Me
         eval_steps=cfg.meta.eval_inner_steps,
         mix=(cfg.metamix.alpha, cfg.metamix.beta) if cfg.meta.mix == "metamix" else None,
         mix_seed=cfg.seed,
+        adapt=cfg.meta.adapt,
     )
     if cfg.metamix.channel_shuffle_from is not None:
         learner.schedules.append(ChannelShuffleSchedule(cfg.seed, cfg.metamix.channel_shuffle_from))
