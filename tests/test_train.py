@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from sparsemeta.config import build_config
+from sparsemeta.data.tasks import sampler_for
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.foundations.stats import mean_ci95, t975
-from sparsemeta.data.tasks import sampler_for
 from sparsemeta.meta.core import MetaLearner
 from sparsemeta.meta.learners import build_learner
 from sparsemeta.training.evaluate import evaluate
