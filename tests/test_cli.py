@@ -67,13 +67,39 @@ def test_train_then_eval_then_rerun_prints_result(tmp_path, capsys):
     assert again["accuracy"] == result["accuracy"]  # same fixed tasks, same model
 
 
-def test_data_preview_writes_a_contact_sheet(tmp_path):
-    out = tmp_path / "sheet.png"
-    assert main(["data", "preview", "glyphs", "--out", str(out), "--classes", "3"]) == 0
+def test_data_preview_contact_sheet_shows_the_requested_classes_and_examples(tmp_path):
+    """Rows are the first --classes classes of the split, columns their first --per-class
+    images, each tile exactly the data set's image, on a grey (128) 2-pixel grid."""
+    import numpy as np
     from PIL import Image
 
-    img = Image.open(out)
-    assert img.size[0] > img.size[1] > 0
+    from sparsemeta.config import build_config
+    from sparsemeta.data.info import preset_for
+    from sparsemeta.data.registry import load_data
+
+    out = tmp_path / "sheet.png"
+    assert main(["data", "preview", "glyphs", "--out", str(out), "--classes", "3",
+                 "--per-class", "4", "--split", "val"]) == 0
+    data = load_data(build_config(preset_for("glyphs"), ["data.name=glyphs"]))
+    c, h, w = data.images.shape[1:]
+    assert c == 1
+    pad, scale = 2, max(1, 64 // h)
+    img = np.asarray(Image.open(out))
+    assert img.shape == (scale * (3 * (h + pad) + pad), scale * (4 * (w + pad) + pad))
+    # nearest-neighbour upscaling by an integer factor: every scale×scale block is one pixel
+    grid = img[::scale, ::scale]
+    assert np.array_equal(np.repeat(np.repeat(grid, scale, 0), scale, 1), img)
+    background = np.ones(grid.shape, dtype=bool)
+    for r, idx in enumerate(data.classes["val"][:3]):
+        for j in range(4):
+            y, x = pad + r * (h + pad), pad + j * (w + pad)
+            assert np.array_equal(grid[y:y + h, x:x + w], data.images[idx[j], 0]), (r, j)
+            background[y:y + h, x:x + w] = False
+    assert (grid[background] == 128).all()
+    # the tiles are not all alike: a sheet of one repeated image would fail above, but so
+    # must a sheet of another split's classes
+    train_first = data.images[data.classes["train"][0][0], 0]
+    assert not np.array_equal(grid[pad:pad + h, pad:pad + w], train_first)
 
 
 def test_run_killed_with_sigkill_then_rerun_gives_same_summary(tmp_path):

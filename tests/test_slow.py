@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -33,3 +34,37 @@ def test_default_run_reports_seven_densities_down_to_26_percent(tmp_path):
         assert len(densities) == (7 if method == "ticket" else 6)
         assert densities[0] <= 0.30
     assert all(r["ci95"] > 0 for r in rows)
+
+
+def headline_margins(rows: list[dict]) -> dict[float, dict[str, float]]:
+    """Per density where the ticket and a control both ran: by how much the ticket's interval
+    clears each control's, (ticket acc − its CI) − (control acc + its CI); > 0 means the
+    ticket beats that control by more than the CIs."""
+    by = {(r["method"], r["level"]): r for r in rows}
+    margins: dict[float, dict[str, float]] = {}
+    for (method, level), ticket in sorted(by.items(), key=lambda kv: kv[0][1]):
+        if method != "ticket":
+            continue
+        for control in ("reinit", "random"):
+            other = by.get((control, level))
+            if other is None:
+                continue
+            assert other["density"] == ticket["density"]  # controls at the level's exact density
+            margins.setdefault(ticket["density"], {})[control] = (
+                (ticket["accuracy"] - ticket["ci95"]) - (other["accuracy"] + other["ci95"]))
+    return margins
+
+
+def test_default_run_ticket_beats_both_controls_beyond_the_cis(tmp_path):
+    """The README's headline of the default ``sparsemeta run`` (about 11 minutes on 2 cores):
+    at two or more densities the ticket beats reinit *and* random by more than the CIs."""
+    env = os.environ.copy()
+    env.pop("OMP_NUM_THREADS", None)  # conftest's test setting; the user's run has none
+    proc = subprocess.run([sys.executable, "-m", "sparsemeta", "run", "--out", "exp"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=3600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "exp" / "summary.json").read_text())["rows"]
+    margins = headline_margins(rows)
+    assert len(margins) == 6  # levels 1..6, each with both controls
+    beaten = [d for d, m in margins.items() if m["reinit"] > 0 and m["random"] > 0]
+    assert len(beaten) >= 2, f"ticket clears both controls' CIs only at {beaten}: {margins}"

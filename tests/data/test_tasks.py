@@ -79,12 +79,36 @@ def test_rotation_augmentation_makes_rotated_copies_new_classes():
     assert all(r.tobytes() in rotated for r in raw)
 
 
+def _translate(img: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """``img`` (C, H, W) moved down by dy and right by dx, uncovered pixels 0 (background)."""
+    out = np.zeros_like(img)
+    h, w = img.shape[1:]
+    out[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+        img[:, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return out
+
+
 def test_shift_augmentation_moves_content_within_bounds():
+    """Each shifted image is its unshifted image translated by at most ``shift`` pixels in each
+    direction, with background filling what was uncovered; every offset in range occurs."""
     data = make_data()
+    k = 2
     plain = TaskSampler(data, "train", ways=3, shots=1, queries=1, seed=0)
-    shifted = TaskSampler(data, "train", ways=3, shots=1, queries=1, seed=0, shift=2)
-    assert plain.task(0).support_x.shape == shifted.task(0).support_x.shape
-    assert not torch.equal(plain.task(0).support_x, shifted.task(0).support_x)
+    shifted = TaskSampler(data, "train", ways=3, shots=1, queries=1, seed=0, shift=k)
+    offsets = set()
+    for i in range(40):
+        a, b = plain.task(i), shifted.task(i)
+        assert a.support_x.shape == b.support_x.shape
+        assert torch.equal(a.support_y, b.support_y) and torch.equal(a.query_y, b.query_y)
+        for xa, xb in ((a.support_x, b.support_x), (a.query_x, b.query_x)):
+            raw_a = np.round(xa.numpy() * 255).astype(np.uint8)  # mean 0, std 1: x = raw / 255
+            raw_b = np.round(xb.numpy() * 255).astype(np.uint8)
+            for img, moved in zip(raw_a, raw_b):
+                found = [(dy, dx) for dy in range(-k, k + 1) for dx in range(-k, k + 1)
+                         if np.array_equal(_translate(img, dy, dx), moved)]
+                assert found, f"task {i}: not a translation by at most {k} pixels"
+                offsets.add(found[0])
+    assert offsets == {(dy, dx) for dy in range(-k, k + 1) for dx in range(-k, k + 1)}
 
 
 def test_too_many_ways_or_shots_is_a_user_error():

@@ -141,15 +141,34 @@ def test_support_bn_query_predictions_are_independent_of_other_queries():
 
 
 def test_evaluation_leaves_parameters_and_buffers_untouched():
-    model, task = _conv4_case()
+    """With meta.bn=running the model has running-statistic buffers (per step) that a
+    tracking forward writes: evaluation must read them and leave them, and the parameters,
+    bit-identical."""
+    torch.manual_seed(0)
+    model = Conv4(in_channels=1, ways=3, image_size=16, filters=4, bn_steps=2,
+                  bn_running=True).double()
+    _, task = _conv4_case()
+    learner = MetaLearner(model, inner_lr=0.4, inner_steps=1, bn="running")
+    params = dict(model.named_parameters())
+    learner.meta_gradient_step(params, [task])  # meta-training tracks: the buffers move
+    for p in params.values():
+        p.grad = None
+    buffers = dict(model.named_buffers())
+    assert len(buffers) == 8 and all(
+        not torch.equal(b[0], torch.zeros_like(b[0])) for k, b in buffers.items() if "mean" in k)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    learner = MetaLearner(model, inner_lr=0.4, inner_steps=1)
     task = Task(task.support_x, task.support_y, task.support_x, task.support_y)  # learnable
-    accs, losses = learner.evaluate_task(dict(model.named_parameters()), task, steps=5)
+    accs, losses = learner.evaluate_task(params, task, steps=5)
     assert len(accs) == 6 and losses[-1] < losses[0]
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert all(p.grad is None for p in model.parameters())
+    assert not learner.evaluating and not learner.tracking
+    # evaluation did use those buffers: with other running statistics the losses differ
+    with torch.no_grad():
+        for k, b in buffers.items():
+            b.mul_(1.5) if "var" in k else b.add_(0.5)
+    assert learner.evaluate_task(params, task, steps=5)[1] != losses
 
 
 def test_masked_weights_stay_zero_through_second_order_inner_loop():

@@ -6,8 +6,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.func import functional_call
 
 from sparsemeta.data.tasks import Task
+from sparsemeta.experiments.methods import rigl as rigl_method
 from sparsemeta.experiments.methods.earlybird import EarlyBirdHooks
 from sparsemeta.experiments.methods.l1 import L1Hooks
 from sparsemeta.experiments.methods.rigl import RigLHooks
@@ -70,14 +73,30 @@ def test_drop_fraction_follows_the_cosine_schedule_and_stops_at_t_end():
     assert drop_fraction(100, 0.3, 100) == 0.0 and drop_fraction(150, 0.3, 100) == 0.0
 
 
-def _task():
-    gen = torch.Generator().manual_seed(3)
+def _task(seed: int = 3):
+    gen = torch.Generator().manual_seed(seed)
     x = torch.randn(10, 1, 16, 16, generator=gen)
     y = torch.arange(5).repeat(2)
     return Task(x[:5], y[:5], x[5:], y[5:])
 
 
-def test_rigl_hook_keeps_density_exact_and_grows_where_the_meta_gradient_is_largest():
+def _dense_meta_gradient(model, eff, tasks, alpha):
+    """∂L_q/∂(θ⊙m) of one second-order MAML step, averaged over tasks, written out directly
+    (functional_call + autograd, no MetaLearner): the effective weights are the leaves and no
+    mask is applied, so the gradient is non-zero where θ is pruned."""
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in eff.items()}
+    total = {k: torch.zeros_like(v) for k, v in leaves.items()}
+    for task in tasks:
+        support = F.cross_entropy(functional_call(model, leaves, (task.support_x,)), task.support_y)
+        grads = torch.autograd.grad(support, list(leaves.values()), create_graph=True)
+        fast = {k: v - alpha * g for (k, v), g in zip(leaves.items(), grads)}
+        query = F.cross_entropy(functional_call(model, fast, (task.query_x,)), task.query_y)
+        for (k, _), g in zip(leaves.items(), torch.autograd.grad(query, list(leaves.values()))):
+            total[k] += g / len(tasks)
+    return total
+
+
+def test_rigl_hook_keeps_density_exact_and_grows_where_the_meta_gradient_is_largest(monkeypatch):
     model = _model()
     params = dict(model.named_parameters())
     shapes = _shapes(model)
@@ -88,17 +107,33 @@ def test_rigl_hook_keeps_density_exact_and_grows_where_the_meta_gradient_is_larg
             params[k].mul_(m)
     learner = MetaLearner(model, inner_lr=0.4, inner_steps=1, mask=mask)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    tasks = [_task()]
+    tasks = [_task(3), _task(4)]
     for _ in range(3):  # build Adam state
         opt.zero_grad()
         learner.meta_gradient_step(params, tasks)
         opt.step()
     before = {k: m.clone() for k, m in mask.items()}
-    # the dense meta-gradient w.r.t. the effective weights, computed independently
-    eff = {k: (v * mask[k] if k in mask else v).detach().requires_grad_() for k, v in params.items()}
-    MetaLearner(model, inner_lr=0.4, inner_steps=1).meta_gradient_step(eff, tasks)
+    eff = {k: (v * mask[k] if k in mask else v) for k, v in params.items()}
+    expected = _dense_meta_gradient(model, eff, tasks, alpha=0.4)
+    # the grow score the hook used, captured from the updater
+    used = {}
+    real = rigl_method.RigLUpdater
+
+    def capturing(f0, every, end, dense_grad):
+        def record():
+            used.update(dense_grad())
+            return used
+        return real(f0, every, end, record)
+
+    monkeypatch.setattr(rigl_method, "RigLUpdater", capturing)
     hook = RigLHooks(f0=0.3, every=1, end=100)
     assert hook.after_step(StepContext(1, params, mask, opt, learner, tasks))
+    assert used.keys() == mask.keys()
+    for k in mask:
+        assert torch.allclose(used[k], expected[k], rtol=1e-4, atol=1e-7), k
+        if (~before[k]).any():  # ERK may leave a small layer dense
+            assert expected[k][~before[k]].abs().max() > 0  # non-zero where θ was pruned
+    assert learner.mask is mask  # the hook gave the learner its mask back
     assert {k: int(m.sum()) for k, m in mask.items()} == counts
     assert density(mask) == pytest.approx(sum(counts.values()) / sum(m.numel() for m in mask.values()))
     for k, m in mask.items():
@@ -106,7 +141,7 @@ def test_rigl_hook_keeps_density_exact_and_grows_where_the_meta_gradient_is_larg
         if not grown.any():
             continue
         inactive_not_grown = ~before[k] & ~m
-        assert eff[k].grad.abs()[grown].min() >= eff[k].grad.abs()[inactive_not_grown].max()
+        assert expected[k].abs()[grown].min() >= expected[k].abs()[inactive_not_grown].max()
         assert torch.count_nonzero(params[k][grown]) == 0  # grown weights start at zero
         state = opt.state[params[k]]
         assert torch.count_nonzero(state["exp_avg"][grown]) == 0

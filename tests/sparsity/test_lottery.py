@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sparsemeta.config import build_config
+from sparsemeta.experiments.export import export_run
 from sparsemeta.experiments.report import write_report
 from sparsemeta.experiments.runner import parse_controls, parse_seeds, run_lottery
 from sparsemeta.foundations.errors import UserError
@@ -92,11 +93,10 @@ def test_rewind_to_init_restores_theta0_and_none_keeps_trained_weights(tmp_path)
 
 
 def _rows(root):
-    """Summary rows without what may differ between two directories: wall time, and exported
-    bytes (the export's manifest names its run's path, so its size depends on the path)."""
+    """Summary rows without what may differ between two directories: wall time only (the
+    export's manifest names seed/level/method, not the path, so exported bytes must agree)."""
     summary = write_report([root])
-    return [{k: v for k, v in r.items() if k not in ("train_seconds", "exported_bytes")}
-            for r in summary["rows"]]
+    return [{k: v for k, v in r.items() if k != "train_seconds"} for r in summary["rows"]]
 
 
 def test_interrupted_level_resumed_gives_same_summary(tmp_path, monkeypatch, experiment):
@@ -119,18 +119,43 @@ def test_interrupted_level_resumed_gives_same_summary(tmp_path, monkeypatch, exp
     assert _rows(tmp_path) == _rows(experiment)
 
 
-def test_report_files_contain_the_numbers_of_summary(experiment):
+def test_report_files_contain_the_numbers_of_the_run_directories(experiment, tmp_path):
+    """Every summary row against values computed here from the run directories' own files:
+    density from mask.pt, accuracy/CI/per-step from eval.json, bytes from an actual export."""
     summary = write_report([experiment])
     saved = json.loads((experiment / "summary.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(summary["rows"]))
+    rows = {(r["method"], r["level"]): r for r in saved["rows"]}
+    expected_runs = {("ticket", 0), ("ticket", 1), ("ticket", 2), ("reinit", 1), ("reinit", 2),
+                     ("random", 1), ("random", 2)}
+    assert set(rows) == expected_runs
     md = (experiment / "report.md").read_text()
-    for row in saved["rows"]:
+    for (method, level), row in rows.items():
+        run = level_dir(experiment, 0, level, method)
+        result = json.loads((run / "eval.json").read_text())
+        assert row["seeds"] == 1 and row["ci_over"] == "tasks"
+        assert row["accuracy"] == result["accuracy"] and row["ci95"] == result["ci95"]
+        assert row["per_step"] == [s["accuracy"] for s in result["per_step"]]
+        assert row["early_stop_iteration"] == result["best_iteration"]
+        if level == 0:
+            assert not (run / "mask.pt").exists() and row["density"] == 1.0
+        else:
+            mask = torch.load(run / "mask.pt", weights_only=True)
+            kept = sum(int(m.sum()) for m in mask.values())
+            total = sum(m.numel() for m in mask.values())
+            assert row["density"] == kept / total and row["nonzeros"] == kept
+            # prune.rate=0.5 per level, the output layer at half the rate
+            assert row["density"] == pytest.approx(0.5 ** level, abs=0.06)
+        out = tmp_path / f"{method}_{level}.smz"
+        export_run(run, out)
+        assert row["exported_bytes"] == out.stat().st_size
         assert f"{100 * row['accuracy']:.2f} ± {100 * row['ci95']:.2f}" in md
-    tickets = sorted((r for r in saved["rows"] if r["method"] == "ticket"), key=lambda r: r["level"])
-    sizes = [r["exported_bytes"] for r in tickets]
+    sizes = [rows[("ticket", lvl)]["exported_bytes"] for lvl in (0, 1, 2)]
     assert sizes[0] > sizes[1] > sizes[2] and all(f"{n:,}" in md for n in sizes)
-    assert {r["method"] for r in saved["rows"]} == {"ticket", "reinit", "random"}
-    assert len(saved["rows"]) == 1 + 2 * 3
+    # controls share their level's density exactly (same counts per layer)
+    for level in (1, 2):
+        assert rows[("ticket", level)]["density"] == rows[("random", level)]["density"] == \
+            rows[("reinit", level)]["density"]
     for name in ("accuracy_vs_density.png", "early_stop_vs_density.png", "accuracy_vs_step.png",
                  "accuracy_vs_bytes.png"):
         assert (experiment / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
