@@ -25,10 +25,21 @@ def test_default_train_lands_in_the_calibrated_accuracy_band(tmp_path):
     assert result["tasks"] == 600 and result["ci95"] < 0.02
 
 
-def test_default_run_reports_seven_densities_down_to_26_percent(tmp_path):
-    proc = _cli("run", "--out", "exp", cwd=tmp_path)
+@pytest.fixture(scope="module")
+def default_run_rows(tmp_path_factory) -> list[dict]:
+    """The plain ``sparsemeta run`` (about 11 minutes on 2 cores), once for the tests below,
+    with the user's thread settings (conftest's OMP_NUM_THREADS=1 removed)."""
+    cwd = tmp_path_factory.mktemp("default-run")
+    env = os.environ.copy()
+    env.pop("OMP_NUM_THREADS", None)
+    proc = subprocess.run([sys.executable, "-m", "sparsemeta", "run", "--out", "exp"],
+                          capture_output=True, text=True, cwd=cwd, timeout=3600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.loads((tmp_path / "exp" / "summary.json").read_text())["rows"]
+    return json.loads((cwd / "exp" / "summary.json").read_text())["rows"]
+
+
+def test_default_run_reports_seven_densities_down_to_26_percent(default_run_rows):
+    rows = default_run_rows
     for method in ("ticket", "reinit", "random"):
         densities = sorted(r["density"] for r in rows if r["method"] == method)
         assert len(densities) == (7 if method == "ticket" else 6)
@@ -55,16 +66,10 @@ def headline_margins(rows: list[dict]) -> dict[float, dict[str, float]]:
     return margins
 
 
-def test_default_run_ticket_beats_both_controls_beyond_the_cis(tmp_path):
-    """The README's headline of the default ``sparsemeta run`` (about 11 minutes on 2 cores):
-    at two or more densities the ticket beats reinit *and* random by more than the CIs."""
-    env = os.environ.copy()
-    env.pop("OMP_NUM_THREADS", None)  # conftest's test setting; the user's run has none
-    proc = subprocess.run([sys.executable, "-m", "sparsemeta", "run", "--out", "exp"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=3600, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.loads((tmp_path / "exp" / "summary.json").read_text())["rows"]
-    margins = headline_margins(rows)
+def test_default_run_ticket_beats_both_controls_beyond_the_cis(default_run_rows):
+    """The README's headline of the default ``sparsemeta run``: at two or more densities the
+    ticket beats reinit *and* random by more than the CIs."""
+    margins = headline_margins(default_run_rows)
     assert len(margins) == 6  # levels 1..6, each with both controls
     beaten = [d for d, m in margins.items() if m["reinit"] > 0 and m["random"] > 0]
     assert len(beaten) >= 2, f"ticket clears both controls' CIs only at {beaten}: {margins}"
