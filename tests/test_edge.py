@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -348,6 +349,9 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path, exported, capsys):
         (["finetune", str(exported), "--data", str(tmp_path / "nodata")], "does not exist"),
         (["finetune", str(exported), "--data", str(tmp_path), "--holdout", "1.5"], "class folders"),
         (["predict", str(exported), str(tmp_path / "nope.png")], "does not exist"),
+        (["predict", str(exported), str(tmp_path)], "is a directory; give image files"),
+        (["finetune", str(exported), "--data", str(tmp_path), "--out", str(exported)],
+         "is the input model"),
     ]
     for argv, needle in cases:
         assert edge_main(argv) == 2, argv
@@ -356,6 +360,16 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path, exported, capsys):
     data = _image_folder(tmp_path / "data", classes=2, per_class=3)
     assert edge_main(["finetune", str(exported), "--data", str(data), "--holdout", "1.5"]) == 2
     assert "--holdout" in capsys.readouterr().err
+
+
+def test_models_are_written_readable_to_others_under_the_umask(tmp_path, exported):
+    """A model is for copying to devices: not mkstemp's 0600 but 0666 less the umask."""
+    old = os.umask(0o022)
+    try:
+        smz.save_model(tmp_path / "m.smz", smz.load(exported))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.smz").stat().st_mode & 0o777 == 0o644
 
 
 def test_float32_gradients_stay_accurate_at_mini_imagenet_scale():

@@ -179,3 +179,60 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, monkeypatch):
     train(cfg, tmp_path / "b", data=data, progress=False)
     lines = [(tmp_path / r / rundir.METRICS).read_text().splitlines() for r in ("a", "b")]
     assert lines[0] == lines[1] and all(json.loads(line) for line in lines[1])
+
+
+TINY_CLI = ["--set", "model.filters=8", "--set", "train.iterations=2", "--set", "train.val_every=2",
+            "--set", "train.val_tasks=4", "--set", "eval.tasks=4", "--set", "train.meta_batch=2"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", *TINY_CLI, "--out", str(run)]) == 0
+    return run
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["config", "show", "--set", "seed=99999999999999999999"], "seed must be <= 4294967295"),
+    (["config", "show", "--set", "model.filters=100000"], "model.filters must be <= 4096"),
+    (["run", "--workers", "0", *TINY_CLI], "--workers must be >= 1"),
+    (["run", "--method", "", *TINY_CLI], "--method is empty"),
+    (["run", "--controls", "", *TINY_CLI], "--controls is empty"),
+    (["eval", "{run}", "--tasks", "0"], "--tasks must be >= 1"),
+    (["export", "{run}", "--out", "{run}/best.pt"], "would overwrite a file of"),
+    (["report", "{root}", "--out", "{run}/eval.json"], "is a file"),
+])
+def test_user_mistakes_found_by_the_bad_input_table_are_one_line(finished_run, args, fragment,
+                                                                capsys):
+    args = [a.format(run=finished_run, root=finished_run.parent) for a in args]
+    best = (finished_run / rundir.BEST).read_bytes()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert fragment in err[-1] and err[-1].startswith("sparsemeta: error:")
+    assert (finished_run / rundir.BEST).read_bytes() == best  # nothing of the run was touched
+
+
+def test_a_repeated_yaml_section_is_refused_not_silently_merged(tmp_path, capsys):
+    path = tmp_path / "dup.yaml"
+    path.write_text("train:\n  iterations: 3\ntrain:\n  iterations: 5\n")
+    assert main(["config", "show", "--config", str(path)]) == 2
+    assert "key 'train' appears twice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 64, b"PK\x03\x04 not a zip"])
+def test_a_damaged_checkpoint_is_one_line_naming_it(finished_run, tmp_path, content, capsys):
+    run = tmp_path / "copy"
+    run.mkdir()
+    for name in (rundir.CONFIG, rundir.INIT):
+        (run / name).write_bytes((finished_run / name).read_bytes())
+    (run / rundir.CHECKPOINT).write_bytes(content)
+    assert main(["train", *TINY_CLI, "--out", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "checkpoint.pt' is damaged or not a sparsemeta tensor file" in err
+
+
+def test_world_size_without_torchrun_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    assert main(["train", *TINY_CLI, "--out", str(tmp_path / "r")]) == 2
+    assert "launch data-parallel training with torchrun" in capsys.readouterr().err

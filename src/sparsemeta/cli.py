@@ -12,7 +12,7 @@ from pathlib import Path
 from sparsemeta.config import DEFAULT_PRESET, build_config, preset_names
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.training import rundir
-from sparsemeta.training.rundir import RunDir, make_dir
+from sparsemeta.training.rundir import RunDir
 
 LOTTERY_PRESET = "glyphs-lottery"
 
@@ -38,6 +38,12 @@ def _default_out(kind: str, cfg_dict: dict) -> Path:
     return Path("runs") / f"{kind}-{digest}"
 
 
+def _given(flag, default):  # noqa: ANN001, ANN202 - a flag's value or the default
+    """The flag's value if it was given at all (an empty or zero value is a value, and is
+    checked as one), else the default."""
+    return default if flag is None else flag
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from sparsemeta.data.registry import load_data
     from sparsemeta.foundations.device import resolve_device
@@ -54,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         data = load_data(cfg)  # fail on data problems before anything is written
         if g.main:
             g.barrier()
-        out = make_dir(args.out or _default_out("train", cfg.to_dict()))
+        out = Path(args.out or _default_out("train", cfg.to_dict()))
         finished = RunDir(out).finished
         if g.main:
             print(f"run directory: {out}" + (" (finished; printing its result)" if finished else "")
@@ -83,16 +89,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = build_config(args.config, args.overrides)
     preset = experiment_defaults(args.config)
-    methods = parse_methods(args.method or preset.get("methods", "lottery"))
-    seeds = parse_seeds(args.seeds or preset.get("seeds", "0"))
-    controls = parse_controls(args.controls or preset.get("controls", "reinit,random"))
+    methods = parse_methods(_given(args.method, preset.get("methods", "lottery")))
+    seeds = parse_seeds(_given(args.seeds, preset.get("seeds", "0")))
+    controls = parse_controls(_given(args.controls, preset.get("controls", "reinit,random")))
     data = load_data(cfg)  # fail on data problems before anything is written
-    out = make_dir(args.out or _default_out("-".join(methods), cfg.to_dict()))
+    out = Path(args.out or _default_out("-".join(methods), cfg.to_dict()))
     print(f"experiment directory: {out} — methods {', '.join(methods)}; "
           f"{cfg.prune.num_levels()} pruning levels; seeds {seeds}; "
           f"controls {', '.join(controls) or 'none'}; "
           f"{len(seeds) * planned_runs(cfg, methods, controls)} meta-training runs", file=sys.stderr)
-    workers = args.workers or int(preset.get("workers", 1))
+    workers = _given(args.workers, int(preset.get("workers", 1)))
     if workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
     run_experiment(cfg, out, methods, seeds, controls, data=data, workers=workers)
@@ -162,7 +168,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     learner = build_learner(cfg, data.channels, mask)
     learner.load_state_dict(chosen.state)
     learner.to(device)
-    tasks = args.tasks or cfg.eval.tasks
+    tasks = _given(args.tasks, cfg.eval.tasks)
     steps = cfg.meta.eval_inner_steps if args.steps is None else args.steps
     if tasks < 1 or steps < 0:
         raise UserError("--tasks must be >= 1 and --steps >= 0")
@@ -188,10 +194,11 @@ def _data_config(args: argparse.Namespace):  # noqa: ANN202
 
 
 def cmd_data_info(args: argparse.Namespace) -> int:
-    from sparsemeta.data.info import info
+    from sparsemeta.data.info import DO_NOT_FIT, info
 
-    print(info(_data_config(args)))
-    return 0
+    report = info(_data_config(args))
+    print(report)
+    return 1 if DO_NOT_FIT in report else 0  # a check: scripts can test that tasks fit
 
 
 def cmd_data_download(args: argparse.Namespace) -> int:

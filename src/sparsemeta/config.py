@@ -31,6 +31,17 @@ DEFAULT_PRESET = "glyphs-quick"
 
 
 # -- range checks: each raises UserError naming the full dotted key ---------------------------
+#: seeds are 32-bit (torch, NumPy and Optuna all take them)
+MAX_SEED = 2**32 - 1
+#: the widest conv layer anyone trains here; the edge format refuses more
+MAX_FILTERS = 4096
+
+
+def _at_most(key: str, value: int, high: int, why: str = "") -> None:
+    if not value <= high:
+        raise UserError(f"{key} must be <= {high}{why}, got {value}")
+
+
 def _at_least(key: str, value: float | None, low: int, why: str = "") -> None:
     """``value >= low`` (``None`` passes: an optional field left at its default)."""
     if value is not None and not value >= low:
@@ -101,6 +112,7 @@ class DataConfig:
         _at_least(f"{at}.image_size", self.image_size, 16, " for Conv4")
         _at_least(f"{at}.shift", self.shift, 0)
         _at_least(f"{at}.seed", self.seed, 0)
+        _at_most(f"{at}.seed", self.seed, MAX_SEED, " (a 32-bit seed)")
         v, t = self.val_fraction, self.test_fraction
         if not (0 < v < 1 and 0 < t < 1 and v + t < 1):
             raise UserError(
@@ -124,6 +136,7 @@ class ModelConfig:
 
     def validate(self, at: str = "model") -> None:
         _at_least(f"{at}.filters", self.filters, 1)
+        _at_most(f"{at}.filters", self.filters, MAX_FILTERS)
 
 
 @dataclass
@@ -381,6 +394,7 @@ class Config:
         """Check value ranges that types alone cannot express; raise UserError naming the key."""
         _check_finite(self, "")
         _at_least("seed", self.seed, 0)
+        _at_most("seed", self.seed, MAX_SEED, " (a 32-bit seed)")
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
@@ -664,6 +678,25 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return " ".join(f"{where}{problem}".split())
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping (plain YAML keeps the last one
+    silently, so a repeated section would quietly drop the first)."""
+
+
+def _unique_mapping(loader: UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def read_preset(name_or_path: str) -> dict[str, Any]:
     """A preset is a packaged YAML name (``glyphs-quick``) or a path to a YAML file."""
     path = Path(name_or_path)
@@ -680,7 +713,7 @@ def read_preset(name_or_path: str) -> dict[str, Any]:
         where = f"preset '{name_or_path}'"
         text = res.read_text(encoding="utf-8")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise UserError(f"{where} is not valid YAML ({_yaml_problem(exc)}); fix it") from None
     if data is None:
@@ -699,7 +732,8 @@ def experiment_defaults(preset: str) -> dict[str, str]:
     if not isinstance(block, dict) or set(block) - {"methods", "seeds", "controls", "workers"}:
         raise UserError(f"preset '{preset}': 'experiment' may hold only methods, seeds, "
                         "controls, workers")
-    return {k: ",".join(map(str, v)) if isinstance(v, list) else str(v) for k, v in block.items()}
+    return {k: (",".join(map(str, v)) or "none") if isinstance(v, list) else str(v)
+            for k, v in block.items()}
 
 
 def _nest(path: list[str], value: Any) -> dict[str, Any]:

@@ -111,6 +111,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     path = Path(args.out) if args.out else Path(args.model).with_name(Path(args.model).stem + "-tuned.smz")
     if not path.parent.is_dir():
         raise EdgeError(f"directory '{path.parent}' does not exist; create it or choose another --out")
+    if path.exists() and path.resolve() == Path(args.model).resolve():
+        raise EdgeError(f"--out '{path}' is the input model; write the fine-tuned model to another "
+                        "file (the meta-trained one is what the next fine-tune starts from)")
     update_names(args.update)  # a bad --update fails before the images are read
     model = load(args.model, _dtype(args.dtype))
     a = model.manifest["architecture"]
@@ -133,8 +136,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model = load(args.model, _dtype(args.dtype))
     a = model.manifest["architecture"]
     for p in args.images:
+        if Path(p).is_dir():
+            raise EdgeError(f"'{printable(str(p))}' is a directory; give image files "
+                            "(e.g. folder/*.png)")
         if not Path(p).is_file():
-            raise EdgeError(f"image '{p}' does not exist")
+            raise EdgeError(f"image '{printable(str(p))}' does not exist")
     images = decode_many(args.images, a["image_size"], a["in_channels"],
                          bool(model.manifest.get("input", {}).get("invert")))
     probs, note = predict(model, images, args.bn)

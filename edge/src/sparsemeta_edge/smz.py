@@ -121,10 +121,21 @@ def _riders(bias: str) -> dict[str, tuple[list[str], str]]:
             "bn_stats": ([f"bn_stats.{block.split('.')[1]}.{s}" for s in _STATS], "<f8")}
 
 
+_FILE_MODE = 0o666
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it; restored at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, data: list[bytes]) -> None:
     """Temporary file + rename: an interrupted save never leaves a torn model behind."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE & ~_umask())  # mkstemp makes 0600: a model is for sharing
         with os.fdopen(fd, "wb") as fh:
             for chunk in data:
                 fh.write(chunk)

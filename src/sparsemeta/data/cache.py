@@ -62,7 +62,8 @@ def require_root(cfg, name: str, expected: str) -> Path:  # noqa: ANN001
     root = cfg.data.root
     if not root:
         raise UserError(
-            f"data.root is not set for '{name}'; pass --root DIR or --set data.root=DIR "
+            f"data.root is not set for '{name}'; set it with --set data.root=DIR (or --root DIR "
+            f"for 'sparsemeta data …') "
             f"(a directory with {expected})"
         )
     path = Path(root).expanduser()

@@ -25,6 +25,9 @@ _STANDARD = {
 }
 
 
+#: what the report says when the configured tasks do not fit a split (exit 1 from the CLI)
+DO_NOT_FIT = "do NOT fit"
+
 def preset_for(name: str) -> str:
     """The packaged preset matching data set ``name`` (fallback: the glyph preset)."""
     return PRESETS.get(name, "glyphs-quick")
@@ -98,5 +101,5 @@ def info(cfg) -> str:  # noqa: ANN001
         check_tasks(shape, cfg)
         notes.append(f"tasks: {task} fit every split")
     except UserError as exc:
-        notes.append(f"tasks: {task} do NOT fit: {exc}")
+        notes.append(f"tasks: {task} {DO_NOT_FIT}: {exc}")
     return "\n".join(lines + [f"  {n}" for n in notes])

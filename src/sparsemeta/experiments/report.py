@@ -203,11 +203,14 @@ def write_report(roots: list[str | Path], out: str | Path | None = None) -> dict
         if not r.is_dir():
             raise UserError(f"'{r}' is not a directory; give experiment directories made by "
                             "'sparsemeta run' or 'sparsemeta lottery'")
+    out = Path(out) if out else roots[0]
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file; the report is a directory (summary.json, "
+                        "report.md, plots): give a directory")
     records = collect(roots)
     if not records:
         raise UserError(f"no finished runs under {', '.join(map(str, roots))} "
                         "(expected seed_S/level_LL/<method>/eval.json)")
-    out = Path(out) if out else roots[0]
     out.mkdir(parents=True, exist_ok=True)
     rows = summarize(records)
     table = markdown_table(rows)

@@ -42,6 +42,7 @@ import torch
 from sparsemeta.config import Config, config_from_dict
 from sparsemeta.data.base import FewShotData
 from sparsemeta.data.registry import load_data
+from sparsemeta.data.tasks import sampler_for
 from sparsemeta.experiments.methods import METHODS
 from sparsemeta.experiments.methods.base import SeedRun
 from sparsemeta.experiments.methods.lottery import CONTROLS
@@ -51,8 +52,11 @@ from sparsemeta.training.rundir import LOCK, RunResult, bind_experiment, make_di
 
 
 def _parse_list(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
-    if not text or text == "none":
+    if text == "none":
         return []
+    if not text.strip(",").strip():
+        raise UserError(f"{flag} is empty; give a comma list of {', '.join(allowed)}"
+                        + (" or none" if flag == "--controls" else ""))
     items = [c.strip() for c in text.split(",") if c.strip()]
     bad = [c for c in items if c not in allowed]
     if bad:
@@ -62,7 +66,7 @@ def _parse_list(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
 
 
 def parse_controls(text: str | None) -> list[str]:
-    return _parse_list(text or "", CONTROLS, "--controls")
+    return _parse_list("none" if text is None else text, CONTROLS, "--controls")
 
 
 def parse_methods(text: str) -> list[str]:
@@ -147,6 +151,8 @@ def run_experiment(cfg: Config, out: str | Path, methods: list[str], seeds: list
         raise UserError(f"--method {unsupported[0]} needs prune.structure=unstructured; with "
                         f"filters use {', '.join(structured)}")
     data = data if data is not None else load_data(cfg)
+    for split in ("train", "val", cfg.eval.split):  # tasks fit every split, before any write
+        sampler_for(cfg, data, split)
     root = make_dir(out)
     with exclusive(root / LOCK, f"experiment '{root}'", wait=False):
         bind_experiment(root, cfg, methods, seeds, controls)

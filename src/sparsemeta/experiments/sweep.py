@@ -108,7 +108,9 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
                 key == "cpus_per_task" and value == 0):
             raise UserError(f"ray.{key} must be a number (cpus > 0, gpus >= 0), got {value!r}")
     controls = spec.get("controls", ["reinit", "random"])
-    controls = parse_controls(",".join(controls) if isinstance(controls, list) else str(controls))
+    if isinstance(controls, list):
+        controls = ",".join(map(str, controls)) or "none"
+    controls = parse_controls(str(controls))
     methods = parse_methods(",".join(str(m) for m in grid.get("methods", ["lottery"])))
     seeds = grid.get("seeds", [0])
     if not all(isinstance(s, int) and s >= 0 for s in seeds):

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from sparsemeta.foundations.errors import UserError
+
 
 @dataclass(frozen=True)
 class Group:
@@ -63,6 +65,10 @@ def group() -> Group:
     return Group()
 
 
+#: what torchrun sets for every rank besides WORLD_SIZE
+TORCHRUN_VARIABLES = ("RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
@@ -72,6 +78,10 @@ def init_from_env(device: torch.device) -> torch.device:
     return this rank's device; a no-op for a plain single process."""
     if not launched() or dist.is_initialized():
         return device
+    missing = [v for v in TORCHRUN_VARIABLES if v not in os.environ]
+    if missing:
+        raise UserError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} not set: "
+                        "launch data-parallel training with torchrun, or unset WORLD_SIZE")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)

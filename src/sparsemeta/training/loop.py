@@ -251,9 +251,6 @@ def _finish(s: Session, total: int, done: int, test: bool, progress: bool) -> Ru
 def _begin(cfg: Config, out: str | Path, data: FewShotData, init: Mapping[str, torch.Tensor] | None,
            mask: Mask | None) -> tuple[RunDir, Group]:
     g = group()
-    if g.world > cfg.train.meta_batch:
-        raise UserError(f"{g.world} processes but train.meta_batch={cfg.train.meta_batch}: every "
-                        f"process needs at least one task; raise train.meta_batch or use fewer")
     run = RunDir(rundir.make_dir(out))
     if run.file(rundir.DIVERGED).exists() and not run.finished:
         raise Diverged(_diverged_line(run, read_json(run.file(rundir.DIVERGED))) + "; this run "
@@ -336,8 +333,16 @@ def train(cfg: Config, out: str | Path, **options: Any) -> RunResult:
     only rank 0 writes, and the result equals one process's. A run whose loss or meta-gradient
     stops being finite raises ``Diverged`` and keeps its last good checkpoint.
     """
+    g = group()
+    if g.world > cfg.train.meta_batch:  # refused before anything is written
+        raise UserError(f"{g.world} processes but train.meta_batch={cfg.train.meta_batch}: every "
+                        f"process needs at least one task; raise train.meta_batch or use fewer")
+    data = options.pop("data", None)
+    data = data if data is not None else load_data(cfg)
+    for split in ("train", "val", cfg.eval.split):  # tasks fit every split, before any write
+        sampler_for(cfg, data, split)
     path = rundir.make_dir(out)
     lock = (exclusive(path / rundir.LOCK, f"run directory '{path}'", wait=False)
-            if group().main else contextlib.nullcontext())
+            if g.main else contextlib.nullcontext())
     with lock:
-        return _train(cfg, path, **options)
+        return _train(cfg, path, data=data, **options)
