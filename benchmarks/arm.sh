@@ -447,7 +447,7 @@ uname = (work / "uname.log").read_text().strip() if (work / "uname.log").exists(
 base = int(guest["baseline"][1]) if "baseline" in guest else 0
 mem = {}
 for name, (rc, kb, *wall) in guest.items():
-    mem[name] = {"exit": int(rc), "peak_rss_mib": mib(kb), "minus_qemu_python_baseline_mib": mib(int(kb) - base),
+    mem[name] = {"exit": int(rc), "peak_rss_mib": mib(kb), "minus_qemu_python_baseline_mib": None if name == "uname" else mib(int(kb) - base),
                  "wall": wall[0] if wall else None,
                  "cgroup_peak_mib": (round(int(cg[name][0]) / 2**20, 1) if name in cg and cg[name][0].isdigit() else None),
                  "oom_kills": int(cg[name][1]) if name in cg else None}
