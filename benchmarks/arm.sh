@@ -98,12 +98,13 @@ QEMU_PATH=$(command -v "$QEMU_BIN")
 PYTHON=$(find_python)
 [ -n "$PYTHON" ] || missing "no host Python; set PYTHON=/path/to/python with sparsemeta installed"
 NEED_SPARSEMETA=$([ -z "$MODEL" ] || [ -z "$IMAGES" ] && echo 1 || echo 0)  # ticket / glyph images
-"$PYTHON" - "$NEED_SPARSEMETA" <<'EOF' || missing "host Python '$PYTHON' lacks numpy/Pillow/pip (or sparsemeta, needed without --model/--images); set PYTHON= to the project's venv (pip install -e . -e edge/)"
-import sys, importlib
+LACKS=$("$PYTHON" - "$NEED_SPARSEMETA" 2>/dev/null <<'EOF' || echo "a working interpreter"
+import sys, importlib.util
 mods = ["numpy", "PIL", "pip"] + (["sparsemeta", "torch"] if sys.argv[1] == "1" else [])
-for m in mods:
-    importlib.import_module(m)
+print(" ".join(m for m in mods if importlib.util.find_spec(m) is None))
 EOF
+)
+[ -z "$LACKS" ] || missing "host Python '$PYTHON' lacks $LACKS (sparsemeta and torch make the ticket and images without --model/--images); set PYTHON= to the project's venv (pip install -e . -e edge/)"
 [ -z "$MODEL" ] || [ -f "$MODEL" ] || missing "--model '$MODEL' does not exist"
 [ -z "$IMAGES" ] || [ -d "$IMAGES" ] || missing "--images '$IMAGES' is not a directory (expected IMAGES/CLASS/*.png)"
 if [ ! -e "$ROOT/.stage-second" ]; then   # building the root runs the target's /bin/sh via binfmt
