@@ -14,7 +14,8 @@
 #   3. on this machine (x86): an exported ticket (default: a 30-iteration `sparsemeta train`
 #      + `sparsemeta export`, cached) and glyph images; reference info/finetune/predict
 #   4. in the root, under qemu with the emulated CPU and a memory limit: info, finetune
-#      (early stopping), predict; probabilities compared with x86 (max |diff| <= 1e-4), peak
+#      (early stopping), predict; probabilities compared with x86 (max |diff| <= 1e-4; also
+#      one fine-tuning step's gradients, relative error <= 1e-4 vs x86 float64), peak
 #      RSS (GNU time on the qemu process; qemu's own baseline measured with `python3 -c pass`),
 #      time per epoch. Prints PASS or FAIL; writes results.json and results.md.
 #
@@ -32,7 +33,8 @@ IMAGES=""
 OUTDIR=""
 EPOCHS=10
 PATIENCE=2
-TOL=1e-4
+TOL=1e-4        # inference, and one fine-tuning step's gradients (relative)
+TUNED_TOL=1e-2  # whole float32 fine-tuning runs, ARM vs x86 (see below)
 MEM_MB=${SPARSEMETA_ARM_MEM_MB:-512}
 
 usage() { sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
@@ -44,6 +46,7 @@ while [ $# -gt 0 ]; do
     --out) OUTDIR=$2; shift 2 ;;
     --epochs) EPOCHS=$2; shift 2 ;;
     --patience) PATIENCE=$2; shift 2 ;;
+    --tuned-tol) TUNED_TOL=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "arm.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
@@ -323,6 +326,29 @@ json.dump({"machine": platform.machine(), "numpy": np.__version__, "note": note,
            "module": sparsemeta_edge.__file__, "decoded_sha256": hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest(),
            "images": images, "probs": probs.tolist()}, open(out, "w"))
 EOF
+cat > "$GDIR/gradprobe.py" <<'EOF'
+"""Gradients of one fine-tuning step (first 25 images, the model's own batch norm) per dtype."""
+import sys
+import numpy as np
+from sparsemeta_edge.data import load_folder
+from sparsemeta_edge.nn import cross_entropy
+from sparsemeta_edge.runtime import network, to_float
+from sparsemeta_edge.smz import load
+model_path, data, out, dtypes = sys.argv[1:]
+res = {}
+for name in dtypes.split(","):
+    dt = np.dtype(name).type
+    model = load(model_path, dt)
+    a, inp = model.manifest["architecture"], model.manifest.get("input", {})
+    x, y, _ = load_folder(data, a["image_size"], a["in_channels"], bool(inp.get("invert")))
+    mean = inp.get("mean") or [0.0] * a["in_channels"]
+    std = inp.get("std") or [1.0] * a["in_channels"]
+    net = network(model)
+    logits = net.forward(to_float(x[:25], mean, std, dt), keep=True)
+    _, dlogits = cross_entropy(logits, y[:25])
+    res.update({f"{name}/logits": logits, **{f"{name}/{k}": g for k, g in net.backward(dlogits).items()}})
+np.savez(out, **res)
+EOF
 mapfile -t QUERY < "$GDIR/query.txt"               # relative: x86 runs in $GDIR
 mapfile -t GQUERY < <(sed "s#^#$GUEST_DIR/#" "$GDIR/query.txt")  # absolute paths in the root
 : > "$WORK/host-runs.txt"
@@ -340,6 +366,7 @@ host_run predict -m sparsemeta_edge predict model.smz "${QUERY[@]}"
 host_run predict-tuned -m sparsemeta_edge predict x86-tuned.smz "${QUERY[@]}"
 host_run probe probe.py model.smz x86-probe-model.json "${QUERY[@]}"
 host_run probe-tuned probe.py x86-tuned.smz x86-probe-x86-tuned.json "${QUERY[@]}"
+host_run grad gradprobe.py model.smz train x86-grad.npz float32,float64
 stage_end x86
 
 # ---------------------------------------------------------------- 4. emulated ARM
@@ -362,12 +389,13 @@ run_guest predict-tuned "${G[@]}" predict "$D/arm-tuned.smz" "${GQUERY[@]}" || G
 run_guest probe /usr/bin/python3 "$D/probe.py" "$D/model.smz" "$D/arm-probe-model.json" "${GQUERY[@]}" || GUEST_OK=0
 run_guest probe-x86-tuned /usr/bin/python3 "$D/probe.py" "$D/x86-tuned.smz" "$D/arm-probe-x86-tuned.json" "${GQUERY[@]}" || GUEST_OK=0
 run_guest probe-tuned /usr/bin/python3 "$D/probe.py" "$D/arm-tuned.smz" "$D/arm-probe-arm-tuned.json" "${GQUERY[@]}" || GUEST_OK=0
+run_guest grad /usr/bin/python3 "$D/gradprobe.py" "$D/model.smz" "$D/train" "$D/arm-grad.npz" float32 || GUEST_OK=0
 stage_end emulated
 
 # ---------------------------------------------------------------- compare, record
 stage_start "compare and record"
 STAGES=""; for k in "${!STAGE_SECONDS[@]}"; do STAGES+="$k=${STAGE_SECONDS[$k]} "; done
-PYTHONPATH="$WORK/host-site" "$PYTHON" - "$GDIR" "$WORK" "$OUTDIR" "$TOL" "$GUEST_OK" "$ARCH" "$QEMU_CPU" \
+PYTHONPATH="$WORK/host-site" "$PYTHON" - "$GDIR" "$WORK" "$OUTDIR" "$TOL,$TUNED_TOL" "$GUEST_OK" "$ARCH" "$QEMU_CPU" \
   "$MEMLIMIT" "$MEM_MB" "$INSTALL_HOW" "$STAGES" "$($QEMU_PATH --version | head -1)" "$BOARD" <<'EOF'
 import json, re, statistics, sys
 from pathlib import Path
@@ -376,7 +404,8 @@ from sparsemeta_edge.smz import load
 
 (gdir, work, outdir, tol, guest_ok, arch, cpu, memlimit, mem_mb, install_how, stages, qemu,
  board) = sys.argv[1:]
-gdir, work, outdir, tol = Path(gdir), Path(work), Path(outdir), float(tol)
+gdir, work, outdir = Path(gdir), Path(work), Path(outdir)
+tol, tuned_tol = map(float, tol.split(","))
 problems = [] if guest_ok == "1" else ["an emulated command failed (see its output above)"]
 
 def runs(name):
@@ -393,10 +422,15 @@ def probs(name):
     p = gdir / name
     return json.loads(p.read_text()) if p.exists() else None
 checks = {}
-for label, x86_file, arm_file in [
-        ("exported ticket", "x86-probe-model.json", "arm-probe-model.json"),
-        ("x86-fine-tuned model, predicted on ARM", "x86-probe-x86-tuned.json", "arm-probe-x86-tuned.json"),
-        ("fine-tuned on ARM vs fine-tuned on x86", "x86-probe-x86-tuned.json", "arm-probe-arm-tuned.json")]:
+# Inference must agree to 1e-4. Whole fine-tuning runs are compared with a looser tolerance:
+# float32 rounding differs between BLAS builds (arm64's OpenBLAS sums in another order), and
+# over a run's SGD steps a difference of 1e-7 can flip a max-pool or ReLU decision, after
+# which the weights differ by ~lr·gradient (arm64: 5.6e-4 after 16 steps at lr 0.4, while the
+# same runs in float64 are bitwise equal). The step itself is checked strictly (gradients).
+for label, x86_file, arm_file, limit in [
+        ("exported ticket", "x86-probe-model.json", "arm-probe-model.json", tol),
+        ("x86-fine-tuned model, predicted on ARM", "x86-probe-x86-tuned.json", "arm-probe-x86-tuned.json", tol),
+        ("fine-tuned on ARM vs fine-tuned on x86", "x86-probe-x86-tuned.json", "arm-probe-arm-tuned.json", tuned_tol)]:
     a, b = probs(x86_file), probs(arm_file)
     if a is None or b is None:
         checks[label] = {"ok": False, "error": "missing output"}
@@ -406,12 +440,30 @@ for label, x86_file, arm_file in [
     diff = float(np.abs(pa - pb).max()) if pa.shape == pb.shape else float("inf")
     same_top = pa.shape == pb.shape and bool((pa.argmax(1) == pb.argmax(1)).all())
     same_pixels = a["decoded_sha256"] == b["decoded_sha256"]
-    ok = diff <= tol and same_top and same_pixels
-    checks[label] = {"max_abs_diff": diff, "same_argmax": same_top, "same_decoded_pixels": same_pixels,
-                     "images": int(pa.shape[0]), "ok": ok}
+    ok = diff <= limit and same_top and same_pixels
+    checks[label] = {"max_abs_diff": diff, "tolerance": limit, "same_argmax": same_top,
+                     "same_decoded_pixels": same_pixels, "images": int(pa.shape[0]), "ok": ok}
     if not ok:
-        problems.append(f"{label}: max |diff| {diff:.2e} (tol {tol:g}), same argmax {same_top}, "
+        problems.append(f"{label}: max |diff| {diff:.2e} (tol {limit:g}), same argmax {same_top}, "
                         f"same decoded pixels {same_pixels}")
+
+# one fine-tuning step: ARM float32 gradients vs x86 float64, relative to each tensor's max
+grad = {}
+if (gdir / "arm-grad.npz").exists() and (gdir / "x86-grad.npz").exists():
+    ga, gx = np.load(gdir / "arm-grad.npz"), np.load(gdir / "x86-grad.npz")
+    def rel(name, f32):
+        ref = gx[f"float64/{name}"]
+        return float(np.abs(f32.astype(np.float64) - ref).max() / (np.abs(ref).max() or 1.0))
+    names = [k.split("/", 1)[1] for k in gx.files if k.startswith("float64/")]
+    arm = {n: rel(n, ga[f"float32/{n}"]) for n in names}
+    x86 = {n: rel(n, gx[f"float32/{n}"]) for n in names}
+    worst = max(arm, key=arm.get)
+    grad = {"max_rel_err_arm_f32": arm[worst], "worst": worst,
+            "max_rel_err_x86_f32": max(x86.values()), "tolerance": tol, "ok": arm[worst] <= tol}
+    if not grad["ok"]:
+        problems.append(f"gradients of one step: relative error {arm[worst]:.1e} in {worst} (tol {tol:g})")
+else:
+    problems.append("gradients of one step: no output")
 
 # the fine-tuned weights themselves, and the CLI's printed predictions (4 decimals)
 tuned = {}
@@ -431,10 +483,10 @@ def printed(path):
             rows[f[0][f[0].find("query/"):]] = (f[1], float(f[2]))  # x86 relative, ARM absolute
     return rows
 cli = {}
-for g, h in [("predict", "x86-predict"), ("predict-tuned", "x86-predict-tuned")]:
-    ra, rh = printed(work / f"{g}.log"), printed(work / f"{h}.log")
+for g, h, limit in [("predict", "x86-predict", tol), ("predict-tuned", "x86-predict-tuned", tuned_tol)]:
+    ra, rh = printed(work / f"{g}.log"), printed(work / f"{h}.log")  # 4 decimals: +-1e-4 rounding
     same = bool(ra) and ra.keys() == rh.keys() and all(
-        ra[k][0] == rh[k][0] and abs(ra[k][1] - rh[k][1]) <= tol + 1e-9 for k in rh)
+        ra[k][0] == rh[k][0] and abs(ra[k][1] - rh[k][1]) <= limit + 1e-4 + 1e-9 for k in rh)
     cli[g] = {"images": len(ra), "same_class_and_printed_prob": same}
     if not same:
         problems.append(f"CLI {g}: printed predictions differ from x86")
@@ -459,7 +511,7 @@ result = {
     "status": "PASS" if not problems else "FAIL", "problems": problems, "board": board, "arch": arch,
     "qemu": qemu, "qemu_cpu": cpu, "uname_m": uname, "guest_versions": versions,
     "memory_limit": memlimit, "memory_limit_mib": int(mem_mb), "install": install_how,
-    "tolerance": tol, "checks": checks, "finetune": {**tuned, "epoch_seconds_arm": ep_arm,
+    "tolerance": tol, "checks": checks, "gradients": grad, "finetune": {**tuned, "epoch_seconds_arm": ep_arm,
     "epoch_seconds_x86": ep_x86}, "cli_predict": cli, "memory": mem,
     "x86_peak_rss_mib": {k: mib(v[1]) for k, v in host.items()},
     "stage_seconds": dict(kv.split("=") for kv in stages.split()),
@@ -473,8 +525,11 @@ lines = [f"# sparsemeta-edge on {board} (emulated)", "",
          f"- wheel install: {install_how}", "",
          "| check | max abs diff | same argmax | same pixels | ok |", "|---|---|---|---|---|"]
 for k, v in checks.items():
-    lines.append(f"| {k} | {v.get('max_abs_diff', float('nan')):.2e} | {v.get('same_argmax')} | "
+    lines.append(f"| {k} | {v.get('max_abs_diff', float('nan')):.2e} (tol {v.get('tolerance')}) | {v.get('same_argmax')} | "
                  f"{v.get('same_decoded_pixels')} | {v['ok']} |")
+if grad:
+    lines += ["", f"one fine-tuning step's gradients (25 images), float32 vs x86 float64: max relative "
+              f"error ARM {grad['max_rel_err_arm_f32']:.1e} ({grad['worst']}), x86 {grad['max_rel_err_x86_f32']:.1e}"]
 lines += ["", f"fine-tuning: {len(ep_arm)} epoch(s) on ARM, median {med(ep_arm):.2f} s/epoch "
           f"(x86 {med(ep_x86):.3f} s/epoch, {med(ep_arm) / med(ep_x86) if ep_x86 else float('nan'):.0f}× slower "
           "under emulation — emulated time, not a Pi's)", "",
@@ -490,7 +545,11 @@ print(f"   uname -m in the root: {uname}; {versions}")
 for k, v in checks.items():
     print(f"   {k}: max |p_arm - p_x86| = {v.get('max_abs_diff', float('nan')):.2e} over "
           f"{v.get('images')} images, same argmax {v.get('same_argmax')}, same decoded pixels "
-          f"{v.get('same_decoded_pixels')} -> {'ok' if v['ok'] else 'NOT OK'}")
+          f"{v.get('same_decoded_pixels')} -> {'ok' if v['ok'] else 'NOT OK'} (tol {v.get('tolerance')})")
+if grad:
+    print(f"   one fine-tuning step's gradients, float32 vs x86 float64: max relative error ARM "
+          f"{grad['max_rel_err_arm_f32']:.1e} ({grad['worst']}), x86 {grad['max_rel_err_x86_f32']:.1e} "
+          f"-> {'ok' if grad['ok'] else 'NOT OK'} (tol {tol:g})")
 if tuned:
     print(f"   fine-tuned weights: max |w_arm - w_x86| = {tuned['max_abs_param_diff']:.2e}; epochs "
           f"ARM {tuned['epochs_arm']} / x86 {tuned['epochs_x86']} (early stopping); masks equal {tuned['masks_equal']}")
