@@ -65,7 +65,7 @@ GUEST_DIR=/srv/sparsemeta-arm            # inside the root
 GDIR=$ROOT$GUEST_DIR                     # the same, seen from the host
 # a clean environment for the emulated commands (QEMU_CPU too, should anything exec via binfmt)
 GUEST_ENV=(env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
-           LANG=C.UTF-8 OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 QEMU_CPU=$QEMU_CPU)
+           LANG=C.UTF-8 OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 "QEMU_CPU=$QEMU_CPU")
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 
 say() { printf '%s\n' "$*"; }
