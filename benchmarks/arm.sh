@@ -423,7 +423,8 @@ def probs(name):
     return json.loads(p.read_text()) if p.exists() else None
 checks = {}
 # Inference must agree to 1e-4. Whole fine-tuning runs are compared with a looser tolerance:
-# float32 rounding differs between BLAS builds (arm64's OpenBLAS sums in another order), and
+# float32 rounding differs between builds (arm64's reference BLAS is compiled with fused
+# multiply-add, which x86-64's baseline lacks; NumPy's own SIMD loops differ too), and
 # over a run's SGD steps a difference of 1e-7 can flip a max-pool or ReLU decision, after
 # which the weights differ by ~lr·gradient (arm64: 5.6e-4 after 16 steps at lr 0.4, while the
 # same runs in float64 are bitwise equal). The step itself is checked strictly (gradients).
