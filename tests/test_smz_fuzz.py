@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -50,9 +51,84 @@ def small_model(seed: int = 0, **manifest: Any) -> tuple[dict, dict, dict, dict]
     return man, params, masks, extra
 
 
-def base_file(**manifest: Any) -> bytes:
+def base_v4(**manifest: Any) -> bytes:
+    """A valid file of the current (version-4) writer."""
     man, params, masks, extra = small_model(**manifest)
     return b"".join(smz.encode(man, params, masks, extra=extra))
+
+
+def base_file(**manifest: Any) -> bytes:
+    """The same model as a version-3 file (uncompressed manifest and payload), which the reader
+    still reads: the cases forging manifests start from it."""
+    man, payload, _ = smz.read_manifest(base_v4(**manifest))
+    man["version"] = 3
+    return forge(json.dumps(man, separators=(",", ":")).encode(), bytes(payload))
+
+
+def sections(raw: bytes) -> list[list]:
+    """[codec, stored bytes, decoded length] of each section of a version-4 file."""
+    count, at, out = raw[4], 5 + 9 * raw[4], []
+    for i in range(count):
+        codec, size, length = struct.unpack_from("<BII", raw, 5 + 9 * i)
+        out.append([codec, raw[at:at + size], length])
+        at += size
+    return out
+
+
+def forge_v4(parts: list[list], count: int | None = None) -> bytes:
+    """A version-4 file of these sections and a *valid* checksum."""
+    table = b"".join(struct.pack("<BII", c, len(d), n) for c, d, n in parts)
+    body = smz.MAGIC_V4 + bytes([len(parts) if count is None else count]) + table
+    body += b"".join(d for _, d, _ in parts)
+    return body + hashlib.sha256(body).digest()
+
+
+def _replace(raw: bytes, index: int, codec: int | None = None, data: bytes | None = None,
+             length: int | None = None) -> bytes:
+    parts = sections(raw)
+    old = parts[index]
+    parts[index] = [old[0] if codec is None else codec, old[1] if data is None else data,
+                    old[2] if length is None else length]
+    return forge_v4(parts)
+
+
+def v4_cases() -> dict[str, bytes]:
+    """The version-4 container's own fields: section table, codecs, deflate streams, caps."""
+    raw = base_v4()
+    parts = sections(raw)
+    text = zlib.decompress(parts[0][1], -15)
+    bomb = smz._deflate(b"\0" * (20 << 20))  # 20 MB of zeros in ~20 KB
+    padded = text[:-1] + b" " * smz.schema.MAX_MANIFEST_BYTES + b"}"
+    over = smz._deflate(b"\0" * (smz.MAX_PAYLOAD_BYTES + 4))
+    packed = smz._deflate(parts[1][1])  # the first payload section (bitmasks), deflated
+    v4_manifest_v3 = text.replace(b'"version":4', b'"version":3')
+    return {
+        "v4 deflate bomb in payload": _replace(raw, 1, smz.DEFLATE, bomb),
+        "v4 deflate bomb in manifest": _replace(raw, 0, data=bomb),
+        "v4 manifest declared over the cap": _replace(raw, 0, data=smz._deflate(padded),
+                                                      length=len(padded)),
+        "v4 payload declared over the cap": _replace(raw, 1, smz.DEFLATE, over,
+                                                     smz.MAX_PAYLOAD_BYTES + 4),
+        "v4 declared past deflate's ratio": _replace(raw, 1, smz.DEFLATE, packed, 10**6),
+        "v4 corrupt deflate stream": _replace(raw, 0, data=b"\xff" * len(parts[0][1])),
+        "v4 corrupt payload stream": _replace(raw, 1, smz.DEFLATE, packed[:len(packed) // 2]),
+        "v4 manifest declared 1 byte long": _replace(raw, 0, length=parts[0][2] + 1),
+        "v4 manifest declared 1 byte short": _replace(raw, 0, length=parts[0][2] - 1),
+        "v4 payload declared 1 byte short": _replace(raw, 1, smz.DEFLATE, packed, parts[1][2] - 1),
+        "v4 payload declared 1 byte long": _replace(raw, 1, smz.DEFLATE, packed, parts[1][2] + 1),
+        "v4 data after the stream": _replace(raw, 0, data=parts[0][1] + b"\0"),
+        "v4 unknown codec": _replace(raw, 1, codec=3),
+        "v4 raw manifest": _replace(raw, 0, smz.RAW, text, len(text)),
+        "v4 raw length mismatch": _replace(raw, 0, smz.RAW, text, len(text) + 1),
+        "v4 byte planes of a ragged length": _replace(raw, 1, codec=4, length=parts[1][2] - 1),
+        "v4 no sections": forge_v4([], 0),
+        "v4 200 sections": forge_v4(parts, 200),
+        "v4 truncated in table": raw[:9], "v4 truncated": raw[:-40], "v4 padded": raw + b"\0",
+        "v4 flip in a stream": flip(raw, 5 + 9 * len(parts) + 3),
+        "v4 container, version-3 manifest": _replace(raw, 0, data=smz._deflate(v4_manifest_v3)),
+        "v3 container, version-4 manifest": edit(base_file(), _set("version", 4)),
+        "newer container": b"SMZ\x05" + raw[4:],
+    }
 
 
 def split(raw: bytes) -> tuple[dict, bytes]:
@@ -184,7 +260,7 @@ def cases() -> dict[str, bytes]:
     bad = bytearray(payload)
     bad[mask[0] + mask[1] - 1] |= 0x01  # 5×4=20 bits: the last byte's 4 padding bits
     out["mask padding bit set"] = forge(man, bytes(bad))
-    return {**out, **wrong_types(raw)}
+    return {**out, **wrong_types(raw), **v4_cases()}
 
 
 WRONG = {"not a field": 1}  # the wrong type for every field: no field is an object of this key
@@ -220,10 +296,14 @@ def test_base_file_is_valid_and_small():
     model = smz.decode(raw)
     assert model.manifest["version"] == 3 and model.manifest["class_names"] == list("abcde")
     assert "bn_stats.3.var" in model.extra
+    current = smz.decode(base_v4())
+    assert current.manifest["version"] == smz.FORMAT_VERSION == 4 and len(base_v4()) < len(raw)
+    for k, v in model.params.items():
+        np.testing.assert_array_equal(current.params[k], v, err_msg=k)
 
 
 def test_there_are_at_least_40_cases():
-    assert len(cases()) >= 40 + len(wrong_types(base_file()))
+    assert len(cases()) >= 40 + len(wrong_types(base_file())) + len(v4_cases())
 
 
 OLD_FILES = Path(__file__).resolve().parent / "smz_files"
@@ -351,3 +431,23 @@ def test_writer_refuses_what_the_reader_would_refuse(tmp_path):
         smz.encode(man, params, masks, fp16=True)
     with pytest.raises(smz.SmzError, match="schema|reader would refuse"):
         smz.encode({**man, "bn": "magic"}, params, masks)
+
+
+def test_version_3_files_of_the_previous_writer_are_still_read():
+    """tests/smz_files/v3.smz: ``small_model(seed=5)`` written by the version-3 writer (commit
+    6957a86, uncompressed manifest and payload) decodes to the values it was written from."""
+    v3 = smz.load(OLD_FILES / "v3.smz")
+    assert v3.manifest["version"] == 3 and (OLD_FILES / "v3.smz").read_bytes()[:4] == smz.MAGIC
+    _, params, masks, extra = small_model(seed=5)
+    for k, v in params.items():
+        np.testing.assert_array_equal(v3.params[k], v * masks[k] if k in masks else v, err_msg=k)
+    for k, m in masks.items():
+        np.testing.assert_array_equal(v3.masks[k], m)
+    for k, v in extra.items():
+        np.testing.assert_array_equal(v3.extra[k], v)
+    assert edge_main(["info", str(OLD_FILES / "v3.smz")]) == 0
+    # the current writer stores the same model in version 4, smaller, and it reads back the same
+    again = smz.decode(b"".join(smz.encode(small_model(seed=5)[0], params, masks, extra=extra)))
+    assert again.manifest["version"] == 4
+    for k, v in v3.params.items():
+        np.testing.assert_array_equal(again.params[k], v, err_msg=k)

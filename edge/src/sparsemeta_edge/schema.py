@@ -149,7 +149,7 @@ TENSOR = obj({
     **{key: _SPAN for key in SPAN_KEYS},
 }, required=("name", "shape", "dtype", "encoding", "values"))
 MANIFEST = obj({
-    "format": choice("smz"), "version": integer(1, 3), "architecture": ARCHITECTURE,
+    "format": choice("smz"), "version": integer(1, 4), "architecture": ARCHITECTURE,
     "algorithm": text(32, _IDENT), "lr_rule": choice("scalar", "metasgd", "lslr"),
     "first_order": boolean, "bn": choice("transductive", "support", "running"),
     "bn_steps": integer(1, MAX_STEPS), "inner_lr": _RATE, "inner_steps": _STEPS,

@@ -1,18 +1,38 @@
 """The ``.smz`` file: a compact, checksummed, NumPy-readable sparse Conv4.
 
-Layout (little-endian), version 3::
+Layout (little-endian), version 4 (what the writer writes)::
 
-    b"SMZ\\x01" | uint32 manifest length | manifest (UTF-8 JSON) | payload | SHA-256 (32 bytes)
+    b"SMZ\x04" | uint8 k | k × (uint8 codec, uint32 stored length, uint32 decoded length)
+        | section 0: manifest (UTF-8 JSON, deflated) | sections 1..k-1: payload | SHA-256 (32 bytes)
+
+Versions 1-3 (still read)::
+
+    b"SMZ\x01" | uint32 manifest length | manifest (UTF-8 JSON) | payload | SHA-256 (3 only)
+
+Version 4 stores the manifest deflated (its tensor table is most of a small int8 ticket's fixed
+cost: 2.6 KB → 0.7 KB) and the payload in sections of one kind of bytes each — bitmasks, int8,
+float16, float32, float64, in that order — each stored as is (codec 0), deflated (1) or as
+deflated byte planes of its 2-, 4- or 8-byte items (codec 2, 4, 8: a float's sign and exponent
+bytes compress, its low mantissa bytes do not); the writer keeps the smallest. Deflate is raw
+(RFC 1951, ``zlib`` with ``wbits=-15``, level 9). Tensor ranges index the decoded payload (the
+sections concatenated), so everything after decoding is as in version 3. The reader checks the
+section table against the file's length, the checksum, and each decoded length against caps
+(``MAX_MANIFEST_BYTES``, ``MAX_PAYLOAD_BYTES``, and ``DEFLATE_MAX_RATIO`` × stored) *before*
+decoding, and decodes with ``decompressobj().decompress(data, declared)``: a deflate bomb
+never allocates more than the declared length, and a stream that is corrupt, ends early, or
+holds more than declared is one ``SmzError``. A newer container (``SMZ`` + another byte) or
+manifest version is refused with "update sparsemeta-edge".
 
 The manifest describes the model (architecture, batch-norm policy, inner learning rate and
 steps, input preprocessing, density) and lists every tensor with its byte ranges in the payload.
-The trailing SHA-256 covers everything before it — header, manifest and payload — and is checked
-on every load, so that a truncated or modified file (a flipped bit in ``input.mean`` as much as
-in a weight) is refused instead of silently giving wrong predictions. The manifest is then
-checked field by field against its schema (``sparsemeta_edge.schema``) and every declared size
-against the bytes present, before any array is allocated; weights must be finite. Versions 1
+The trailing SHA-256 covers everything stored before it — header, manifest and payload as
+stored (compressed, in version 4) — and is checked on every load, so that a truncated or
+modified file (a flipped bit in ``input.mean`` as much as in a weight) is refused instead of
+silently giving wrong predictions. The manifest is then checked field by field against its
+schema (``sparsemeta_edge.schema``) and every declared size against the bytes present, before any array is allocated; weights must be finite. Versions 1
 and 2 (no trailer; ``payload_sha256`` in the manifest covers the payload only) are still read;
-a version-3 file read by an older runtime is refused with "update sparsemeta-edge".
+a version-3 file read by an older runtime is refused with "update sparsemeta-edge" (a version-4
+file by a version-3 runtime: "bad magic bytes").
 
 A prunable tensor (conv and linear weights, see ``is_prunable``) with pruned entries is stored as
 ``np.packbits`` of its mask plus the kept values only (float32, float16 with ``fp16``, or int8
@@ -56,6 +76,7 @@ import json
 import os
 import struct
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,9 +93,17 @@ __all__ = ["EdgeError", "FORMAT_VERSION", "MAGIC", "SmzError", "SmzModel", "deco
 _RUNNING = ("running_mean", "running_var")
 _STATS = ("mean", "var")
 MAGIC = b"SMZ\x01"
-FORMAT_VERSION = 3
-_HEADER = struct.Struct("<4sI")
-TRAILER_BYTES = 32  # SHA-256 of header + manifest + payload (version 3)
+MAGIC_V4 = b"SMZ\x04"  # version 4: compressed sections (see the module docstring)
+FORMAT_VERSION = 4
+_HEADER = struct.Struct("<4sI")  # versions 1-3: magic, manifest length
+_HEADER_V4 = struct.Struct("<4sB")  # version 4: magic, section count
+_SECTION = struct.Struct("<BII")  # codec, stored length, length once decoded
+MAX_SECTIONS = 16  # the manifest + one section per kind of payload bytes (≤ 6 are written)
+RAW, DEFLATE = 0, 1  # section codecs; 2, 4, 8: byte planes of 2-/4-/8-byte items, then deflate
+_CODECS = (RAW, DEFLATE, 2, 4, 8)
+DEFLATE_MAX_RATIO = 1032  # deflate cannot expand more (+ a few bytes): a bound before decoding
+MAX_PAYLOAD_BYTES = 64 << 20  # decoded payload of a version-4 file (a Conv4 ticket: < 10 MB)
+TRAILER_BYTES = 32  # SHA-256 of everything before it (versions 3 and 4)
 MAX_FILE_BYTES = 256 << 20  # a Conv4 ticket is well under 10 MB; refuse before reading more
 INT8_MIN_ELEMENTS = 1024  # smaller weights stay float32: a scale per channel would eat the saving
 INT8_LEVELS = 127  # symmetric int8: q in [-127, 127]
@@ -159,11 +188,47 @@ def quantise(value: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return q.ravel()[kept.ravel()], scale
 
 
+def _deflate(data: bytes) -> bytes:
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15, 9)  # raw deflate: no header, no Adler-32
+    return packer.compress(data) + packer.flush()
+
+
+def pack_section(data: bytes, width: int) -> tuple[int, bytes]:
+    """The smallest of: stored as is, deflated, and (items of ``width`` > 1 bytes) deflated byte
+    planes — a float's sign and exponent bytes compress, its low mantissa bytes do not."""
+    options = [(RAW, data), (DEFLATE, _deflate(data))]
+    if width > 1 and len(data) % width == 0:
+        planes = np.frombuffer(data, np.uint8).reshape(-1, width).T.tobytes()
+        options.append((width, _deflate(planes)))
+    return min(options, key=lambda o: len(o[1]))
+
+
+def unpack_section(codec: int, data: bytes | memoryview, length: int) -> bytes:
+    """Decode one section to exactly ``length`` bytes (already capped by the caller);
+    ``ValueError`` if the stream is corrupt or decodes to another length."""
+    if codec == RAW:
+        return bytes(data)
+    unpacker = zlib.decompressobj(-15)
+    try:
+        out = unpacker.decompress(data, length)  # never more than the declared length
+    except zlib.error as exc:
+        raise ValueError(f"is not a valid deflate stream ({exc})") from None
+    if len(out) != length or not unpacker.eof or unpacker.unconsumed_tail or unpacker.unused_data:
+        raise ValueError(f"does not decode to its declared {length} bytes")
+    if codec > DEFLATE:
+        out = np.frombuffer(out, np.uint8).reshape(codec, -1).T.tobytes()
+    return out
+
+
+_KINDS = ("|u1", "|i1", "<f2", "<f4", "<f8")  # payload order: bitmasks, int8, floats by width
+
+
 class _Payload:
-    """Chunks of the payload and the byte range of each."""
+    """Chunks of the payload by kind (bytes of one dtype), each with its byte range; the
+    ranges' offsets are set by ``sections`` once every chunk is in."""
 
     def __init__(self) -> None:
-        self.chunks: list[bytes] = []
+        self.chunks: dict[str, list[tuple[bytes, list[int]]]] = {k: [] for k in _KINDS}
         self.offset = 0
 
     def add(self, array: np.ndarray, dtype: str | np.dtype, name: str) -> list[int]:
@@ -174,10 +239,22 @@ class _Payload:
                            "(NaN, inf, or beyond float16's range); a file that holds them "
                            "would be refused")
         raw = stored.tobytes()
-        self.chunks.append(raw)
-        span = [self.offset, len(raw)]
+        span = [0, len(raw)]
+        self.chunks[stored.dtype.str].append((raw, span))
         self.offset += len(raw)
         return span
+
+    def sections(self) -> list[tuple[int, bytes, int]]:
+        """(codec, stored bytes, decoded length) of each non-empty kind, in payload order;
+        sets every range's offset."""
+        out, offset = [], 0
+        for kind, chunks in self.chunks.items():
+            for raw, span in chunks:
+                span[0], offset = offset, offset + len(raw)
+            data = b"".join(raw for raw, _ in chunks)
+            if data:
+                out.append((*pack_section(data, np.dtype(kind).itemsize), len(data)))
+        return out
 
 
 def _weight_entry(name: str, value: np.ndarray, mask: np.ndarray | None, value_dtype: np.dtype,
@@ -232,7 +309,7 @@ def encode(
     *,
     int8: bool = False,
 ) -> list[bytes]:
-    """Header, manifest, payload chunks and checksum of a version-3 ``.smz`` file (see the
+    """Header, section table, sections and checksum of a version-4 ``.smz`` file (see the
     module docstring); ``rates`` are the learned inner learning rates of
     ``manifest["lr_rule"]``. The complete manifest is checked against the reader's schema."""
     if fp16 and int8:
@@ -289,8 +366,11 @@ def encode(
         schema.check_manifest(full)
     except schema.Invalid as exc:
         raise SmzError(f"refusing to write a file the reader would refuse: {exc}") from None
+    sections = out.sections()  # sets the ranges' offsets: before the manifest is written
     text = json.dumps(full, separators=(",", ":")).encode()
-    chunks = [_HEADER.pack(MAGIC, len(text)), text, *out.chunks]
+    sections.insert(0, (DEFLATE, _deflate(text), len(text)))
+    table = b"".join(_SECTION.pack(codec, len(data), n) for codec, data, n in sections)
+    chunks = [_HEADER_V4.pack(MAGIC_V4, len(sections)), table, *(d for _, d, _ in sections)]
     digest = hashlib.sha256()
     for c in chunks:
         digest.update(c)
@@ -321,46 +401,117 @@ def _corrupt(source: str, what: str) -> SmzError:
     return SmzError(f"'{source}' {what}; re-export the model or copy the file again")
 
 
-def read_manifest(raw: bytes, source: str = "model") -> tuple[dict[str, Any], memoryview, str]:
-    """Parse the header and manifest and verify the checksum (version 3: of everything; 1 and
-    2: of the payload) and the schema. Returns manifest, payload and checksum (hex)."""
-    if len(raw) < _HEADER.size or raw[:4] != MAGIC:
-        raise SmzError(f"'{source}' is not a .smz model file (bad magic bytes)")
+def _sections_v4(raw: bytes, source: str) -> list[tuple[int, int, int]]:
+    """(codec, stored length, decoded length) of each section of a version-4 file, every size
+    checked against the bytes present and the caps before anything is decoded."""
+    count = raw[4] if len(raw) >= _HEADER_V4.size else 0
+    start = _HEADER_V4.size + _SECTION.size * count
+    if not 1 <= count <= MAX_SECTIONS or start + TRAILER_BYTES > len(raw):
+        raise _corrupt(source, f"is truncated or corrupt: its header declares {count} sections "
+                               f"(1 to {MAX_SECTIONS}), the file has {len(raw)} bytes")
+    table = [_SECTION.unpack_from(raw, _HEADER_V4.size + _SECTION.size * i) for i in range(count)]
+    stored = start + sum(t[1] for t in table) + TRAILER_BYTES
+    if stored != len(raw):
+        raise _corrupt(source, f"is truncated or padded: {len(raw)} bytes, its header declares "
+                               f"{stored}")
+    decoded = sum(t[2] for t in table[1:])
+    for i, (codec, size, length) in enumerate(table):
+        what = "the manifest" if i == 0 else f"payload section {i}"
+        bad = (codec not in _CODECS or (codec == RAW and length != size)
+               or length > DEFLATE_MAX_RATIO * size + 64 or (codec > DEFLATE and length % codec))
+        if bad or (i == 0 and (codec == RAW or length > schema.MAX_MANIFEST_BYTES)):
+            raise _corrupt(source, f"is corrupt: {what} declares codec {codec}, {size} bytes "
+                                   f"stored, {length} decoded")
+    if decoded > MAX_PAYLOAD_BYTES:
+        raise _corrupt(source, f"is corrupt: its payload declares {decoded} bytes, more than "
+                               f"any model ({MAX_PAYLOAD_BYTES >> 20} MiB)")
+    return table
+
+
+def _body_v4(raw: bytes, source: str) -> tuple[bytes, memoryview, str]:
+    """Manifest text, decoded payload and checksum (hex) of a version-4 file."""
+    table = _sections_v4(raw, source)
+    view = memoryview(raw)
+    whole, trailer = hashlib.sha256(view[:-TRAILER_BYTES]).digest(), bytes(view[-TRAILER_BYTES:])
+    if whole != trailer:
+        raise _corrupt(source, f"failed its checksum (sha256 {whole.hex()[:12]}… != "
+                               f"{trailer.hex()[:12]}…): the file is corrupt or was modified")
+    parts, at = [], _HEADER_V4.size + _SECTION.size * len(table)
+    for i, (codec, size, length) in enumerate(table):
+        try:
+            parts.append(unpack_section(codec, view[at:at + size], length))
+        except ValueError as exc:
+            what = "its manifest" if i == 0 else f"its payload section {i}"
+            raise _corrupt(source, f"is corrupt: {what} {exc}") from None
+        at += size
+    return parts[0], memoryview(b"".join(parts[1:])), whole.hex()
+
+
+def _body_legacy(raw: bytes, source: str) -> tuple[bytes, memoryview, bytes]:
+    """Manifest text, payload and trailer (empty if there is no room for one) of versions 1-3."""
     _, n = _HEADER.unpack_from(raw)
     if n > schema.MAX_MANIFEST_BYTES or _HEADER.size + n > len(raw):
         raise _corrupt(source, f"is truncated or corrupt: its header declares a {n}-byte "
                                f"manifest, the file has {len(raw)} bytes")
     view = memoryview(raw)
     trailer = bytes(view[-TRAILER_BYTES:]) if len(raw) >= _HEADER.size + n + TRAILER_BYTES else b""
-    whole = hashlib.sha256(view[:-TRAILER_BYTES]).digest() if trailer else b""
+    return bytes(view[_HEADER.size:_HEADER.size + n]), view[_HEADER.size + n:], trailer
+
+
+def _check_legacy(raw: bytes, manifest: dict[str, Any], rest: memoryview, trailer: bytes,
+                  source: str) -> tuple[memoryview, str]:
+    """Payload and checksum (hex) of a version 1-3 file, its sizes and checksum verified."""
+    version = manifest.get("version", 1)
+    declared = manifest.get("payload_bytes")
+    if version == 3:
+        end = len(rest) - TRAILER_BYTES
+        if type(declared) is not int or not trailer or declared != end:
+            raise _corrupt(source, f"is truncated or padded: {len(raw)} bytes, the manifest "
+                                   f"declares {len(raw) - len(rest)} + {declared} + {TRAILER_BYTES}")
+        whole = hashlib.sha256(memoryview(raw)[:-TRAILER_BYTES]).digest()
+        if whole != trailer:
+            raise _corrupt(source, f"failed its checksum (sha256 {whole.hex()[:12]}… != "
+                                   f"{trailer.hex()[:12]}…): the file is corrupt or was modified")
+        return rest[:end], whole.hex()
+    if len(rest) != declared:
+        raise _corrupt(source, f"is truncated or padded: payload has {len(rest)} bytes, "
+                               f"manifest says {printable(str(declared)[:20])}")
+    checksum = hashlib.sha256(rest).hexdigest()
+    if checksum != manifest.get("payload_sha256"):
+        raise _corrupt(source, f"failed its checksum (sha256 {checksum[:12]}… != "
+                               f"{printable(str(manifest.get('payload_sha256'))[:12])}…): "
+                               "the file is corrupt or was modified")
+    return rest, checksum
+
+
+def read_manifest(raw: bytes, source: str = "model") -> tuple[dict[str, Any], memoryview, str]:
+    """Parse the header and manifest and verify the checksum (versions 3 and 4: of everything;
+    1 and 2: of the payload) and the schema. Returns manifest, payload (decoded) and checksum
+    (hex)."""
+    magic = raw[:4]
+    if len(raw) >= 4 and magic[:3] == MAGIC[:3] and magic not in (MAGIC, MAGIC_V4):
+        raise SmzError(f"'{source}' is a .smz file of a newer container ({magic[3]}) than this "
+                       f"sparsemeta-edge reads (up to version {FORMAT_VERSION}) — update "
+                       "sparsemeta-edge")
+    if len(raw) < _HEADER.size or magic not in (MAGIC, MAGIC_V4):
+        raise SmzError(f"'{source}' is not a .smz model file (bad magic bytes)")
+    if magic == MAGIC_V4:
+        text, payload, checksum = _body_v4(raw, source)
+    else:
+        text, rest, trailer = _body_legacy(raw, source)
     try:
-        manifest = schema.parse_manifest(bytes(view[_HEADER.size:_HEADER.size + n]))
+        manifest = schema.parse_manifest(text)
     except schema.Invalid as exc:
         raise _corrupt(source, f"is corrupt ({exc})") from None
     version = manifest.get("version", 1)
     if type(version) is int and version > FORMAT_VERSION:
         raise SmzError(f"'{source}' is .smz version {version}; this sparsemeta-edge reads up to "
                        f"version {FORMAT_VERSION} — update sparsemeta-edge")
-    declared = manifest.get("payload_bytes")
-    if version == FORMAT_VERSION:
-        end = len(raw) - TRAILER_BYTES
-        if type(declared) is not int or _HEADER.size + n + declared != end:
-            raise _corrupt(source, f"is truncated or padded: {len(raw)} bytes, the manifest "
-                                   f"declares {_HEADER.size + n} + {declared} + {TRAILER_BYTES}")
-        if whole != trailer:
-            raise _corrupt(source, f"failed its checksum (sha256 {whole.hex()[:12]}… != "
-                                   f"{trailer.hex()[:12]}…): the file is corrupt or was modified")
-        payload, checksum = view[_HEADER.size + n:end], whole.hex()
-    else:
-        payload = view[_HEADER.size + n:]
-        if len(payload) != declared:
-            raise _corrupt(source, f"is truncated or padded: payload has {len(payload)} bytes, "
-                                   f"manifest says {printable(str(declared)[:20])}")
-        checksum = hashlib.sha256(payload).hexdigest()
-        if checksum != manifest.get("payload_sha256"):
-            raise _corrupt(source, f"failed its checksum (sha256 {checksum[:12]}… != "
-                                   f"{printable(str(manifest.get('payload_sha256'))[:12])}…): "
-                                   "the file is corrupt or was modified")
+    if (version == FORMAT_VERSION) != (magic == MAGIC_V4):
+        raise _corrupt(source, f"is corrupt: a version-{printable(str(version)[:8])} manifest in "
+                               f"a container of version {'4' if magic == MAGIC_V4 else '1-3'}")
+    if magic == MAGIC:
+        payload, checksum = _check_legacy(raw, manifest, rest, trailer, source)
     try:
         schema.check_manifest(manifest)
     except schema.Invalid as exc:
