@@ -236,3 +236,11 @@ def test_world_size_without_torchrun_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("RANK", raising=False)
     assert main(["train", *TINY_CLI, "--out", str(tmp_path / "r")]) == 2
     assert "launch data-parallel training with torchrun" in capsys.readouterr().err
+
+
+def test_a_stray_seed_folder_in_an_experiment_is_one_line(tmp_path, capsys):
+    stray = tmp_path / "seed_x" / "level_00" / "ticket"
+    stray.mkdir(parents=True)
+    (stray / rundir.EVAL).write_text("{}")
+    assert main(["report", str(tmp_path)]) == 2
+    assert "is not an experiment's seed_<S>/level_<LL> folder" in capsys.readouterr().err

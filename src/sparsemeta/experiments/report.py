@@ -71,9 +71,9 @@ def collect(roots: list[Path]) -> list[dict]:
     records = []
     for root in roots:
         for path in rundir.finished_runs(root):
+            seed, level, branch = rundir.parse_level_dir(path)
             run = RunDir(path)
             res = run.result()
-            seed, level, branch = rundir.parse_level_dir(path)
             record = {"root": str(root), "seed": seed, "level": level, "method": branch,
                       "meta_tasks": res.meta_tasks, "model": res.model}
             if res.model:

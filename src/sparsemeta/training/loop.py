@@ -209,9 +209,9 @@ def _check_finite(s: Session, iteration: int, loss: float) -> None:
 
 def _diverged_line(run: RunDir, record: dict) -> str:
     last = record["last_checkpoint"]
-    kept = f"checkpoint of iteration {last}" if last else "θ₀ (init.pt)"
+    kept = f"the checkpoint of iteration {last}" if last else "θ₀ (init.pt)"
     return (f"training diverged at iteration {record['iteration']}: {record['what']} (meta_lr "
-            f"{record['meta_lr']:g}, inner_lr {record['inner_lr']:g}); the last good state, the "
+            f"{record['meta_lr']:g}, inner_lr {record['inner_lr']:g}); the last good state, "
             f"{kept}, is kept in '{run.path}' — lower the learning rates (see {rundir.DIVERGED})")
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,8 +73,13 @@ def level_dir(root: Path, seed: int, level: int, branch: str = "ticket") -> Path
 
 
 def parse_level_dir(run: Path) -> tuple[int, int, str]:
-    """(seed, level, branch) of ``.../seed_S/level_LL/<branch>`` (``level_dir``'s inverse)."""
-    return int(run.parent.parent.name.split("_")[1]), int(run.parent.name.split("_")[1]), run.name
+    """(seed, level, branch) of ``.../seed_S/level_LL/<branch>`` (``level_dir``'s inverse); a
+    folder that only looks like one is a one-line error naming it."""
+    seed, level = run.parent.parent.name, run.parent.name
+    if not (re.fullmatch(r"seed_\d+", seed) and re.fullmatch(r"level_\d+", level)):
+        raise UserError(f"'{run.parent.parent}' is not an experiment's seed_<S>/level_<LL> folder; "
+                        "move it out of the experiment directory")
+    return int(seed.split("_")[1]), int(level.split("_")[1]), run.name
 
 
 def finished_runs(root: Path) -> list[Path]:
