@@ -12,7 +12,7 @@ from pathlib import Path
 from sparsemeta.config import DEFAULT_PRESET, build_config, preset_names
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.training import rundir
-from sparsemeta.training.rundir import RunDir
+from sparsemeta.training.rundir import RunDir, make_dir
 
 LOTTERY_PRESET = "glyphs-lottery"
 
@@ -49,7 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from sparsemeta.foundations.device import resolve_device
     from sparsemeta.training import distributed
     from sparsemeta.training.evaluate import format_result
-    from sparsemeta.training.loop import train
+    from sparsemeta.training.loop import check_tasks_fit, train
 
     cfg = build_config(args.config, args.overrides)
     distributed.init_from_env(resolve_device(cfg.device))  # under torchrun: join the job
@@ -60,7 +60,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         data = load_data(cfg)  # fail on data problems before anything is written
         if g.main:
             g.barrier()
-        out = Path(args.out or _default_out("train", cfg.to_dict()))
+        check_tasks_fit(cfg, data)
+        out = make_dir(args.out or _default_out("train", cfg.to_dict()))
         finished = RunDir(out).finished
         if g.main:
             print(f"run directory: {out}" + (" (finished; printing its result)" if finished else "")
@@ -86,6 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         planned_runs,
         run_experiment,
     )
+    from sparsemeta.training.loop import check_tasks_fit
 
     cfg = build_config(args.config, args.overrides)
     preset = experiment_defaults(args.config)
@@ -93,7 +95,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     seeds = parse_seeds(_given(args.seeds, preset.get("seeds", "0")))
     controls = parse_controls(_given(args.controls, preset.get("controls", "reinit,random")))
     data = load_data(cfg)  # fail on data problems before anything is written
-    out = Path(args.out or _default_out("-".join(methods), cfg.to_dict()))
+    check_tasks_fit(cfg, data)  # before the experiment directory is made
+    out = make_dir(args.out or _default_out("-".join(methods), cfg.to_dict()))
     print(f"experiment directory: {out} — methods {', '.join(methods)}; "
           f"{cfg.prune.num_levels()} pruning levels; seeds {seeds}; "
           f"controls {', '.join(controls) or 'none'}; "

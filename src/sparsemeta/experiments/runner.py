@@ -42,12 +42,12 @@ import torch
 from sparsemeta.config import Config, config_from_dict
 from sparsemeta.data.base import FewShotData
 from sparsemeta.data.registry import load_data
-from sparsemeta.data.tasks import sampler_for
 from sparsemeta.experiments.methods import METHODS
 from sparsemeta.experiments.methods.base import SeedRun
 from sparsemeta.experiments.methods.lottery import CONTROLS
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.foundations.lock import exclusive
+from sparsemeta.training.loop import check_tasks_fit
 from sparsemeta.training.rundir import LOCK, RunResult, bind_experiment, make_dir
 
 
@@ -151,8 +151,7 @@ def run_experiment(cfg: Config, out: str | Path, methods: list[str], seeds: list
         raise UserError(f"--method {unsupported[0]} needs prune.structure=unstructured; with "
                         f"filters use {', '.join(structured)}")
     data = data if data is not None else load_data(cfg)
-    for split in ("train", "val", cfg.eval.split):  # tasks fit every split, before any write
-        sampler_for(cfg, data, split)
+    check_tasks_fit(cfg, data)
     root = make_dir(out)
     with exclusive(root / LOCK, f"experiment '{root}'", wait=False):
         bind_experiment(root, cfg, methods, seeds, controls)

@@ -321,6 +321,13 @@ def _train(
     return _finish(s, total, done, test, progress)
 
 
+def check_tasks_fit(cfg: Config, data: FewShotData) -> None:
+    """The configured tasks can be drawn from every split the run uses — checked before any
+    directory is made, so a corrected command can reuse the same --out."""
+    for split in ("train", "val", cfg.eval.split):
+        sampler_for(cfg, data, split)
+
+
 def train(cfg: Config, out: str | Path, **options: Any) -> RunResult:
     """Meta-train into ``out`` (resuming if it holds an unfinished run) and return its result.
 
@@ -339,8 +346,7 @@ def train(cfg: Config, out: str | Path, **options: Any) -> RunResult:
                         f"process needs at least one task; raise train.meta_batch or use fewer")
     data = options.pop("data", None)
     data = data if data is not None else load_data(cfg)
-    for split in ("train", "val", cfg.eval.split):  # tasks fit every split, before any write
-        sampler_for(cfg, data, split)
+    check_tasks_fit(cfg, data)
     path = rundir.make_dir(out)
     lock = (exclusive(path / rundir.LOCK, f"run directory '{path}'", wait=False)
             if g.main else contextlib.nullcontext())
