@@ -2,7 +2,7 @@
 
 Deliberately independent of ``sparsemeta`` and torch (only NumPy, the standard library and,
 to read images, Pillow), so it installs on a small device; the ``.smz`` format is defined here
-and written by ``sparsemeta.export``.
+and written by ``sparsemeta.experiments.export``.
 """
 
 from sparsemeta_edge.nn import Conv4, cross_entropy

@@ -93,7 +93,7 @@ def density_after(levels: int, rate: float, output_rate_factor: float,
 # A removed filter is an all-False [in, kh, kw] slice of its layer's mask; the next conv layer's
 # input channel from it and the output layer's columns it feeds are all-False as well. Nothing
 # downstream then reads the filter, so the network is exactly a smaller dense one (see
-# ``sparsemeta.export.compact``), and every parameter of the filter gets exactly zero gradient.
+# ``sparsemeta.experiments.export.compact``), and every parameter of the filter gets exactly zero gradient.
 
 
 def conv_layers(mask: Mask) -> list[str]:
