@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from sparsemeta.data.tasks import Task
 from sparsemeta.experiments.export import export_run, torch_learner
@@ -27,6 +26,7 @@ from sparsemeta_edge.data import load_folder
 from sparsemeta_edge.nn import Conv4 as EdgeConv4
 from sparsemeta_edge.nn import cross_entropy
 from sparsemeta_edge.runtime import Adapter, finetune
+from tests.edge_images import image_folder
 from tests.test_export import LSLR_PER_STEP_BN, METASGD, RUNNING, make_filter_run, make_run
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -222,15 +222,6 @@ def test_learned_rates_adapt_as_evaluate_task_in_float32(tmp_path):
 
 
 # -- the device side: CLI on image folders, with torch unimportable ------------------------
-def _image_folder(root: Path, classes: int, per_class: int, size: int = 28, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        proto = rng.integers(0, 256, size=(size, size))
-        (root / f"class_{chr(97 + c)}").mkdir(parents=True)
-        for i in range(per_class):
-            img = np.clip(proto + rng.normal(0, 30, size=(size, size)), 0, 255).astype(np.uint8)
-            Image.fromarray(img, mode="L").save(root / f"class_{chr(97 + c)}" / f"{i}.png")
-    return root
 
 
 @pytest.fixture(params=["maml", "metasgd", "mamlpp-running"])
@@ -246,7 +237,7 @@ def exported(tmp_path, request) -> Path:
 
 
 def test_runtime_works_with_torch_unimportable(tmp_path, exported):
-    data = _image_folder(tmp_path / "data", classes=3, per_class=8)
+    data = image_folder(tmp_path / "data", classes=3, per_class=8)
     script = textwrap.dedent(f"""
         import sys
         sys.modules["torch"] = None  # any `import torch` now raises ImportError
@@ -282,7 +273,7 @@ def test_runtime_works_with_torch_unimportable(tmp_path, exported):
 
 
 def test_finetune_keeps_mask_and_saves_a_loadable_model(tmp_path, exported, capsys):
-    data = _image_folder(tmp_path / "data", classes=5, per_class=6, seed=1)
+    data = image_folder(tmp_path / "data", classes=5, per_class=6, seed=1)
     out = tmp_path / "tuned.smz"
     assert edge_main(["finetune", str(exported), "--data", str(data), "--epochs", "6",
                       "--patience", "2", "--min-delta", "0.001", "--out", str(out)]) == 0
@@ -308,7 +299,7 @@ def test_finetune_keeps_mask_and_saves_a_loadable_model(tmp_path, exported, caps
 def test_finetune_rates_for_a_new_head_and_the_lr_override(tmp_path):
     """A re-initialised Meta-SGD head takes the old head's mean α (kept weights; bias apart);
     MAML++'s per-step rates are per tensor and stay. ``lr`` replaces every learned rate."""
-    data = _image_folder(tmp_path / "data", classes=3, per_class=6)
+    data = image_folder(tmp_path / "data", classes=3, per_class=6)
     images, labels, names = load_folder(data, 28, 1)
     for learner in ("metasgd", "lslr"):
         run = tmp_path / learner
@@ -357,7 +348,7 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path, exported, capsys):
         assert edge_main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, (argv, err)
-    data = _image_folder(tmp_path / "data", classes=2, per_class=3)
+    data = image_folder(tmp_path / "data", classes=2, per_class=3)
     assert edge_main(["finetune", str(exported), "--data", str(data), "--holdout", "1.5"]) == 2
     assert "--holdout" in capsys.readouterr().err
 

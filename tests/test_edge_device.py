@@ -7,7 +7,6 @@ import copy
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from sparsemeta_edge import smz
 from sparsemeta_edge.budget import BASELINE_BYTES, OVERHEAD_BYTES, estimate, parse_size
@@ -16,6 +15,7 @@ from sparsemeta_edge.cli import main as edge_main
 from sparsemeta_edge.data import load_folder, to_float
 from sparsemeta_edge.nn import Conv4, block_names, cross_entropy, is_prunable, param_shapes
 from sparsemeta_edge.runtime import finetune, update_names
+from tests.edge_images import image_folder
 
 DENSITY = 0.2
 
@@ -145,14 +145,7 @@ def test_partial_backward_gives_the_full_backwards_gradients(mode, stats_rows):
 
 
 def _folder(root, classes: int = 5, per_class: int = 4, size: int = 28, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        proto = rng.integers(0, 256, size=(size, size))
-        (root / f"c{c}").mkdir(parents=True)
-        for i in range(per_class):
-            img = np.clip(proto + rng.normal(0, 30, size=(size, size)), 0, 255).astype(np.uint8)
-            Image.fromarray(img, mode="L").save(root / f"c{c}" / f"{i}.png")
-    return root
+    return image_folder(root, classes, per_class, size, seed, prefix="c")
 
 
 def test_head_finetune_leaves_the_trunk_bit_identical_and_matches_a_reference(tmp_path):
