@@ -198,10 +198,16 @@ class TrainConfig:
     """Compute a meta-batch's tasks in one torch.func.vmap pass (same meta-gradient as the
     loop, tested). Measured on CPU: ~0.65× the loop's speed at ~3× its memory — meant for
     accelerators, where small Conv4 tasks alone do not fill the device."""
+    threads: int | None = None
+    """CPU threads one training process uses (null: the cores it may run on, shared among
+    ``--workers`` processes). On the CPU they compute the tasks of a meta-batch (and of an
+    evaluation) side by side with one intra-op thread each, which keeps a run from collapsing
+    when other processes compete for the cores (OpenMP oversubscription)."""
 
     def validate(self, at: str = "train") -> None:
         for name in ("iterations", "meta_batch", "val_every", "val_tasks", "checkpoint_every"):
             _at_least(f"{at}.{name}", getattr(self, name), 1)
+        _at_least(f"{at}.threads", self.threads, 1)
         _learning_rate(f"{at}.meta_lr", self.meta_lr)
 
 
