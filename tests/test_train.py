@@ -62,6 +62,7 @@ def test_resumed_run_is_bit_identical_to_uninterrupted(tmp_path, monkeypatch):
     assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
     assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
     assert full.evaluation == resumed.evaluation
+    assert full.macs == resumed.macs and full.macs["train"] > 0  # counted once, not twice
     assert (full.val_accuracy, full.best_iteration) == (resumed.val_accuracy, resumed.best_iteration)
     assert len(_metrics(tmp_path / "a")) == 6 + 2  # 6 train lines, 2 validations
 

@@ -201,11 +201,26 @@ class Conv4(nn.Module):
         if size < 1:
             raise ValueError(f"image_size {image_size} is too small for four downsampling blocks")
         self.head = nn.Linear(filters * size * size, ways)
+        self.positions = self._positions(image_size, downsample)
         for block in self.blocks:
             nn.init.xavier_uniform_(block.conv.weight)
             nn.init.zeros_(block.conv.bias)
         nn.init.xavier_uniform_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+
+    def _positions(self, size: int, downsample: str) -> dict[str, int]:
+        """Output pixels each conv weight is applied at (1 for the head): a weight tensor's
+        forward costs positions × its kept weights MACs per example (``sparsity.flops``)."""
+        out = {}
+        for i in range(len(self.blocks)):
+            if downsample == "stride":
+                size = (size + 1) // 2
+                out[f"blocks.{i}.conv.weight"] = size * size
+            else:
+                out[f"blocks.{i}.conv.weight"] = size * size
+                size //= 2
+        out["head.weight"] = 1
+        return out
 
     def forward(self, x: torch.Tensor, p: Pass = Pass()) -> torch.Tensor:
         """Logits; with ``p.mix``, rows [:n] and permuted rows [n:] are mixed at one layer and

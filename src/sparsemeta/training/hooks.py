@@ -27,6 +27,8 @@ class StepContext:
     optimizer: torch.optim.Optimizer
     learner: MetaLearner
     tasks: list[Task]
+    dense_steps: int = 0
+    """Extra dense meta-gradients over ``tasks`` the method computed (counted as compute)."""
 
 
 class TrainHooks:
@@ -45,6 +47,11 @@ class TrainHooks:
 
     def should_stop(self, ctx: StepContext) -> bool:
         return False
+
+    def selectable(self, step: int) -> bool:
+        """Whether the weights after outer step ``step`` may become the run's chosen model (a
+        method whose mask is still shrinking says no: its model must have the final density)."""
+        return True
 
     def state_dict(self) -> dict:
         return {}

@@ -34,6 +34,7 @@ from sparsemeta.meta.core import MetaLearner
 from sparsemeta.meta.learners import build_learner
 from sparsemeta.sparsity.masks import Mask, density, save_mask, zero_pruned_
 from sparsemeta.training import rundir
+from sparsemeta.training.cost import ComputeMeter, meter_for
 from sparsemeta.training.distributed import Group, group
 from sparsemeta.training.evaluate import evaluate
 from sparsemeta.training.hooks import StepContext, TrainHooks
@@ -54,6 +55,7 @@ class Session:
     mask: Mask | None
     optimizer: torch.optim.Optimizer
     hooks: TrainHooks
+    meter: ComputeMeter
     start: int = 0
     elapsed: float = 0.0
     best: dict = field(default_factory=lambda: {"accuracy": -1.0, "iteration": 0})
@@ -90,6 +92,7 @@ def _restore(s: Session) -> None:
     torch.set_rng_state(ckpt["torch_rng"].cpu())
     s.start, s.elapsed, s.best = ckpt["iteration"], ckpt["elapsed"], ckpt["best"]
     s.hooks.load_state_dict(ckpt["hooks"])
+    s.meter.load_state_dict(ckpt.get("compute"))
     s.stopped = bool(ckpt.get("stopped", False))
     if s.mask is not None:  # a method may move the mask (RigL): the checkpoint's is current
         for k, m in ckpt["mask"].items():
@@ -106,7 +109,7 @@ def _open(cfg: Config, run: RunDir, data: FewShotData, g: Group, hooks: TrainHoo
     learner.to(device)
     zero_pruned_(dict(learner.model.named_parameters()), mask)
     optimizer = torch.optim.Adam(learner.parameters(), lr=cfg.train.meta_lr)
-    s = Session(cfg, run, data, device, g, learner, mask, optimizer, hooks)
+    s = Session(cfg, run, data, device, g, learner, mask, optimizer, hooks, meter_for(learner))
     if run.file(rundir.CHECKPOINT).exists():
         _restore(s)
     return s
@@ -118,7 +121,7 @@ def _checkpoint(s: Session, iteration: int) -> None:
             "iteration": iteration, "elapsed": s.elapsed, "best": s.best,
             "model": s.learner.state_dict(), "optimizer": s.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(), "hooks": s.hooks.state_dict(), "mask": s.mask,
-            "stopped": s.stopped,
+            "stopped": s.stopped, "compute": s.meter.state_dict(),
         }, s.run.file(rundir.CHECKPOINT))
 
 
@@ -127,11 +130,12 @@ def _validate(s: Session, iteration: int, log: bool = True) -> None:
     cfg = s.cfg
     res = evaluate(s.learner, s.params, sampler_for(cfg, s.data, "val"), cfg.train.val_tasks,
                    cfg.meta.eval_inner_steps, s.device)
+    s.meter.evaluation(cfg, s.mask, cfg.train.val_tasks)
     if log:
         s.log({"iteration": iteration, "split": "val", "loss": res.per_step[-1]["loss"],
                "accuracy": res.accuracy, "ci95": res.ci95,
                "per_step": [r["accuracy"] for r in res.per_step]})
-    if res.accuracy > s.best["accuracy"] or not log:
+    if not log or (s.hooks.selectable(iteration) and res.accuracy > s.best["accuracy"]):
         s.best = {"accuracy": res.accuracy, "ci95": res.ci95, "iteration": iteration}
         if s.g.main:
             atomic_torch_save(s.learner.state_dict(), s.run.file(rundir.BEST))
@@ -164,6 +168,7 @@ def _outer_step(s: Session, it: int, tasks: list) -> tuple[float, float, StepCon
     mine = [tasks[b] for b in g.share(cfg.train.meta_batch)]
     params = s.params
     loss, acc = step(params, mine)
+    s.meter.train_step(cfg, s.learner, s.mask, cfg.train.meta_batch)
     if g.world > 1:
         loss, acc = _sum_meta_gradient(g, s.learner, loss, acc, len(mine), cfg.train.meta_batch,
                                        s.device)
@@ -218,7 +223,7 @@ def _diverged_line(run: RunDir, record: dict) -> str:
 def _summary(s: Session, total: int, done: int, final_density: float,
              **evaluated) -> RunResult:  # noqa: ANN003
     return RunResult(total, done, s.cfg.train.meta_batch, done * s.cfg.train.meta_batch,
-                     s.elapsed, final_density, **evaluated)
+                     s.elapsed, final_density, macs=s.meter.state_dict(), **evaluated)
 
 
 def _finish(s: Session, total: int, done: int, test: bool, progress: bool) -> RunResult:
@@ -240,6 +245,7 @@ def _finish(s: Session, total: int, done: int, test: bool, progress: bool) -> Ru
         ev = evaluate(s.learner, s.params, sampler_for(cfg, s.data, cfg.eval.split),
                       cfg.eval.tasks, cfg.meta.eval_inner_steps, s.device,
                       progress=progress and g.main)
+        s.meter.evaluation(cfg, s.mask, cfg.eval.tasks)
         result = _summary(s, total, done, final_density, evaluation=ev, val_accuracy=s.best["accuracy"],
                           val_ci95=s.best.get("ci95"), best_iteration=s.best["iteration"])
     if g.main:
@@ -300,6 +306,8 @@ def _train(
             done = it + 1
             if s.hooks.after_step(ctx):
                 s.log({"iteration": done, "split": "mask", "density": density(s.mask)})
+            if ctx.dense_steps:  # the method's own dense meta-gradients (RigL's grow scores)
+                s.meter.train_step(cfg, s.learner, None, ctx.dense_steps * len(tasks))
             s.stopped = stop = s.hooks.should_stop(ctx)
             s.elapsed = time.perf_counter() - t0
             s.log({"iteration": done, "split": "train", "loss": loss, "accuracy": acc})

@@ -123,15 +123,19 @@ class RunResult:
     val_accuracy: float | None = None
     val_ci95: float | None = None
     best_iteration: int | None = None
+    macs: dict[str, int] | None = None
+    """Multiply-accumulates spent (``training.cost``): train/eval, sparse-aware and dense."""
 
     @property
     def model(self) -> bool:
         return self.evaluation is not None
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``eval.json`` layout (unchanged since the first version, so old runs read back)."""
+        """The ``eval.json`` layout (keys only added since the first version: old runs read
+        back, with ``macs`` None)."""
         summary = {k: getattr(self, k) for k in ("iterations", "iterations_run", "meta_batch",
-                                                  "meta_tasks", "train_seconds", "density")}
+                                                  "meta_tasks", "train_seconds", "density",
+                                                  "macs")}
         if self.evaluation is None:
             return {"split": None, **summary}
         return {**self.evaluation.to_dict(), "val_accuracy": self.val_accuracy,
@@ -142,7 +146,7 @@ class RunResult:
         evaluation = Evaluation.from_dict(d) if d.get("split") else None
         return cls(d["iterations"], d["iterations_run"], d["meta_batch"], d["meta_tasks"],
                    d["train_seconds"], d["density"], evaluation, d.get("val_accuracy"),
-                   d.get("val_ci95"), d.get("best_iteration"))
+                   d.get("val_ci95"), d.get("best_iteration"), d.get("macs"))
 
 
 # -- configs -----------------------------------------------------------------------------------
@@ -278,6 +282,10 @@ class RunDir:
         """Model weights of a weights file or of the checkpoint (whose ``model`` entry)."""
         obj = load_tensors(self.file(name))
         return obj.get("model", obj)
+
+    def hooks_state(self) -> dict:
+        """The sparsity method's state in the last checkpoint (what a search run found)."""
+        return load_tensors(self.file(CHECKPOINT))["hooks"]
 
     def rewind_target(self, k: int | None) -> dict[str, torch.Tensor]:
         """The weights after k iterations (late rewinding) if saved, else θ₀."""
