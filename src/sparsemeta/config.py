@@ -294,6 +294,10 @@ class PruneConfig:
     level 0, late rewinding) or 'none' (keep the trained weights: fine-tuning)."""
     output_rate_factor: float = 0.5
     """The output layer is pruned at rate × this factor (LTH convention: half)."""
+    targets: list[float] | None = None
+    """Densities (fractions of prunable weights, e.g. [0.5, 0.2, 0.1]) at which the methods
+    other than IMP itself (controls, one-shot, gradual pruning, RigL, …) are compared; each maps
+    to the IMP level whose density is nearest. null: every level."""
     structure: Literal["unstructured", "filters"] = "unstructured"
     """'unstructured' removes single weights; 'filters' removes `rate` of the remaining output
     filters of every conv layer by L2 norm (layerwise only; the output layer loses just the
@@ -319,6 +323,10 @@ class PruneConfig:
         if self.structure == "filters" and self.scope == "global":
             raise UserError(f"{at}.scope=global needs {at}.structure=unstructured: filter norms "
                             "of layers with different fan-in are not comparable")
+        for i, target in enumerate(self.targets or []):
+            _open_unit(f"{at}.targets[{i}]", target)
+        if self.targets is not None and not self.targets:
+            raise UserError(f"{at}.targets is empty; give densities like [0.5, 0.2] or null")
         if not re.fullmatch(r"init|none|step:[1-9][0-9]*", self.rewind):
             raise UserError(
                 f"{at}.rewind must be init, none or step:K (K >= 1), got {self.rewind!r}")
@@ -376,6 +384,28 @@ class EarlyBirdConfig:
 
 
 @dataclass
+class GmpConfig:
+    """Gradual magnitude pruning inside one meta-training (Zhu & Gupta, 2017): the density falls
+    from 1 to the target on a cubic schedule, d(t) = d_f + (1 − d_f)(1 − (t − t₀)/(t₁ − t₀))³."""
+
+    start_fraction: float = 0.1
+    """t₀ as a fraction of train.iterations: the first pruning step."""
+    end_fraction: float = 0.5
+    """t₁ as a fraction of train.iterations: the target density is reached; the rest of the run
+    recovers at it (only weights from t₁ on may become the run's chosen model)."""
+    every: int = 10
+    """Δt: outer steps between pruning steps."""
+
+    def validate(self, at: str = "gmp") -> None:
+        _open_unit(f"{at}.start_fraction", self.start_fraction)
+        _open_unit(f"{at}.end_fraction", self.end_fraction, closed_high=True)
+        if self.end_fraction <= self.start_fraction:
+            raise UserError(f"{at}.end_fraction must be > {at}.start_fraction, got "
+                            f"{self.end_fraction} <= {self.start_fraction}")
+        _at_least(f"{at}.every", self.every, 1)
+
+
+@dataclass
 class Config:
     seed: int = 0
     """Seed of θ₀ (the model's initial weights), of the task sampler and of MetaMix's draws."""
@@ -392,6 +422,7 @@ class Config:
     l1: L1Config = field(default_factory=L1Config)
     rigl: RiglConfig = field(default_factory=RiglConfig)
     earlybird: EarlyBirdConfig = field(default_factory=EarlyBirdConfig)
+    gmp: GmpConfig = field(default_factory=GmpConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
@@ -498,6 +529,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             except UserError as exc:
                 errors.append(str(exc))
         raise UserError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{key} must be a list (e.g. [0.5, 0.2]), got {value!r}")
+        (item,) = get_args(tp)
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -578,6 +614,8 @@ def _type_name(tp: Any) -> str:
         args = get_args(tp)
         names = [_type_name(a) for a in args if a is not type(None)]
         return " or ".join(names + (["null"] if type(None) in args else []))
+    if origin is list:
+        return f"list of {_type_name(get_args(tp)[0])}"
     return getattr(tp, "__name__", str(tp))
 
 

@@ -56,7 +56,7 @@ def test_compute_is_accounted_relative_to_full_imp(experiment):
     assert eb["iterations_run"] < 6
     assert rows[("earlybird", 2)]["compute_tasks"] < rows[("ticket", 2)]["compute_tasks"]
     md = (experiment / "report.md").read_text()
-    assert "compute ×IMP" in md and (experiment / "accuracy_vs_compute.png").exists()
+    assert "FLOPs ×IMP" in md and (experiment / "pareto_flops.png").exists()
 
 
 def test_rigl_run_keeps_its_density_and_moved_its_mask(experiment):

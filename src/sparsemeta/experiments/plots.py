@@ -69,13 +69,55 @@ def early_stop(ax, rows: Rows) -> None:  # noqa: ANN001
     _density_axis(ax, rows)
 
 
-def compute(ax, rows: Rows) -> None:  # noqa: ANN001
-    for m in _methods(rows):
-        rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["compute_tasks"])
-        ax.errorbar([r["compute_tasks"] for r in rs], [100 * r["accuracy"] for r in rs],
-                    yerr=[100 * r["ci95"] for r in rs], fmt="o", label=m, color=_color(m),
-                    capsize=3)
+def compared_levels(rows: Rows) -> list[int]:
+    """Densities where methods other than IMP have models (``prune.targets``)."""
+    return sorted({r["level"] for r in rows if r["method"] != "ticket" and r["level"] > 0})
+
+
+def pareto_panel(ax, rows: Rows, level: int) -> None:  # noqa: ANN001
+    """Accuracy against FLOPs relative to IMP at one density, the front drawn through the
+    models no other beats in both."""
+    here = [r for r in rows if r["level"] == level and r["flops_vs_imp"] is not None]
+    for r in here:
+        ax.errorbar([r["flops_vs_imp"]], [100 * r["accuracy"]], yerr=[100 * r["ci95"]], fmt="o",
+                    label=r["method"], color=_color(r["method"]), capsize=3)
+    front, best = [], -1.0
+    for r in sorted(here, key=lambda r: (r["flops_vs_imp"], -r["accuracy"])):
+        if r["accuracy"] > best:
+            front.append(r)
+            best = r["accuracy"]
+    ax.step([r["flops_vs_imp"] for r in front], [100 * r["accuracy"] for r in front],
+            where="post", color="black", lw=0.8, alpha=0.6)
+    _dense_line(ax, rows, band=True)
     ax.set_xscale("log")
+    ax.set_title(f"{100 * here[0]['density']:.1f}% of weights" if here else f"level {level}")
+    ax.set_xlabel("FLOPs to produce the model ÷ IMP's (log)")
+    ax.grid(alpha=0.3, which="both")
+
+
+def pareto(rows: Rows, out: Path) -> Path | None:
+    """One panel per compared density: accuracy (CI over seeds) vs FLOPs relative to IMP."""
+    levels = [lv for lv in compared_levels(rows)
+              if any(r["level"] == lv and r["flops_vs_imp"] is not None for r in rows)]
+    if not levels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(levels), figsize=(5 * len(levels), 4.5), squeeze=False,
+                             sharey=True)
+    for ax, level in zip(axes[0], levels):
+        pareto_panel(ax, rows, level)
+    axes[0][0].set_ylabel("test accuracy % (95% CI)")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle("Accuracy vs compute: which way to a ticket is cheapest")
+    fig.tight_layout()
+    path = out / "pareto_flops.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def size(ax, rows: Rows) -> None:  # noqa: ANN001
@@ -127,8 +169,6 @@ def plot(rows: Rows, out: Path) -> list[Path]:
         ("early_stop_vs_density.png", DENSITY_LABEL,
          "early-stopping meta-iteration (best validation)", "Learning speed vs sparsity" + seed_ci,
          early_stop),
-        ("accuracy_vs_compute.png", "meta-training compute to produce the model (tasks, log scale)",
-         acc, "Accuracy vs compute", compute),
     ]
     if any(r["exported_bytes"] for r in rows):
         figures.append(("accuracy_vs_bytes.png",
@@ -137,4 +177,6 @@ def plot(rows: Rows, out: Path) -> list[Path]:
     if any(r["method"] == "ticket" for r in rows):
         figures.append(("accuracy_vs_step.png", "adaptation step", "test accuracy %",
                         "Ticket accuracy vs adaptation step", steps))
-    return [_figure(out / name, x, y, title, draw, rows) for name, x, y, title, draw in figures]
+    paths = [_figure(out / name, x, y, title, draw, rows) for name, x, y, title, draw in figures]
+    front = pareto(rows, out)
+    return paths + ([front] if front else [])

@@ -26,34 +26,51 @@ from sparsemeta.training.rundir import RunDir
 
 
 def _with_costs(records: list[dict]) -> list[dict]:
-    """Meta-training compute (tasks) it took to produce each model, and its ratio to full IMP.
+    """Meta-training compute it took to produce each model — in tasks and in MACs (sparse-aware,
+    ``training.cost``) — and its ratios to IMP.
 
     Each branch says what its models cost besides their own run (``methods.base.Branch``): a
-    ticket at level L also IMP levels 0..L-1, L1 models the L1 dense run, an early-bird ticket
-    its search runs below L; random and RigL models only themselves. Full IMP = all ticket levels
-    of the seed's IMP run, in the same experiment directory or, where each method has its own (a
-    sweep), in the seed's other directory with the most ticket levels.
+    ticket at level L also IMP levels 0..L-1, L1 models the L1 dense run, a one-shot or
+    early-bird-at-target ticket its dense run, a gradual-pruning ticket its pruning run; random
+    and RigL models only themselves. IMP at a level = the seed's ticket runs 0..L (the ticket of
+    that density, trained); full IMP = all its levels. Both come from the same experiment
+    directory or, where each method has its own (a sweep), from the seed's other directory with
+    the most ticket levels. Evaluation (validation and test) is not part of the cost.
     """
-    own = {(r["root"], r["seed"], r["method"], r["level"]): r["meta_tasks"] for r in records}
-    imp: dict[int, dict[str, int]] = defaultdict(dict)  # seed → root → all its ticket levels
-    for (root, seed, m, _), v in own.items():
+    for unit, key in (("tasks", "meta_tasks"), ("macs", "train_macs")):
+        _cost_in(records, unit, key)
+    return records
+
+
+def _cost_in(records: list[dict], unit: str, key: str) -> None:
+    """``compute_<unit>``, ``<unit>_vs_imp`` and (tasks) ``compute_vs_full_imp`` per record."""
+    own = {(r["root"], r["seed"], r["method"], r["level"]): r[key] for r in records}
+    imp: dict[int, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    for (root, seed, m, lvl), v in own.items():
         if m == "ticket":
-            imp[seed][root] = imp[seed].get(root, 0) + v
+            imp[seed][root][lvl] = v
     known = branches()
 
-    def chain(r: dict, method: str, below: int) -> int:
-        return sum(v for (root, seed, m, lvl), v in own.items()
-                   if root == r["root"] and seed == r["seed"] and m == method and lvl < below)
+    def chain(r: dict, method: str, levels: range) -> float | None:
+        found = [v for (root, seed, m, lvl), v in own.items()
+                 if root == r["root"] and seed == r["seed"] and m == method and lvl in levels]
+        return None if None in found else sum(found)
 
     for r in records:
         branch = known.get(r["method"])
-        cost = r["meta_tasks"]
-        if branch is not None and branch.prior is not None:
-            cost += chain(r, branch.prior, branch.prior_levels(r["level"]))
-        full = imp[r["seed"]].get(r["root"]) or max(imp[r["seed"]].values(), default=0)
-        r["compute_tasks"] = cost
-        r["compute_vs_full_imp"] = cost / full if full else None
-    return records
+        cost = r[key]
+        if cost is not None and branch is not None and branch.prior is not None:
+            prior = chain(r, branch.prior, branch.prior_levels(r["level"]))
+            cost = None if prior is None else cost + prior
+        levels = imp[r["seed"]].get(r["root"]) or max(imp[r["seed"]].values(), key=len,
+                                                       default={})
+        upto = [levels.get(lvl) for lvl in range(r["level"] + 1)]
+        at = None if None in upto else sum(upto)
+        r[f"compute_{unit}"] = cost
+        r[f"{unit}_vs_imp"] = cost / at if cost is not None and at else None
+        if unit == "tasks":
+            full = sum(levels.values())
+            r["compute_vs_full_imp"] = cost / full if full else None
 
 
 def _exported_bytes(run: Path) -> int | None:
@@ -74,8 +91,11 @@ def collect(roots: list[Path]) -> list[dict]:
             seed, level, branch = rundir.parse_level_dir(path)
             run = RunDir(path)
             res = run.result()
+            macs = res.macs or {}
             record = {"root": str(root), "seed": seed, "level": level, "method": branch,
-                      "meta_tasks": res.meta_tasks, "model": res.model}
+                      "meta_tasks": res.meta_tasks, "model": res.model,
+                      "train_macs": macs.get("train"), "train_macs_dense": macs.get("train_dense"),
+                      "eval_macs": macs.get("eval")}
             if res.model:
                 mask, ev = run.mask(), res.evaluation
                 record.update({
@@ -95,12 +115,33 @@ def collect(roots: list[Path]) -> list[dict]:
     return [r for r in _with_costs(records) if r.pop("model")]
 
 
+def _mean(rs: list[dict], key: str) -> float | None:
+    """Mean of ``key`` over runs, None unless every run has it."""
+    values = [r.get(key) for r in rs]
+    return None if not values or None in values else float(np.mean(values))
+
+
+def _paired(rs: list[dict], tickets: dict[tuple[int, int], float]) -> tuple[float | None,
+                                                                             float | None]:
+    """Mean accuracy minus the IMP ticket's of the same seed and level, ± 95% CI over seeds
+    (Student's t; None with one seed or no ticket to pair with)."""
+    diffs = [r["accuracy"] - tickets[(r["seed"], r["level"])] for r in rs
+             if (r["seed"], r["level"]) in tickets]
+    if not diffs or len(diffs) < len(rs):
+        return None, None
+    if len(diffs) < 2:
+        return float(diffs[0]), None
+    mean, ci = mean_ci95(np.array(diffs), student=True)
+    return mean, ci
+
+
 def summarize(records: list[dict]) -> list[dict]:
     """Rows per (method, level): means over seeds; the CI is over seeds (Student's t) when there
     are ≥ 2, otherwise the single run's CI over test tasks (``ci_over`` says which)."""
     groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for r in records:
         groups[(r["method"], r["level"])].append(r)
+    tickets = {(r["seed"], r["level"]): r["accuracy"] for r in records if r["method"] == "ticket"}
     rows = []
     for (method, level), rs in groups.items():
         accs = np.array([r["accuracy"] for r in rs])
@@ -108,6 +149,7 @@ def summarize(records: list[dict]) -> list[dict]:
         mean, ci = (mean_ci95(accs, student=True) if seeds >= 2
                     else (float(accs[0]), rs[0]["task_ci95"]))
         steps = np.array([r["per_step"] for r in rs])
+        diff, diff_ci = _paired(rs, tickets)
         rows.append({
             "method": method,
             "level": level,
@@ -126,8 +168,13 @@ def summarize(records: list[dict]) -> list[dict]:
                                 if seeds >= 2 else None),
             "train_seconds": float(np.sum([r["train_seconds"] for r in rs])),
             "compute_tasks": float(np.mean([r["compute_tasks"] for r in rs])),
-            "compute_vs_full_imp": (float(np.mean([r["compute_vs_full_imp"] for r in rs]))
-                                    if all(r["compute_vs_full_imp"] for r in rs) else None),
+            "compute_vs_full_imp": _mean(rs, "compute_vs_full_imp"),
+            "tasks_vs_imp": _mean(rs, "tasks_vs_imp"),
+            "compute_macs": _mean(rs, "compute_macs"),
+            "flops_vs_imp": _mean(rs, "macs_vs_imp"),
+            "eval_macs": _mean(rs, "eval_macs"),
+            "diff_vs_ticket": diff,
+            "diff_vs_ticket_ci95": diff_ci,
             "nonzeros": rs[0]["nonzeros"],
             "layer_densities": rs[0]["layer_densities"],
             "exported_bytes": (round(float(np.mean([r["exported_bytes"] for r in rs])))
@@ -172,27 +219,35 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _ratio(x: float | None) -> str:
+    return "n/a" if x is None else (f"{x:.3f}" if x < 0.1 else f"{x:.2f}")
+
+
 def cost_table(rows: list[dict]) -> str:
-    """Density × method → accuracy ± CI and meta-training compute relative to full IMP."""
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    by = {(r["method"], r["level"]): r for r in rows}
-    head = ["weights remaining %"] + [f"{m}: acc % / compute ×IMP" for m in methods]
+    """At every density where methods other than IMP have models: method → accuracy ± CI, its
+    paired difference to the IMP ticket, and the compute to produce it relative to IMP there."""
+    dense = next((r for r in rows if r["method"] == "ticket" and r["level"] == 0), None)
+    levels = sorted({r["level"] for r in rows if r["method"] != "ticket" and r["level"] > 0})
+    head = ["weights %", "method", "acc % ± CI", "Δ vs IMP ticket ± CI (paired)",
+            "FLOPs ×IMP", "tasks ×IMP"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for lvl in sorted({r["level"] for r in rows}):
-        ref = next(by[(m, lvl)] for m in methods if (m, lvl) in by)
-        cells = [f"{100 * ref['density']:.1f}"]
-        for m in methods:
-            r = by.get((m, lvl))
-            if not r:
-                cells.append("—")
-                continue
-            rel = r["compute_vs_full_imp"]
-            cells.append(f"{_pct(r['accuracy'])} ± {_pct(r['ci95'])} / "
-                         + (f"{rel:.2f}" if rel is not None else "n/a"))
-        lines.append("| " + " | ".join(cells) + " |")
+    for lvl in levels:
+        for r in (r for r in rows if r["level"] == lvl):
+            diff = ("—" if r["method"] == "ticket" or r["diff_vs_ticket"] is None else
+                    f"{100 * r['diff_vs_ticket']:+.2f}" + (
+                        f" ± {_pct(r['diff_vs_ticket_ci95'])}" if r["diff_vs_ticket_ci95"]
+                        is not None else ""))
+            lines.append(f"| {100 * r['density']:.1f} | {r['method']} | {_pct(r['accuracy'])} ± "
+                         f"{_pct(r['ci95'])} | {diff} | {_ratio(r['flops_vs_imp'])} | "
+                         f"{_ratio(r['tasks_vs_imp'])} |")
     lines.append("")
-    lines.append("Compute: meta-training tasks (iterations × meta-batch) needed to produce the model, "
-                 "relative to the whole IMP run (all ticket levels).")
+    ref = (f" The dense model (level 0): {_pct(dense['accuracy'])} ± {_pct(dense['ci95'])}."
+           if dense else "")
+    lines.append("Compute to produce the model (its own meta-training plus the runs it was derived "
+                 "from; evaluation apart) relative to IMP's at the same density (ticket levels "
+                 "0..L): FLOPs counted sparse-aware (2 × conv/linear MACs at the layer densities "
+                 "of every step), tasks = meta-iterations × meta-batch. Δ: accuracy minus the IMP "
+                 "ticket's of the same seed, mean ± 95% CI over seeds." + ref)
     return "\n".join(lines)
 
 

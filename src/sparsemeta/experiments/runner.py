@@ -43,7 +43,7 @@ from sparsemeta.config import Config, config_from_dict
 from sparsemeta.data.base import FewShotData
 from sparsemeta.data.registry import load_data
 from sparsemeta.experiments.methods import METHODS
-from sparsemeta.experiments.methods.base import SeedRun
+from sparsemeta.experiments.methods.base import SeedRun, check_targets
 from sparsemeta.experiments.methods.lottery import CONTROLS
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.foundations.lock import exclusive
@@ -152,6 +152,7 @@ def run_experiment(cfg: Config, out: str | Path, methods: list[str], seeds: list
                         f"filters use {', '.join(structured)}")
     data = data if data is not None else load_data(cfg)
     check_tasks_fit(cfg, data)
+    check_targets(cfg, data.channels)
     root = make_dir(out)
     with exclusive(root / LOCK, f"experiment '{root}'", wait=False):
         bind_experiment(root, cfg, methods, seeds, controls)

@@ -42,12 +42,15 @@ PARAMS = {
     "metamix_alpha": Param("metamix.alpha", 0.2, 5.0, True),
     "metamix_beta": Param("metamix.beta", 0.2, 5.0, True),
     "prune_rate": Param("prune.rate", 0.1, 0.5, False),
+    "rigl_drop_fraction": Param("rigl.drop_fraction", 0.1, 0.6, False),
+    "rigl_end_fraction": Param("rigl.end_fraction", 0.5, 0.95, False),
+    "gmp_end_fraction": Param("gmp.end_fraction", 0.3, 0.8, False),
 }
 
 
 def default_params(cfg: Config, method: str) -> list[str]:
     """What a fair search varies for ``method``: the learning rates always, plus the method's
-    own knob (λ, prune rate) and MetaMix's Beta parameters when MetaMix is on."""
+    own knobs (λ, prune rate, RigL's and gradual pruning's schedules) and MetaMix's Beta parameters when MetaMix is on."""
     names = ["inner_lr", "meta_lr", *METHODS[method].tune_params]
     if cfg.meta.mix == "metamix":
         names += ["metamix_alpha", "metamix_beta"]

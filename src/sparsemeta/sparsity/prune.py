@@ -196,3 +196,27 @@ def clear_removed_filters(state: Mapping[str, torch.Tensor], mask: Mask) -> dict
                 value[..., ~keep.to(value.device)] = 0  # per-step BN (steps, C) included
                 out[key] = value
     return out
+
+
+def top_magnitude_mask(weights: Mapping[str, torch.Tensor], counts: Mapping[str, int],
+                       within: Mask | None = None) -> Mask:
+    """Keep the ``counts[k]`` weights of largest |θ| in each layer ``k`` (among ``within``'s
+    kept entries if given; ties broken by index): one-shot pruning to exact per-layer counts."""
+    out = {}
+    for k, n in counts.items():
+        w = weights[k].detach().cpu()
+        keep = torch.ones_like(w, dtype=torch.bool) if within is None else within[k].cpu()
+        if n > int(keep.sum()):
+            raise ValueError(f"{k}: cannot keep {n} of {int(keep.sum())} weights")
+        drop = _smallest(w.abs(), keep, int(keep.sum()) - n)
+        flat = keep.flatten().clone()
+        flat[drop] = False
+        out[k] = flat.view_as(w).to(weights[k].device)
+    return out
+
+
+def cubic_counts(total: Mapping[str, int], final: Mapping[str, int], progress: float) -> dict[str, int]:
+    """Gradual pruning's per-layer counts at ``progress`` ∈ [0, 1] of the schedule (Zhu & Gupta):
+    kept = final + (total − final)(1 − progress)³ — fast pruning first, slow near the target."""
+    p = min(max(progress, 0.0), 1.0)
+    return {k: final[k] + round((total[k] - final[k]) * (1.0 - p) ** 3) for k in total}

@@ -18,6 +18,9 @@ _MODULES = (
     "l1",
     "rigl",
     "earlybird",
+    "oneshot",
+    "ebtarget",
+    "gmp",
 )
 
 METHODS: dict[str, Method] = {}

@@ -38,27 +38,37 @@ from sparsemeta.training.loop import train
 from sparsemeta.training.rundir import RunDir, RunResult
 
 
-def all_levels(level: int) -> int:
+def all_levels(level: int) -> range:
     """Compute rule of a chain of levels: a model at level L also cost levels 0..L-1."""
-    return level
+    return range(level)
 
 
-def dense_level_only(level: int) -> int:
+def dense_level_only(level: int) -> range:
     """Compute rule of a model derived from one dense run: level 0 (for L ≥ 1)."""
-    return min(level, 1)
+    return range(min(level, 1))
+
+
+def planned_levels(cfg: Config) -> int:
+    """Levels a non-IMP method makes runs at: one per ``prune.targets`` entry, or every level."""
+    return len(cfg.prune.targets or range(cfg.prune.num_levels()))
+
+
+def same_level(level: int) -> range:
+    """Compute rule of a model derived from a run at its own level (a gradual-pruning run)."""
+    return range(level, level + 1)
 
 
 @dataclass(frozen=True)
 class Branch:
     """A branch (``seed_S/level_LL/<name>``) a method writes. ``model=False``: search runs,
     counted for compute but not reported as models. A model's compute is its own meta-tasks plus
-    those of branch ``prior`` at the levels below ``prior_levels(level)``."""
+    those of branch ``prior`` at the levels ``prior_levels(level)``."""
 
     name: str
     color: str
     model: bool = True
     prior: str | None = None
-    prior_levels: Callable[[int], int] = all_levels
+    prior_levels: Callable[[int], range] = all_levels
 
 
 class RunCounter(Protocol):
@@ -93,6 +103,9 @@ class SeedRun:
             raise UserError("prune.scope=global: random and rigl take IMP's per-layer counts from "
                             "the ticket masks; run them together with --method lottery")
         return {k: int(m.sum()) for k, m in load_mask(ticket).items()}
+
+    def target_levels(self) -> list[int]:
+        return target_levels(self.cfg, self.counts)
 
     def run(self, name: str, path: Path, **kwargs) -> RunResult:  # noqa: ANN003
         t0 = time.perf_counter()
@@ -156,6 +169,32 @@ class SeedRun:
             self.run(f"{self.label(level)} {branch}", path, init=self.start(start, mask),
                      mask=mask)
             source = after(level, mask, start)
+
+
+def target_levels(cfg: Config, counts: list[dict[str, int]]) -> list[int]:
+    """The IMP levels the non-IMP runs are made at: nearest each of ``prune.targets`` by IMP's
+    density (``counts``: kept weights per layer by level), or every level."""
+    p = cfg.prune
+    every = list(range(1, len(counts)))
+    if not p.targets:
+        return every
+    total = [sum(c.values()) for c in counts]
+    dens = {lv: total[lv] / total[0] for lv in every}
+    lowest = dens[every[-1]] if every else 1.0
+    for t in p.targets:
+        if t < lowest * (1.0 - p.rate) ** 0.5:  # nearer a level past the last one
+            raise UserError(f"prune.targets has {t}, below the last level's density ({lowest:.3f}"
+                            f" at level {len(every)}); raise prune.levels")
+    return sorted({min(every, key=lambda lv, t=t: abs(dens[lv] - t)) for t in p.targets})
+
+
+def check_targets(cfg: Config, channels: int) -> None:
+    """Refuse ``prune.targets`` the levels cannot reach, before anything is written."""
+    full = full_mask(dict(build_model(cfg, channels).named_parameters()))
+    p = cfg.prune
+    counts = (filter_counts(full, p.rate, p.num_levels()) if p.structure == "filters"
+              else imp_counts(full, p.rate, p.output_rate_factor, p.num_levels()))
+    target_levels(cfg, counts)
 
 
 def imp_counts(mask: Mask, rate: float, output_rate_factor: float, levels: int) -> list[dict[str, int]]:

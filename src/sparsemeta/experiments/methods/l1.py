@@ -7,7 +7,13 @@ from __future__ import annotations
 import torch
 
 from sparsemeta.config import Config
-from sparsemeta.experiments.methods.base import Branch, Method, SeedRun, dense_level_only
+from sparsemeta.experiments.methods.base import (
+    Branch,
+    Method,
+    SeedRun,
+    dense_level_only,
+    planned_levels,
+)
 from sparsemeta.sparsity.masks import prunable_names
 from sparsemeta.sparsity.prune import magnitude_prune
 from sparsemeta.training.hooks import StepContext, TrainHooks
@@ -29,8 +35,11 @@ def run(s: SeedRun) -> None:
     s.run("level 0 l1", dense, init=s.theta0(), hooks=L1Hooks(c.lambda_))
     weights = s.weights(dense)
     mask = s.full
+    targets = s.target_levels()
     for level in range(1, s.levels + 1):
         mask = magnitude_prune(weights, mask, p.rate, p.scope, p.output_rate_factor)
+        if level not in targets:
+            continue
         s.run(f"{s.label(level)} l1 one-shot", s.dir(level, "l1_oneshot"), init=weights,
               mask=mask, iterations=0)
         if c.finetune_iterations:
@@ -39,7 +48,8 @@ def run(s: SeedRun) -> None:
 
 
 def plan(cfg: Config, controls: list[str]) -> int:
-    return 1 + cfg.prune.num_levels() * (1 + (cfg.l1.finetune_iterations > 0))
+    return 1 + planned_levels(cfg) * (
+        1 + (cfg.l1.finetune_iterations > 0))
 
 
 METHOD = Method(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from sparsemeta.config import Config
-from sparsemeta.experiments.methods.base import Branch, Method, SeedRun
+from sparsemeta.experiments.methods.base import Branch, Method, SeedRun, planned_levels
 from sparsemeta.foundations import streams
 from sparsemeta.models.conv4 import build_model
 from sparsemeta.sparsity.masks import Mask
@@ -19,7 +19,11 @@ def run(s: SeedRun) -> None:
     s.dense()
     rewind = s.rewind_target(s.dir(0, "ticket"))
 
+    targets = s.target_levels()
+
     def controls(level: int, mask: Mask, start: dict[str, torch.Tensor]):  # noqa: ANN202
+        if level not in targets:
+            return s.dir(level, "ticket")
         if "reinit" in s.controls:
             torch.manual_seed(streams.level_seed(streams.REINIT, s.seed, level))
             fresh = build_model(s.cfg, s.data.channels).state_dict()
@@ -35,7 +39,8 @@ def run(s: SeedRun) -> None:
 
 
 def plan(cfg: Config, controls: list[str]) -> int:
-    return 1 + cfg.prune.num_levels() * (1 + len(controls))
+    levels = cfg.prune.num_levels()
+    return 1 + levels + planned_levels(cfg) * len(controls)
 
 
 METHOD = Method(

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from sparsemeta.experiments.methods.base import Branch, Method, SeedRun
+from sparsemeta.experiments.methods.base import Branch, Method, SeedRun, planned_levels
 from sparsemeta.foundations import streams
 from sparsemeta.sparsity.rigl import RigLUpdater, layer_counts, random_mask
 from sparsemeta.training.hooks import StepContext, TrainHooks
@@ -31,6 +31,7 @@ class RigLHooks(TrainHooks):
             eff = {k: (v * mask[k] if k in mask else v).detach().requires_grad_(v.requires_grad)
                    for k, v in params.items()}
             kept, learner.mask = learner.mask, None
+            ctx.dense_steps += 1
             try:
                 learner.meta_gradient_step(eff, ctx.tasks, track_running=False)
             finally:
@@ -46,7 +47,7 @@ def run(s: SeedRun) -> None:
     shapes = {k: m.shape for k, m in s.full.items()}
     total = sum(m.numel() for m in s.full.values())
     end = max(1, math.floor(r.end_fraction * s.cfg.train.iterations))
-    for level in range(1, s.levels + 1):
+    for level in s.target_levels():
         path = s.dir(level, "rigl")
         target = sum(s.counts_at(level).values()) / total
         mask = s.saved_mask(path, lambda d=target, lv=level: random_mask(
@@ -59,5 +60,6 @@ METHOD = Method(
     name="rigl",
     help="RigL dynamic sparse meta-training at each level's density",
     branches=(Branch("rigl", "tab:purple"),),
-    run=run, plan=lambda cfg, controls: cfg.prune.num_levels(), score_branch="rigl",
+    run=run, plan=lambda cfg, controls: planned_levels(cfg), score_branch="rigl",
+    tune_params=("rigl_drop_fraction", "rigl_end_fraction"),
 )
