@@ -69,6 +69,15 @@ def early_stop(ax, rows: Rows) -> None:  # noqa: ANN001
     _density_axis(ax, rows)
 
 
+def dense_curve(ax, rows: Rows) -> None:  # noqa: ANN001
+    """Validation accuracy of the dense meta-model over its training, one line per seed: a
+    budget whose curve has levelled off is one where methods are compared converged."""
+    dense = _dense(rows)
+    for i, curve in enumerate(dense["val_curves"] if dense else []):
+        its, accs = zip(*curve)
+        ax.plot(its, 100 * np.array(accs), "o-", ms=3, label=f"seed {i + 1} of {dense['seeds']}")
+
+
 def compared_levels(rows: Rows) -> list[int]:
     """Densities where methods other than IMP have models (``prune.targets``)."""
     return sorted({r["level"] for r in rows if r["method"] != "ticket" and r["level"] > 0})
@@ -174,6 +183,10 @@ def plot(rows: Rows, out: Path) -> list[Path]:
         figures.append(("accuracy_vs_bytes.png",
                         "exported model size (bytes of the .smz file, log scale)", acc,
                         "Accuracy vs exported size", size))
+    if (_dense(rows) or {}).get("val_curves"):
+        figures.append(("dense_validation_curve.png", "meta-iteration",
+                        "validation accuracy % (dense model)", "Has the dense model converged?",
+                        dense_curve))
     if any(r["method"] == "ticket" for r in rows):
         figures.append(("accuracy_vs_step.png", "adaptation step", "test accuracy %",
                         "Ticket accuracy vs adaptation step", steps))

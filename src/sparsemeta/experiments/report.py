@@ -20,8 +20,10 @@ from sparsemeta.foundations.atomic import atomic_write_text
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.foundations.io import write_json
 from sparsemeta.foundations.stats import mean_ci95
+from sparsemeta.sparsity.flops import FLOPS_PER_MAC
 from sparsemeta.sparsity.masks import density, layer_densities, nonzeros
 from sparsemeta.training import rundir
+from sparsemeta.training.metrics import read_metrics
 from sparsemeta.training.rundir import RunDir
 
 
@@ -111,6 +113,10 @@ def collect(roots: list[Path]) -> list[dict]:
                     "train_seconds": res.train_seconds,
                     "exported_bytes": _exported_bytes(path),
                 })
+                if level == 0:  # how far the dense model got: has the budget converged?
+                    record["val_curve"] = [[m["iteration"], m["accuracy"]] for m in
+                                           read_metrics(path / rundir.METRICS)
+                                           if m.get("split") == "val"]
             records.append(record)
     return [r for r in _with_costs(records) if r.pop("model")]
 
@@ -171,6 +177,9 @@ def summarize(records: list[dict]) -> list[dict]:
             "compute_vs_full_imp": _mean(rs, "compute_vs_full_imp"),
             "tasks_vs_imp": _mean(rs, "tasks_vs_imp"),
             "compute_macs": _mean(rs, "compute_macs"),
+            "compute_flops": (FLOPS_PER_MAC * _mean(rs, "compute_macs")
+                              if _mean(rs, "compute_macs") is not None else None),
+            "val_curves": [r["val_curve"] for r in rs if r.get("val_curve")],
             "flops_vs_imp": _mean(rs, "macs_vs_imp"),
             "eval_macs": _mean(rs, "eval_macs"),
             "diff_vs_ticket": diff,
