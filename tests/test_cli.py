@@ -34,6 +34,10 @@ def _cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedPro
     (["report", "/nonexistent-run"], "is not a directory"),
     (["run", "--controls", "foo"], "unknown control 'foo'"),
     (["train", "--bogus"], "unrecognized arguments: --bogus"),
+    (["run", "--set", "prune.targets=[0.01]", "--set", "prune.levels=3"],
+     "prune.targets has 0.01, below the last level's density"),
+    (["run", "--method", "gmp", "--set", "prune.structure=filters"],
+     "--method gmp needs prune.structure=unstructured"),
 ])
 def test_user_mistakes_print_one_line_and_exit_2(args, fragment, tmp_path):
     proc = _cli(*args, cwd=tmp_path)

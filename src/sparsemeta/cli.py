@@ -81,13 +81,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sparsemeta.data.registry import load_data
     from sparsemeta.experiments.report import write_report
     from sparsemeta.experiments.runner import (
+        check_experiment,
         parse_controls,
         parse_methods,
         parse_seeds,
         planned_runs,
         run_experiment,
     )
-    from sparsemeta.training.loop import check_tasks_fit
 
     cfg = build_config(args.config, args.overrides)
     preset = experiment_defaults(args.config)
@@ -95,7 +95,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     seeds = parse_seeds(_given(args.seeds, preset.get("seeds", "0")))
     controls = parse_controls(_given(args.controls, preset.get("controls", "reinit,random")))
     data = load_data(cfg)  # fail on data problems before anything is written
-    check_tasks_fit(cfg, data)  # before the experiment directory is made
+    check_experiment(cfg, methods, data)  # before the experiment directory is made
     out = make_dir(args.out or _default_out("-".join(methods), cfg.to_dict()))
     print(f"experiment directory: {out} — methods {', '.join(methods)}; "
           f"{cfg.prune.num_levels()} pruning levels; seeds {seeds}; "

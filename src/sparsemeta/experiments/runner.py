@@ -136,6 +136,18 @@ def _seed_worker(cfg_dict: dict, root: str, seed: int, methods: list[str], contr
     run_seed(cfg, Path(root), seed, methods, controls, load_data(cfg), counter, progress=False)
 
 
+def check_experiment(cfg: Config, methods: list[str], data: FewShotData) -> None:
+    """Refuse what cannot run — before the experiment directory is made, so a corrected
+    command can reuse the same --out."""
+    unsupported = [m for m in methods if not METHODS[m].structured]
+    if cfg.prune.structure == "filters" and unsupported:
+        structured = [m for m in METHODS if METHODS[m].structured]
+        raise UserError(f"--method {unsupported[0]} needs prune.structure=unstructured; with "
+                        f"filters use {', '.join(structured)}")
+    check_tasks_fit(cfg, data)
+    check_targets(cfg, data.channels)
+
+
 def run_experiment(cfg: Config, out: str | Path, methods: list[str], seeds: list[int],
                    controls: list[str], progress: bool = True,
                    data: FewShotData | None = None, workers: int = 1) -> Path:
@@ -145,14 +157,8 @@ def run_experiment(cfg: Config, out: str | Path, methods: list[str], seeds: list
     small CPU two 1-thread processes out-run one 2-thread process (~1.35× measured on 2 cores),
     and on a GPU box small Conv4 runs leave the device mostly idle.
     """
-    unsupported = [m for m in methods if not METHODS[m].structured]
-    if cfg.prune.structure == "filters" and unsupported:
-        structured = [m for m in METHODS if METHODS[m].structured]
-        raise UserError(f"--method {unsupported[0]} needs prune.structure=unstructured; with "
-                        f"filters use {', '.join(structured)}")
     data = data if data is not None else load_data(cfg)
-    check_tasks_fit(cfg, data)
-    check_targets(cfg, data.channels)
+    check_experiment(cfg, methods, data)
     root = make_dir(out)
     with exclusive(root / LOCK, f"experiment '{root}'", wait=False):
         bind_experiment(root, cfg, methods, seeds, controls)

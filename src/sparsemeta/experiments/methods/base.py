@@ -100,8 +100,9 @@ class SeedRun:
             return self.counts[level]
         ticket = self.dir(level, "ticket") / rundir.MASK
         if not ticket.exists():
-            raise UserError("prune.scope=global: random and rigl take IMP's per-layer counts from "
-                            "the ticket masks; run them together with --method lottery")
+            raise UserError("prune.scope=global: the methods other than lottery take IMP's "
+                            "per-layer counts from its ticket masks; run them together with "
+                            "--method lottery")
         return {k: int(m.sum()) for k, m in load_mask(ticket).items()}
 
     def target_levels(self) -> list[int]:
