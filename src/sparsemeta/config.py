@@ -665,7 +665,7 @@ def _show(value: Any) -> str:
 
 def format_keys(keys: list[KeyDoc], width: int = 100) -> str:
     """An aligned text table (key, type, default, doc), one block per section; docs wrap in
-    their column, at least 40 characters wide."""
+    their column, at least 30 characters wide."""
     sections: dict[str, list[KeyDoc]] = {}
     for k in keys:
         sections.setdefault(k.section, []).append(k)
@@ -676,7 +676,7 @@ def format_keys(keys: list[KeyDoc], width: int = 100) -> str:
         indent = 2 + sum(widths) + 3 * 2
         lines = [f"[{section}]" if section else "[top level]"]
         for k, row in zip(rows, cells):
-            doc = textwrap.wrap(k.doc, max(40, width - indent), break_on_hyphens=False) or [""]
+            doc = textwrap.wrap(k.doc, max(30, width - indent), break_on_hyphens=False) or [""]
             left = "  ".join(c.ljust(w) for c, w in zip(row, widths))
             lines.append(f"  {left}  {doc[0]}".rstrip())
             lines += [" " * indent + more for more in doc[1:]]
