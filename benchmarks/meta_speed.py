@@ -1,29 +1,53 @@
-"""Meta-training speed and peak memory: sparsemeta's loop vs. a "common way" reference vs. vmap.
+"""Meta-training speed and peak memory on the CPU: sparsemeta's core against the per-task loop,
+`higher`, a deepcopy reference and (optionally) vmap — issue #14.
 
-    python benchmarks/meta_speed.py [--quick] [--repeats N] [--device cpu|cuda]
+    python benchmarks/meta_speed.py [--quick] [--repeats N] [--threads N] [--impls a,b]
+                                    [--cases a,b] [--malloc tuned|default] [--updates N]
 
-Implementations, all doing one meta-update (meta-batch of tasks → mean meta-gradient → Adam):
+`higher` is optional: ``pip install --no-deps higher`` (or ``pip install -e ".[bench]"``; its only
+requirement is torch, and --no-deps keeps pip from touching a CPU build of torch). Without it the
+`higher` rows and checks are skipped.
 
-* ``loop``      sparsemeta's ``MetaLearner.meta_gradient_step`` (functional, one backward per task);
-* ``reference`` the way many MAML repositories do it: per task ``copy.deepcopy`` of a plain
-  ``nn.Module`` Conv4 (``nn.BatchNorm2d`` in training mode), its parameters substituted by
-  differentiable clones of the meta-parameters, inner SGD via ``torch.autograd.grad``
-  (``create_graph`` for second order) written back into ``module._parameters``;
-* ``vmap``      ``sparsemeta.meta.batched.vmap_meta_gradient_step`` (all tasks at once).
+Implementations, all doing one meta-update (meta-batch of tasks → mean meta-gradient → Adam) on
+the same weights and tasks:
 
-Every measurement runs in a fresh subprocess (so peak RSS — ``ru_maxrss`` — is that run's own),
-interleaved across implementations with a rotating order, and medians over the repeats are
-reported. Peak memory is the peak RSS minus the RSS after setup (imports, model, data), i.e. what
-the meta-updates themselves add. All subprocesses get the same allocator environment (see
-``--malloc``; default: raised mmap/trim thresholds) and the same number of torch threads (default
-1: on 2 shared cores, 2 OpenMP threads collapse whenever another process runs). Before timing, the meta-gradients of the three
-implementations are checked equal in float64 on a tiny configuration.
+* ``core``      ``MetaLearner.meta_gradient_step``: tasks side by side on ``--threads`` task
+  threads (one intra-op thread each), gradients summed in task order, NHWC first order;
+* ``loop``      the per-task loop it replaced: ``outer_loss`` then ``backward`` per task, NCHW,
+  on the main thread with ``--threads`` intra-op threads;
+* ``higher``    ``higher.innerloop_ctx`` over a plain ``nn.Module`` Conv4 (``nn.BatchNorm2d``)
+  with a differentiable SGD (first order: ``track_higher_grads=False``, the query gradient of
+  the fast weights added to the meta-parameters — first-order MAML);
+* ``reference`` per task ``copy.deepcopy`` of that plain Conv4, its parameters substituted by
+  differentiable clones, inner SGD via ``torch.autograd.grad`` written back into the clone;
+* ``vmap``      ``sparsemeta.meta.batched.vmap_meta_gradient_step`` (all tasks at once; not timed
+  by default: 0.4–0.6× the loop at 4–28× its memory, 14 GB at meta-batch 32).
+
+Before anything is timed, every path's meta-gradient is checked against the loop's in float64
+(relative difference ≤ 1e-10) on the same weights and tasks, first and second order (the core
+also with NHWC forced on, which it otherwise uses for float32 first order only), and the core's
+with 1 and 2 threads is checked bit-identical in float32 and float64. ``--quick`` runs
+only these checks (tiny Conv4, a few seconds; the test suite runs it).
+
+Timing: the MAML shapes (5-way 1-shot, 15 queries per class, 5 inner steps): Conv4-64 28×28 at
+meta-batch 4 and 32, Conv4-32 84×84 at meta-batch 4; second and first order. Every measurement
+is a fresh subprocess (peak RSS — ``VmHWM`` — is its own; peak MB = peak RSS minus the RSS
+after setup), interleaved across implementations in a rotating order, medians over the repeats.
+Every subprocess gets the same allocator environment (``--malloc``, default: what
+``sparsemeta.foundations.runtime.configure`` sets in a run: one glibc arena, no mmap, no
+trimming; ``--malloc default`` measures that lever) and the same CPU
+thread budget (``--threads``, default 2: the core's task threads, the others' intra-op threads).
+On a machine shared with other work, torch's OpenMP threads spin at barriers and collapse
+(5–20× slower, up to 50× measured) whenever another process takes a core: there, run with
+``OMP_WAIT_POLICY=PASSIVE`` (inherited by every subprocess) and compare runs made under the
+same load.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import os
 import resource
@@ -31,6 +55,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,18 +63,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsemeta.data.tasks import Task
+from sparsemeta.foundations.runtime import MALLOC_ENV
 from sparsemeta.meta.batched import vmap_meta_gradient_step
 from sparsemeta.meta.core import MetaLearner
 from sparsemeta.models.conv4 import Conv4
 
-IMPLS = ("loop", "reference", "vmap")
+IMPLS = ("core", "loop", "higher", "reference", "vmap")
+TIMED = ("core", "loop", "higher", "reference")
+#: checked against the loop: also the core with NHWC forced (auto: float32 first order only)
+CHECKED = ("core", "core-nhwc", "higher", "reference", "vmap")
 ORDERS = ("second", "first")
-# Allocator settings applied identically to every subprocess. glibc (2.36) rejects an mmap
-# threshold above 32 MiB; a huge trim threshold stops returning the heap top every iteration.
-MALLOC_ENVS = {
-    "tuned": {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**34)},
-    "default": {},
-}
+# Allocator settings applied identically to every subprocess: "tuned" is what
+# sparsemeta.foundations.runtime.configure sets in a run (one arena, no mmap, no trimming).
+MALLOC_ENVS = {"tuned": MALLOC_ENV, "default": {}}
+GRAD_TOLERANCE = 1e-10
+HAVE_HIGHER = importlib.util.find_spec("higher") is not None
 
 
 @dataclass(frozen=True)
@@ -71,9 +99,17 @@ CONFIGS = {
     "mini-c32-84": BenchConfig("mini-c32-84", channels=3, image_size=84, filters=32,
                                inner_lr=0.01),
 }
+#: case → (config, meta-batch, timed meta-updates)
+CASES = {
+    "c64-28-mb4": ("omniglot-c64-28", 4, 4),
+    "c64-28-mb32": ("omniglot-c64-28", 32, 1),
+    "c32-84-mb4": ("mini-c32-84", 4, 2),
+}
+TINY = BenchConfig("tiny", channels=1, image_size=16, filters=4, inner_lr=0.3, ways=3, queries=3,
+                   inner_steps=2)
 
 
-# -- the reference: the common deepcopy + substitute-parameters MAML ------------------------------
+# -- the plain nn.Module Conv4 of `higher` and the reference ------------------------------------
 class RefConv4(nn.Module):
     """Plain Conv4 (conv → nn.BatchNorm2d → ReLU → max-pool) ×4 + linear, as in MAML repos."""
 
@@ -86,25 +122,54 @@ class RefConv4(nn.Module):
                        nn.BatchNorm2d(channels[i + 1]), nn.ReLU(), nn.MaxPool2d(2)]
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(filters * (image_size // 16) ** 2, ways)
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x).flatten(1))
 
 
+def models(cfg: BenchConfig, dtype: torch.dtype = torch.float32) -> tuple[Conv4, RefConv4]:
+    """sparsemeta's Conv4 and the plain one, with the same weights (same parameter order)."""
+    torch.manual_seed(0)
+    model = Conv4(cfg.channels, cfg.ways, cfg.image_size, filters=cfg.filters).to(dtype)
+    ref = RefConv4(cfg.channels, cfg.ways, cfg.image_size, cfg.filters).to(dtype)
+    with torch.no_grad():
+        for p_ref, p in zip(ref.parameters(), model.parameters(), strict=True):
+            p_ref.copy_(p)
+    return model, ref
+
+
+def make_tasks(cfg: BenchConfig, n: int, gen: torch.Generator,
+               dtype: torch.dtype = torch.float32) -> list[Task]:
+    shape = (cfg.channels, cfg.image_size, cfg.image_size)
+    tasks = []
+    for i in range(n):
+        perm = torch.randperm(cfg.ways, generator=gen)
+        tasks.append(Task(
+            torch.randn(cfg.ways * cfg.shots, *shape, generator=gen, dtype=dtype),
+            perm.repeat_interleave(cfg.shots),
+            torch.randn(cfg.ways * cfg.queries, *shape, generator=gen, dtype=dtype),
+            perm.repeat_interleave(cfg.queries), index=i))
+    return tasks
+
+
+# -- the meta-gradients --------------------------------------------------------------------------
+def loop_meta_gradient_step(learner: MetaLearner, params: dict[str, torch.Tensor],
+                            tasks: list[Task]) -> float:
+    """The per-task loop the core replaced (its old body), NCHW, on this thread."""
+    kept, learner.channels_last = learner.channels_last, False
+    total = 0.0
+    try:
+        for task in tasks:
+            loss, _ = learner.outer_loss(params, task)
+            (loss / len(tasks)).backward()
+            total += float(loss.detach())
+    finally:
+        learner.channels_last = kept
+    return total / len(tasks)
+
+
 def _slots(module: nn.Module) -> list[tuple[nn.Module, str]]:
     return [(m, k) for m in module.modules() for k, p in m._parameters.items() if p is not None]
-
-
-def reference_clone(model: nn.Module) -> nn.Module:
-    """deepcopy for the structure, then differentiable clones of the meta-parameters."""
-    clone = copy.deepcopy(model)
-    for (m_clone, k), (m_orig, _) in zip(_slots(clone), _slots(model), strict=True):
-        m_clone._parameters[k] = m_orig._parameters[k].clone()
-    return clone
 
 
 def reference_meta_gradient_step(model: nn.Module, tasks: list[Task], inner_lr: float,
@@ -112,7 +177,9 @@ def reference_meta_gradient_step(model: nn.Module, tasks: list[Task], inner_lr: 
     """Per task: deepcopy, manual SGD steps written back into the clone, query loss backward."""
     total = 0.0
     for task in tasks:
-        learner = reference_clone(model)
+        learner = copy.deepcopy(model)
+        for (m_clone, k), (m_orig, _) in zip(_slots(learner), _slots(model), strict=True):
+            m_clone._parameters[k] = m_orig._parameters[k].clone()
         for _ in range(inner_steps):
             slots = _slots(learner)
             loss = F.cross_entropy(learner(task.support_x), task.support_y)
@@ -126,226 +193,247 @@ def reference_meta_gradient_step(model: nn.Module, tasks: list[Task], inner_lr: 
     return total / len(tasks)
 
 
-# -- data ----------------------------------------------------------------------------------------
-def make_tasks(cfg: BenchConfig, n: int, gen: torch.Generator, dtype: torch.dtype = torch.float32,
-               image_size: int | None = None) -> list[Task]:
-    size = image_size or cfg.image_size
-    shape = (cfg.channels, size, size)
-    tasks = []
-    for _ in range(n):
-        perm = torch.randperm(cfg.ways, generator=gen)
-        tasks.append(Task(
-            torch.randn(cfg.ways * cfg.shots, *shape, generator=gen, dtype=dtype),
-            perm.repeat_interleave(cfg.shots),
-            torch.randn(cfg.ways * cfg.queries, *shape, generator=gen, dtype=dtype),
-            perm.repeat_interleave(cfg.queries)))
-    return tasks
+def higher_meta_gradient_step(model: nn.Module, tasks: list[Task], inner_lr: float,
+                              inner_steps: int, first_order: bool) -> float:
+    """``higher.innerloop_ctx`` with a differentiable SGD; first order the FOMAML way."""
+    import higher
 
-
-# -- correctness check (float64, tiny) -----------------------------------------------------------
-def check_equivalence() -> list[str]:
-    """Loop, vmap and reference meta-gradients on the same weights and tasks, float64."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    cfg = BenchConfig("tiny", channels=1, image_size=16, filters=4, inner_lr=0.3, ways=3,
-                      queries=3, inner_steps=2)
-    torch.manual_seed(0)
-    model = Conv4(cfg.channels, cfg.ways, cfg.image_size, filters=cfg.filters).double()
-    ref = RefConv4(cfg.channels, cfg.ways, cfg.image_size, cfg.filters).double()
-    with torch.no_grad():
-        for p_ref, p in zip(ref.parameters(), model.parameters(), strict=True):
-            p_ref.copy_(p)
-    tasks = make_tasks(cfg, 3, torch.Generator().manual_seed(1), dtype=torch.float64)
-    params = dict(model.named_parameters())
-
-    def flat(ps) -> torch.Tensor:
-        return torch.cat([p.grad.flatten() for p in ps])
-
-    lines = []
-    for order in ORDERS:
-        learner = MetaLearner(model, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps,
-                              first_order=order == "first", bn="transductive")
-        grads = {}
-        for impl in IMPLS:
-            model.zero_grad(set_to_none=True)
-            ref.zero_grad(set_to_none=True)
-            if impl == "loop":
-                learner.meta_gradient_step(params, tasks)
-                grads[impl] = flat(params.values())
-            elif impl == "vmap":
-                vmap_meta_gradient_step(learner, params, tasks)
-                grads[impl] = flat(params.values())
+    inner_opt = torch.optim.SGD(model.parameters(), lr=inner_lr)
+    total = 0.0
+    for task in tasks:
+        with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False,
+                                  track_higher_grads=not first_order) as (fmodel, diffopt):
+            for _ in range(inner_steps):
+                diffopt.step(F.cross_entropy(fmodel(task.support_x), task.support_y))
+            query_loss = F.cross_entropy(fmodel(task.query_x), task.query_y)
+            if first_order:  # the fast weights are detached leaves: their gradient is FOMAML's
+                grads = torch.autograd.grad(query_loss / len(tasks), list(fmodel.parameters()))
+                for p, g in zip(model.parameters(), grads, strict=True):
+                    p.grad = g if p.grad is None else p.grad + g
             else:
-                reference_meta_gradient_step(ref, tasks, cfg.inner_lr, cfg.inner_steps,
-                                             first_order=order == "first")
-                grads[impl] = flat(ref.parameters())
-        base = grads["loop"]
-        for impl in ("vmap", "reference"):
-            rel = float((grads[impl] - base).norm() / base.norm())
-            ok = rel < 1e-9
-            lines.append(f"  {order}-order  {impl:9s} vs loop: rel. diff {rel:.1e}  "
-                         f"{'OK' if ok else 'MISMATCH'}")
-            if not ok:
-                raise SystemExit("\n".join(lines) + "\nmeta-gradients differ; not timing")
-    torch.set_num_threads(threads)
+                (query_loss / len(tasks)).backward()
+        total += float(query_loss.detach())
+    return total / len(tasks)
+
+
+def stepper(impl: str, cfg: BenchConfig, model: Conv4, ref: RefConv4, first_order: bool,
+            threads: int) -> tuple[Callable[[list[Task]], object], list[nn.Parameter]]:
+    """(tasks → accumulate the mean meta-gradient, the parameters it lands on) of ``impl``."""
+    if impl in ("higher", "reference"):
+        fn = higher_meta_gradient_step if impl == "higher" else reference_meta_gradient_step
+        return (lambda tasks: fn(ref, tasks, cfg.inner_lr, cfg.inner_steps, first_order),
+                list(ref.parameters()))
+    learner = MetaLearner(model, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps,
+                          first_order=first_order, bn="transductive", threads=threads)
+    learner.channels_last = True if impl == "core-nhwc" else None
+    params = dict(model.named_parameters())
+    steps = {"core": lambda tasks: learner.meta_gradient_step(params, tasks),
+             "core-nhwc": lambda tasks: learner.meta_gradient_step(params, tasks),
+             "loop": lambda tasks: loop_meta_gradient_step(learner, params, tasks),
+             "vmap": lambda tasks: vmap_meta_gradient_step(learner, params, tasks)}
+    return steps[impl], list(params.values())
+
+
+# -- correctness: float64 against the loop, threads bit-identical --------------------------------
+def _grad(impl: str, cfg: BenchConfig, tasks: list[Task], order: str, dtype: torch.dtype,
+          threads: int = 1) -> torch.Tensor:
+    model, ref = models(cfg, dtype)
+    step, params = stepper(impl, cfg, model, ref, order == "first", threads)
+    step(tasks)
+    return torch.cat([p.grad.flatten() for p in params])
+
+
+def check_equivalence(cfg: BenchConfig = TINY, n_tasks: int = 3,
+                      impls: tuple[str, ...] = CHECKED) -> list[str]:
+    """Every path's meta-gradient against the loop's (float64), and the core's with 1 and 2
+    threads bit for bit (float64 and float32). Raises SystemExit on a mismatch."""
+    lines, bad = [], False
+    impls = tuple(i for i in impls if i != "loop" and (i != "higher" or HAVE_HIGHER))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: OpenMP only adds barriers (and stalls on a busy machine)
+    try:
+        bad = _check_into(lines, cfg, n_tasks, impls)
+    finally:
+        torch.set_num_threads(threads)
+    if not HAVE_HIGHER and "higher" in IMPLS:
+        lines.append("  higher: not installed (pip install --no-deps higher), skipped")
+    if bad:
+        raise SystemExit("\n".join(lines) + "\nmeta-gradients differ; not timing")
     return lines
 
 
+def _check_into(lines: list[str], cfg: BenchConfig, n_tasks: int,
+                impls: tuple[str, ...]) -> bool:
+    """The checks of ``check_equivalence``, appended to ``lines``; True if any failed."""
+    bad = False
+    for order in ORDERS:
+        tasks = make_tasks(cfg, n_tasks, torch.Generator().manual_seed(1), dtype=torch.float64)
+        base = _grad("loop", cfg, tasks, order, torch.float64)
+        for impl in impls:
+            rel = float((_grad(impl, cfg, tasks, order, torch.float64) - base).norm() / base.norm())
+            ok = rel <= GRAD_TOLERANCE
+            bad |= not ok
+            lines.append(f"  {cfg.name} {order}-order {impl:10s} vs loop (float64): rel. diff "
+                         f"{rel:.1e}  {'OK' if ok else 'MISMATCH'}")
+        for dtype in (torch.float64, torch.float32):
+            typed = [Task(t.support_x.to(dtype), t.support_y, t.query_x.to(dtype), t.query_y,
+                          index=t.index) for t in tasks]
+            same = torch.equal(_grad("core", cfg, typed, order, dtype, threads=1),
+                               _grad("core", cfg, typed, order, dtype, threads=2))
+            bad |= not same
+            lines.append(f"  {cfg.name} {order}-order core threads 1 vs 2 ({str(dtype)[6:]}): "
+                         f"{'bit-identical' if same else 'DIFFERENT'}")
+    return bad
+
+
 # -- one measurement (runs in its own subprocess) ------------------------------------------------
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _rss_mb(field: str = "VmRSS") -> float:
+    """This process's resident memory (``VmHWM``: its peak). Not ``ru_maxrss``: Linux carries
+    that over from the parent (fork copies the high-water mark, exec keeps it)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def worker(spec: dict) -> dict:
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
+    """Time ``spec['iters']`` meta-updates of one implementation after one warm-up update."""
+    torch.set_num_threads(spec["threads"])
     cfg = CONFIGS[spec["config"]]
-    device = torch.device(spec["device"])
-    first_order = spec["order"] == "first"
-    torch.manual_seed(0)
+    model, ref = models(cfg)
+    step, params = stepper(spec["impl"], cfg, model, ref, spec["order"] == "first",
+                           spec["threads"])
+    opt = torch.optim.Adam(params, lr=1e-3)
     gen = torch.Generator().manual_seed(1)
-    batches = [[t.to(device) for t in make_tasks(cfg, spec["meta_batch"], gen)]
-               for _ in range(2)]
-    if spec["impl"] == "reference":
-        model = RefConv4(cfg.channels, cfg.ways, cfg.image_size, cfg.filters).to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batches = [make_tasks(cfg, spec["meta_batch"], gen) for _ in range(2)]
+    warm = make_tasks(cfg, min(spec["meta_batch"], 4), gen)
 
-        def meta_update(tasks: list[Task]) -> None:
-            opt.zero_grad(set_to_none=True)
-            reference_meta_gradient_step(model, tasks, cfg.inner_lr, cfg.inner_steps, first_order)
-            opt.step()
-    else:
-        model = Conv4(cfg.channels, cfg.ways, cfg.image_size, filters=cfg.filters).to(device)
-        params = dict(model.named_parameters())
-        learner = MetaLearner(model, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps,
-                              first_order=first_order, bn="transductive")
-        opt = torch.optim.Adam(params.values(), lr=1e-3)
-        step = (learner.meta_gradient_step if spec["impl"] == "loop"
-                else lambda p, t: vmap_meta_gradient_step(learner, p, t))
-
-        def meta_update(tasks: list[Task]) -> None:
-            opt.zero_grad(set_to_none=True)
-            step(params, tasks)
-            opt.step()
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    def meta_update(tasks: list[Task]) -> None:
+        opt.zero_grad(set_to_none=True)
+        step(tasks)
+        opt.step()
 
     rss_setup = _rss_mb()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        cuda_base = torch.cuda.memory_allocated()
-    for i in range(spec["warmup"]):
-        meta_update(batches[i % 2])
-    sync()
+    meta_update(warm)  # thread pool, oneDNN primitives, allocator
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     for i in range(spec["iters"]):
         meta_update(batches[i % 2])
-    sync()
     wall = time.perf_counter() - t0
     usage1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime)
-    peak = usage1.ru_maxrss / 1024  # kB on Linux
-    out = {
+    return {
         "tasks_per_s": spec["iters"] * spec["meta_batch"] / wall,
-        "peak_mb": peak - rss_setup,
+        "peak_mb": _rss_mb("VmHWM") - rss_setup,
         "cpu_per_wall": cpu / wall,
-        "minflt_per_iter": (usage1.ru_minflt - usage0.ru_minflt) / spec["iters"],
+        "minflt_per_task": (usage1.ru_minflt - usage0.ru_minflt) / (spec["iters"]
+                                                                    * spec["meta_batch"]),
     }
-    if device.type == "cuda":
-        out["peak_mb"] = (torch.cuda.max_memory_allocated() - cuda_base) / 2**20
-    return out
 
 
 # -- driver --------------------------------------------------------------------------------------
-def run_one(spec: dict, env: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
-                          capture_output=True, text=True, timeout=900)
+def run_one(spec: dict, env: dict, timeout: float) -> dict | None:
+    """One measurement in a fresh process; None if it ran past ``timeout`` seconds."""
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
     if proc.returncode != 0:
         raise RuntimeError(f"worker {spec} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def measure(args: argparse.Namespace, env: dict) -> dict[tuple[str, str, str], list[dict]]:
+    """Every (case, order, implementation) ``args.repeats`` times, interleaved and rotated."""
+    results: dict[tuple[str, str, str], list[dict]] = {}
+    t_start = time.time()
+    for rep in range(args.repeats):
+        for case in args.cases:
+            config, meta_batch, iters = CASES[case]
+            for order in ORDERS:
+                rot = rep % len(args.impls)
+                for impl in args.impls[rot:] + args.impls[:rot]:
+                    spec = {"config": config, "order": order, "impl": impl,
+                            "iters": args.updates or iters,
+                            "meta_batch": meta_batch, "threads": args.threads}
+                    r = run_one(spec, env, args.timeout)
+                    results.setdefault((case, order, impl), []).append(r or {})
+                    what = ("timed out" if r is None else
+                            f"{r['tasks_per_s']:.2f} tasks/s, {r['peak_mb']:.0f} MB, cpu/wall "
+                            f"{r['cpu_per_wall']:.2f}, minflt/task {r['minflt_per_task']:.0f}")
+                    print(f"  [{time.time() - t_start:5.0f}s] rep {rep} {case} {order} {impl}: "
+                          f"{what}", flush=True)
+    return results
+
+
+def report(args: argparse.Namespace, results: dict[tuple[str, str, str], list[dict]]) -> None:
+    """The table: medians, ranges, and the core's speed and memory against each other path."""
+    def med(key: tuple[str, str, str], field: str) -> float:
+        values = [r[field] for r in results[key] if r]
+        return statistics.median(values) if values else float("nan")
+
+    print(f"\nload avg at end {os.getloadavg()[0]:.2f}; medians over {args.repeats} repeats; "
+          f"peak MB = peak RSS minus RSS after setup; ratios = core ÷ that implementation")
+    head = (f"{'case':12s} {'order':6s} {'impl':9s} {'tasks/s':>8s} {'range':>13s} "
+            f"{'peak MB':>8s} {'speed core/x':>13s} {'mem core/x':>11s}")
+    print(head)
+    print("-" * len(head))
+    for case in args.cases:
+        for order in ORDERS:
+            core = (case, order, "core")
+            for impl in args.impls:
+                key = (case, order, impl)
+                speeds = [r["tasks_per_s"] for r in results[key] if r]
+                span = f"{min(speeds):6.2f}-{max(speeds):6.2f}" if speeds else "timed out"
+                ratio = mem = ""
+                if impl != "core" and "core" in args.impls:
+                    ratio = f"{med(core, 'tasks_per_s') / med(key, 'tasks_per_s'):.2f}"
+                    mem = f"{med(core, 'peak_mb') / max(med(key, 'peak_mb'), 1e-9):.2f}"
+                print(f"{case:12s} {order:6s} {impl:9s} {med(key, 'tasks_per_s'):8.2f} "
+                      f"{span:>13s} {med(key, 'peak_mb'):8.0f} {ratio:>13s} {mem:>11s}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true",
-                    help="meta-batch 2, fewer meta-updates per measurement, no warm-up at "
-                         "84x84 (< 3 minutes; a smoke test, not for conclusions)")
+                    help="only the meta-gradient checks, on a tiny Conv4 (a few seconds)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--meta-batch", type=int, default=0, help="tasks per meta-update (default 4)")
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads per subprocess (0: torch default). Default 1: with 2 "
-                         "threads, any other process on the cores stalls torch's OpenMP "
-                         "barriers (measured 5-20x slower), which swamps the comparison")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="CPU threads of every path: the core's task threads, the others' "
+                         "intra-op threads (default 2)")
+    ap.add_argument("--impls", default=",".join(TIMED), help=f"of {','.join(IMPLS)}")
+    ap.add_argument("--cases", default=",".join(CASES), help=f"of {','.join(CASES)}")
     ap.add_argument("--malloc", default="tuned", choices=sorted(MALLOC_ENVS),
                     help="allocator env for every subprocess (default: tuned)")
-    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--updates", type=int, default=0,
+                    help="timed meta-updates per measurement (default: 4, 1 at meta-batch 32, "
+                         "2 at 84x84)")
+    ap.add_argument("--timeout", type=float, default=300,
+                    help="seconds one measurement may take before it is reported as timed out")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
-
+    args.impls = [i for i in args.impls.split(",") if i != "higher" or HAVE_HIGHER]
+    args.cases = args.cases.split(",")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     env.update(MALLOC_ENVS[args.malloc])
-    args.meta_batch = args.meta_batch or (2 if args.quick else 4)
-    # (warm-up, timed) meta-updates per measurement; mini-ImageNet size is ~5x slower per task.
-    iters = ({"omniglot-c64-28": (1, 1), "mini-c32-84": (0, 1)} if args.quick
-             else {"omniglot-c64-28": (1, 4), "mini-c32-84": (1, 2)})
-    configs = args.configs.split(",")
-    print(f"torch {torch.__version__}, device {args.device}, torch threads "
-          f"{args.threads or torch.get_num_threads()}, meta-batch {args.meta_batch}, "
-          f"allocator '{args.malloc}' {MALLOC_ENVS[args.malloc] or '(glibc defaults)'} "
-          f"for every subprocess, load avg {os.getloadavg()[0]:.2f}")
-    print("equivalence check (float64, Conv4-4 16x16, 3-way, 2 inner steps, 3 tasks):")
-    for line in check_equivalence():
-        print(line)
-
-    results: dict[tuple[str, str, str], list[dict]] = {}
-    t_start = time.time()
-    for rep in range(args.repeats):
-        for cname in configs:
-            warmup, n = iters[cname]
-            for order in ORDERS:
-                rot = rep % len(IMPLS)
-                for impl in IMPLS[rot:] + IMPLS[:rot]:
-                    spec = {"config": cname, "order": order, "impl": impl, "warmup": warmup,
-                            "iters": n, "meta_batch": args.meta_batch, "device": args.device,
-                            "threads": args.threads}
-                    r = run_one(spec, env)
-                    results.setdefault((cname, order, impl), []).append(r)
-                    print(f"  [{time.time() - t_start:6.0f}s] rep {rep} {cname} {order} {impl}: "
-                          f"{r['tasks_per_s']:.2f} tasks/s, {r['peak_mb']:.0f} MB, "
-                          f"cpu/wall {r['cpu_per_wall']:.2f}, "
-                          f"minflt/iter {r['minflt_per_iter']:.0f}", flush=True)
-
-    def med(key: tuple[str, str, str], field: str) -> float:
-        return statistics.median(r[field] for r in results[key])
-
-    print(f"\nload avg at end {os.getloadavg()[0]:.2f}; medians over {args.repeats} repeats "
-          f"(peak MB = peak RSS minus RSS after setup{'; CUDA: max allocated' if args.device == 'cuda' else ''})")
-    head = (f"{'config':16s} {'order':6s} {'impl':9s} {'tasks/s':>8s} {'range':>13s} "
-            f"{'peak MB':>8s} {'speed ratio':>22s} {'mem ratio':>10s}")
-    print(head)
-    print("-" * len(head))
-    for cname in configs:
-        for order in ORDERS:
-            for impl in IMPLS:
-                key = (cname, order, impl)
-                speeds = [r["tasks_per_s"] for r in results[key]]
-                ratio, mem_ratio = "", ""
-                if impl in ("loop", "vmap"):
-                    base = (cname, order, "reference" if impl == "loop" else "loop")
-                    label = "sparsemeta/ref" if impl == "loop" else "vmap/loop"
-                    ratio = f"{label} {med(key, 'tasks_per_s') / med(base, 'tasks_per_s'):.2f}"
-                    mem_ratio = f"{med(key, 'peak_mb') / max(med(base, 'peak_mb'), 1e-9):.2f}"
-                print(f"{cname:16s} {order:6s} {impl:9s} {med(key, 'tasks_per_s'):8.2f} "
-                      f"{min(speeds):6.2f}-{max(speeds):6.2f} {med(key, 'peak_mb'):8.0f} "
-                      f"{ratio:>22s} {mem_ratio:>10s}")
+    print(f"torch {torch.__version__}, {args.threads} CPU threads per path, allocator "
+          f"'{args.malloc}' {MALLOC_ENVS[args.malloc] or '(glibc defaults)'} for every "
+          f"subprocess, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(default)')}, "
+          f"higher {'installed' if HAVE_HIGHER else 'NOT installed'}, load avg "
+          f"{os.getloadavg()[0]:.2f}")
+    print(f"meta-gradient checks (float64 tolerance {GRAD_TOLERANCE:g}):", flush=True)
+    checks = [(TINY, 3)] if args.quick else [(TINY, 3), (CONFIGS["omniglot-c64-28"], 2)]
+    for cfg, n in checks:
+        for line in check_equivalence(cfg, n):
+            print(line, flush=True)
+    if args.quick:
+        return
+    report(args, measure(args, env))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from sparsemeta.config import DEFAULT_PRESET, build_config, preset_names
 from sparsemeta.foundations.errors import UserError
+from sparsemeta.foundations.runtime import tune_allocator
 from sparsemeta.training import rundir
 from sparsemeta.training.rundir import RunDir, make_dir
 
@@ -379,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; every user mistake or file-system failure ends in one line, exit 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    tune_allocator()  # the package's allocator settings, not the user's environment
     try:
         if _world_size() > 1 and args.command != "train":
             raise UserError(f"'sparsemeta {args.command}' runs in one process; under torchrun "

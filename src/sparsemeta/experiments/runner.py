@@ -47,6 +47,7 @@ from sparsemeta.experiments.methods.base import SeedRun, check_targets
 from sparsemeta.experiments.methods.lottery import CONTROLS
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.foundations.lock import exclusive
+from sparsemeta.foundations.runtime import tune_allocator
 from sparsemeta.training.loop import check_tasks_fit
 from sparsemeta.training.rundir import LOCK, RunResult, bind_experiment, make_dir
 
@@ -129,8 +130,10 @@ def run_seed(cfg: Config, root: Path, seed: int, methods: list[str], controls: l
 
 def _seed_worker(cfg_dict: dict, root: str, seed: int, methods: list[str], controls: list[str],
                  threads: int) -> None:
-    """One seed in its own process (spawned): its own data view and thread budget."""
+    """One seed in its own process (spawned): its own data view, thread budget and allocator
+    settings (a spawned process starts with glibc's defaults)."""
     torch.set_num_threads(threads)
+    tune_allocator()
     cfg = config_from_dict(cfg_dict)
     counter = RunCounter(planned_runs(cfg, methods, controls), progress=True)
     run_seed(cfg, Path(root), seed, methods, controls, load_data(cfg), counter, progress=False)

@@ -12,6 +12,7 @@ import torch
 
 from sparsemeta.config import Config
 from sparsemeta.foundations import streams
+from sparsemeta.foundations.runtime import resolve_threads
 from sparsemeta.meta.core import MetaLearner
 from sparsemeta.meta.mamlpp import schedule as mamlpp_schedule
 from sparsemeta.models.conv4 import build_model
@@ -40,6 +41,7 @@ def build_learner(cfg: Config, in_channels: int, mask: Mask | None = None) -> Me
         mix=(cfg.metamix.alpha, cfg.metamix.beta) if cfg.meta.mix == "metamix" else None,
         mix_seed=cfg.seed,
         adapt=cfg.meta.adapt,
+        threads=resolve_threads(cfg.train.threads),
     )
     if cfg.metamix.channel_shuffle_from is not None:
         learner.schedules.append(ChannelShuffleSchedule(cfg.seed, cfg.metamix.channel_shuffle_from))

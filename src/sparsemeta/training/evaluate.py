@@ -29,13 +29,16 @@ def evaluate(
     progress: bool = False,
 ) -> Evaluation:
     """Adapt on each of ``tasks`` fixed tasks for ``steps`` steps; never writes ``params``.
-    In a distributed job each rank adapts on its share and the results are gathered."""
+    On the CPU the tasks are built and adapted on the learner's task threads
+    (``learner.threads``; the results do not depend on it). In a distributed job each rank
+    adapts on its share and the results are gathered."""
     g = group()
     accs = np.zeros((tasks, steps + 1))
     losses = np.zeros((tasks, steps + 1))
-    for i in tqdm(g.share(tasks), desc=f"eval {sampler.split}", disable=not progress,
-                  leave=False, unit="task"):
-        a, loss = learner.evaluate_task(params, sampler.task(i).to(device), steps)
+    mine = g.share(tasks)
+    results = learner.evaluate_tasks(params, lambda i: sampler.task(i).to(device), mine, steps)
+    for i, a, loss in tqdm(results, total=len(mine), desc=f"eval {sampler.split}",
+                           disable=not progress, leave=False, unit="task"):
         accs[i], losses[i] = a, loss
     if g.world > 1:  # every other rank's rows are zeros here: the sum gathers them
         both = torch.tensor(np.stack([accs, losses]), device=device)

@@ -1,0 +1,49 @@
+"""The speed benchmark's correctness part (``benchmarks/meta_speed.py --quick``): every path's
+meta-gradient equals the per-task loop's in float64, and the core's is bit-identical for 1 and
+2 task threads. ``higher`` is checked where it is installed (``pip install --no-deps higher``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "meta_speed.py"
+
+
+@pytest.fixture(scope="module")
+def meta_speed():
+    spec = importlib.util.spec_from_file_location("meta_speed", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["meta_speed"] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("meta_speed", None)
+
+
+def test_quick_check_every_path_matches_the_loop(meta_speed):
+    lines = meta_speed.check_equivalence()
+    vs_loop = [line for line in lines if "vs loop" in line]
+    impls = {"core", "core-nhwc", "reference", "vmap"} | (
+        {"higher"} if meta_speed.HAVE_HIGHER else set())
+    assert {line.split()[2] for line in vs_loop} == impls
+    assert len(vs_loop) == 2 * len(impls) and all(line.endswith("OK") for line in vs_loop)
+    for line in vs_loop:
+        assert float(line.split("rel. diff ")[1].split()[0]) <= 1e-10
+    threads = [line for line in lines if "threads 1 vs 2" in line]
+    assert len(threads) == 4 and all(line.endswith("bit-identical") for line in threads)
+
+
+def test_a_wrong_path_is_caught_before_timing(meta_speed, monkeypatch):
+    real = meta_speed.reference_meta_gradient_step
+
+    def off_by_a_little(model, tasks, inner_lr, inner_steps, first_order):
+        return real(model, tasks, inner_lr * (1 + 1e-6), inner_steps, first_order)
+
+    monkeypatch.setattr(meta_speed, "reference_meta_gradient_step", off_by_a_little)
+    with pytest.raises(SystemExit, match=r"reference +vs loop .* MISMATCH"):
+        meta_speed.check_equivalence(impls=("core", "reference"))
