@@ -66,17 +66,22 @@ from sparsemeta.data.tasks import Task
 from sparsemeta.foundations.runtime import MALLOC_ENV
 from sparsemeta.meta.batched import vmap_meta_gradient_step
 from sparsemeta.meta.core import MetaLearner
+from sparsemeta.meta.grouped import Grouped
 from sparsemeta.models.conv4 import Conv4
 
-IMPLS = ("core", "loop", "higher", "reference", "vmap")
-TIMED = ("core", "loop", "higher", "reference")
+IMPLS = ("core", "loop", "higher", "reference", "grouped", "vmap")
+TIMED = ("core", "loop", "higher", "reference", "grouped")
 #: checked against the loop: also the core with NHWC forced (auto: float32 first order only)
-CHECKED = ("core", "core-nhwc", "higher", "reference", "vmap")
+CHECKED = ("core", "core-nhwc", "higher", "reference", "grouped", "vmap")
+#: evaluation (adapting test tasks, first order, no meta-gradient): the paths that do it
+EVAL_IMPLS = ("core", "loop", "grouped")
 ORDERS = ("second", "first")
 # Allocator settings applied identically to every subprocess: "tuned" is what
 # sparsemeta.foundations.runtime.configure sets in a run (one arena, no mmap, no trimming).
 MALLOC_ENVS = {"tuned": MALLOC_ENV, "default": {}}
 GRAD_TOLERANCE = 1e-10
+#: evaluation: adaptation steps per test task (MAML's at test time), distinct tasks cycled
+EVAL_STEPS, EVAL_POOL = 10, 16
 HAVE_HIGHER = importlib.util.find_spec("higher") is not None
 
 
@@ -230,6 +235,7 @@ def stepper(impl: str, cfg: BenchConfig, model: Conv4, ref: RefConv4, first_orde
     steps = {"core": lambda tasks: learner.meta_gradient_step(params, tasks),
              "core-nhwc": lambda tasks: learner.meta_gradient_step(params, tasks),
              "loop": lambda tasks: loop_meta_gradient_step(learner, params, tasks),
+             "grouped": lambda tasks: Grouped(learner).meta_gradient_step(params, tasks),
              "vmap": lambda tasks: vmap_meta_gradient_step(learner, params, tasks)}
     return steps[impl], list(params.values())
 
@@ -283,6 +289,27 @@ def _check_into(lines: list[str], cfg: BenchConfig, n_tasks: int,
             bad |= not same
             lines.append(f"  {cfg.name} {order}-order core threads 1 vs 2 ({str(dtype)[6:]}): "
                          f"{'bit-identical' if same else 'DIFFERENT'}")
+    return _check_eval(lines, cfg, n_tasks) or bad
+
+
+def _check_eval(lines: list[str], cfg: BenchConfig, n_tasks: int) -> bool:
+    """Evaluation: every path's per-step query losses (float64) against the loop's, and the
+    same accuracies."""
+    pool = make_tasks(cfg, n_tasks, torch.Generator().manual_seed(2), dtype=torch.float64)
+    results = {}
+    for impl in EVAL_IMPLS:
+        model, _ = models(cfg, torch.float64)
+        results[impl] = evaluator(impl, cfg, model, 2)(lambda i: pool[i], n_tasks)
+    base = torch.tensor([losses for _, losses in results["loop"]])
+    bad = False
+    for impl in ("core", "grouped"):
+        losses = torch.tensor([losses for _, losses in results[impl]])
+        rel = float((losses - base).norm() / base.norm())
+        ok = rel <= GRAD_TOLERANCE and [a for a, _ in results[impl]] == [
+            a for a, _ in results["loop"]]
+        bad |= not ok
+        lines.append(f"  {cfg.name} evaluation {impl:10s} vs loop (float64): rel. diff of the "
+                     f"query losses {rel:.1e}, accuracies {'equal' if ok else 'DIFFER'}")
     return bad
 
 
@@ -297,8 +324,59 @@ def _rss_mb(field: str = "VmRSS") -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+def evaluator(impl: str, cfg: BenchConfig, model: Conv4, threads: int
+              ) -> Callable[[Callable[[int], Task], int], list[tuple[list[float], list[float]]]]:
+    """(task maker, n → every task's query accuracies and losses after 0..EVAL_STEPS steps)
+    of ``impl``:
+    ``loop`` is the evaluation before the task threads (one task after another on this thread,
+    NCHW, intra-op threads), ``core`` ``MetaLearner.evaluate_tasks``, ``grouped``
+    ``Grouped.evaluate_tasks``."""
+    learner = MetaLearner(model, inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps,
+                          bn="transductive", threads=threads)
+    params = dict(model.named_parameters())
+    if impl == "loop":
+        learner.channels_last = False
+        return lambda task, n: [learner.evaluate_task(params, task(i), EVAL_STEPS)
+                                for i in range(n)]
+    source = Grouped(learner) if impl == "grouped" else learner
+    return lambda task, n: [(accs, losses) for _, accs, losses in source.evaluate_tasks(
+        params, task, range(n), EVAL_STEPS)]
+
+
+def eval_worker(spec: dict) -> dict:
+    """Time adapting ``spec['iters']`` test tasks (a pool of distinct tasks, cycled: making
+    600 84×84 tasks up front would take GBs) after a warm-up of a few."""
+    torch.set_num_threads(spec["threads"])
+    cfg = CONFIGS[spec["config"]]
+    model, _ = models(cfg)
+    run = evaluator(spec["impl"], cfg, model, spec["threads"])
+    pool = make_tasks(cfg, EVAL_POOL, torch.Generator().manual_seed(1))
+
+    def task(i: int) -> Task:
+        t = pool[i % EVAL_POOL]
+        return Task(t.support_x, t.support_y, t.query_x, t.query_y, index=i)
+
+    rss_setup = _rss_mb()
+    run(task, 4)
+    usage0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    run(task, spec["iters"])
+    return _timing(spec["iters"], t0, usage0, rss_setup)
+
+
+def _timing(tasks: int, t0: float, usage0: resource.struct_rusage, rss_setup: float) -> dict:
+    wall = time.perf_counter() - t0
+    usage1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime)
+    return {"tasks_per_s": tasks / wall, "peak_mb": _rss_mb("VmHWM") - rss_setup,
+            "cpu_per_wall": cpu / wall,
+            "minflt_per_task": (usage1.ru_minflt - usage0.ru_minflt) / tasks}
+
+
 def worker(spec: dict) -> dict:
     """Time ``spec['iters']`` meta-updates of one implementation after one warm-up update."""
+    if spec["order"] == "eval":
+        return eval_worker(spec)
     torch.set_num_threads(spec["threads"])
     cfg = CONFIGS[spec["config"]]
     model, ref = models(cfg)
@@ -320,16 +398,7 @@ def worker(spec: dict) -> dict:
     t0 = time.perf_counter()
     for i in range(spec["iters"]):
         meta_update(batches[i % 2])
-    wall = time.perf_counter() - t0
-    usage1 = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = (usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime)
-    return {
-        "tasks_per_s": spec["iters"] * spec["meta_batch"] / wall,
-        "peak_mb": _rss_mb("VmHWM") - rss_setup,
-        "cpu_per_wall": cpu / wall,
-        "minflt_per_task": (usage1.ru_minflt - usage0.ru_minflt) / (spec["iters"]
-                                                                    * spec["meta_batch"]),
-    }
+    return _timing(spec["iters"] * spec["meta_batch"], t0, usage0, rss_setup)
 
 
 # -- driver --------------------------------------------------------------------------------------
@@ -345,6 +414,11 @@ def run_one(spec: dict, env: dict, timeout: float) -> dict | None:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _impls(args: argparse.Namespace, order: str) -> list[str]:
+    """The implementations timed for ``order`` (evaluation: those that evaluate)."""
+    return [i for i in args.impls if order != "eval" or i in EVAL_IMPLS]
+
+
 def measure(args: argparse.Namespace, env: dict) -> dict[tuple[str, str, str], list[dict]]:
     """Every (case, order, implementation) ``args.repeats`` times, interleaved and rotated."""
     results: dict[tuple[str, str, str], list[dict]] = {}
@@ -352,11 +426,13 @@ def measure(args: argparse.Namespace, env: dict) -> dict[tuple[str, str, str], l
     for rep in range(args.repeats):
         for case in args.cases:
             config, meta_batch, iters = CASES[case]
-            for order in ORDERS:
-                rot = rep % len(args.impls)
-                for impl in args.impls[rot:] + args.impls[:rot]:
+            for order in args.orders:
+                impls = _impls(args, order)
+                rot = rep % len(impls)
+                for impl in impls[rot:] + impls[:rot]:
                     spec = {"config": config, "order": order, "impl": impl,
-                            "iters": args.updates or iters,
+                            "iters": (args.eval_tasks if order == "eval"
+                                      else args.updates or iters),
                             "meta_batch": meta_batch, "threads": args.threads}
                     r = run_one(spec, env, args.timeout)
                     results.setdefault((case, order, impl), []).append(r or {})
@@ -381,9 +457,9 @@ def report(args: argparse.Namespace, results: dict[tuple[str, str, str], list[di
     print(head)
     print("-" * len(head))
     for case in args.cases:
-        for order in ORDERS:
+        for order in args.orders:
             core = (case, order, "core")
-            for impl in args.impls:
+            for impl in _impls(args, order):
                 key = (case, order, impl)
                 speeds = [r["tasks_per_s"] for r in results[key] if r]
                 span = f"{min(speeds):6.2f}-{max(speeds):6.2f}" if speeds else "timed out"
@@ -407,6 +483,11 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(CASES), help=f"of {','.join(CASES)}")
     ap.add_argument("--malloc", default="tuned", choices=sorted(MALLOC_ENVS),
                     help="allocator env for every subprocess (default: tuned)")
+    ap.add_argument("--orders", default="second,first,eval",
+                    help="of second,first (meta-updates) and eval (adapting test tasks, "
+                         f"{EVAL_STEPS} steps each)")
+    ap.add_argument("--eval-tasks", type=int, default=600,
+                    help="test tasks one evaluation measurement adapts (default 600)")
     ap.add_argument("--updates", type=int, default=0,
                     help="timed meta-updates per measurement (default: 4, 1 at meta-batch 32, "
                          "2 at 84x84)")
@@ -419,6 +500,7 @@ def main() -> None:
         return
     args.impls = [i for i in args.impls.split(",") if i != "higher" or HAVE_HIGHER]
     args.cases = args.cases.split(",")
+    args.orders = args.orders.split(",")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     env.update(MALLOC_ENVS[args.malloc])
     print(f"torch {torch.__version__}, {args.threads} CPU threads per path, allocator "

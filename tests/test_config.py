@@ -342,3 +342,18 @@ def test_config_from_dict_round_trips_to_dict():
     cfg = build_config("mamlpp-omniglot-5w1s", ["train.meta_lr=2e-3"])
     again = config_from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
     assert again == cfg and list(again.to_dict()) == list(cfg.to_dict())
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["train.grouped=true", "train.vmap=true"], "train.grouped and train.vmap are two batched"),
+    (["train.grouped=true", "meta.bn=running"], "train.grouped=true cannot compute meta.bn=running"),
+    (["train.grouped=true", "meta.mix=metamix", "data.queries=1"],
+     "train.grouped=true cannot compute meta.mix=metamix"),
+])
+def test_grouped_core_is_refused_up_front_where_it_cannot_compute_the_loops_result(
+        overrides, fragment):
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        build_config(overrides=overrides)
+    # null (auto) takes the loop for these instead of refusing
+    auto = build_config(overrides=[o for o in overrides if not o.startswith("train.grouped")])
+    assert auto.train.grouped is None

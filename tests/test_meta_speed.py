@@ -1,6 +1,7 @@
 """The speed benchmark's correctness part (``benchmarks/meta_speed.py --quick``): every path's
-meta-gradient equals the per-task loop's in float64, and the core's is bit-identical for 1 and
-2 task threads. ``higher`` is checked where it is installed (``pip install --no-deps higher``)."""
+meta-gradient and evaluation equal the per-task loop's in float64, and the core's is
+bit-identical for 1 and 2 task threads. ``higher`` is checked where it is installed
+(``pip install --no-deps higher``)."""
 
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ def meta_speed():
 
 def test_quick_check_every_path_matches_the_loop(meta_speed):
     lines = meta_speed.check_equivalence()
-    vs_loop = [line for line in lines if "vs loop" in line]
-    impls = {"core", "core-nhwc", "reference", "vmap"} | (
+    vs_loop = [line for line in lines if "vs loop" in line and "evaluation" not in line]
+    impls = {"core", "core-nhwc", "reference", "grouped", "vmap"} | (
         {"higher"} if meta_speed.HAVE_HIGHER else set())
     assert {line.split()[2] for line in vs_loop} == impls
     assert len(vs_loop) == 2 * len(impls) and all(line.endswith("OK") for line in vs_loop)
@@ -36,6 +37,11 @@ def test_quick_check_every_path_matches_the_loop(meta_speed):
         assert float(line.split("rel. diff ")[1].split()[0]) <= 1e-10
     threads = [line for line in lines if "threads 1 vs 2" in line]
     assert len(threads) == 4 and all(line.endswith("bit-identical") for line in threads)
+    evaluation = [line for line in lines if "evaluation" in line]
+    assert {line.split()[2] for line in evaluation} == {"core", "grouped"}
+    for line in evaluation:
+        assert line.endswith("accuracies equal")
+        assert float(line.split("query losses ")[1].split(",")[0]) <= 1e-10
 
 
 def test_a_wrong_path_is_caught_before_timing(meta_speed, monkeypatch):

@@ -217,6 +217,42 @@ def test_vmap_option_routes_meta_batches_through_the_vmap_path(tmp_path, monkeyp
     assert res.evaluation.accuracy == pytest.approx(loop.evaluation.accuracy, abs=0.02)
 
 
+def test_grouped_option_routes_training_and_evaluation_through_the_grouped_core(tmp_path,
+                                                                                monkeypatch):
+    """Equality with the loop is tested in float64 in meta/test_grouped; here: the switch is
+    wired to meta-batches, validation and the test evaluation, and trains the loop's model."""
+    from sparsemeta.meta.grouped import Grouped
+
+    calls = {"meta_batch": [], "evaluated": 0}
+    real_step, real_eval = Grouped.meta_gradient_step, Grouped.evaluate_tasks
+
+    def step(self, params, tasks):
+        calls["meta_batch"].append(len(tasks))
+        return real_step(self, params, tasks)
+
+    def evaluate_tasks(self, params, task, indices, steps):
+        for row in real_eval(self, params, task, indices, steps):
+            calls["evaluated"] += 1
+            yield row
+
+    monkeypatch.setattr(Grouped, "meta_gradient_step", step)
+    monkeypatch.setattr(Grouped, "evaluate_tasks", evaluate_tasks)
+    data = make_data()
+    cfg = build_config(overrides=OVERRIDES + ["train.grouped=true"])
+    res = train(cfg, tmp_path / "grouped", data=data, progress=False)
+    assert calls["meta_batch"] == [cfg.train.meta_batch] * cfg.train.iterations
+    validations = cfg.train.iterations // cfg.train.val_every
+    assert calls["evaluated"] == validations * cfg.train.val_tasks + cfg.eval.tasks
+    loop = train(build_config(overrides=OVERRIDES), tmp_path / "loop", data=data, progress=False)
+    a = torch.load(tmp_path / "grouped" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "loop" / "checkpoint.pt", weights_only=False)["model"]
+    for k in b:
+        if k.endswith("conv.bias"):  # batch norm cancels it: Adam steps on a rounding-noise gradient
+            continue
+        assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5), k
+    assert res.evaluation.accuracy == pytest.approx(loop.evaluation.accuracy, abs=0.02)
+
+
 def test_ci_over_a_few_seeds_uses_students_t_and_over_tasks_the_normal_quantile():
     seeds = np.array([0.80, 0.81, 0.83])
     sd = seeds.std(ddof=1)

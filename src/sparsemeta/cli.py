@@ -177,7 +177,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if tasks < 1 or steps < 0:
         raise UserError("--tasks must be >= 1 and --steps >= 0")
     result = evaluate(learner, dict(learner.model.named_parameters()),
-                      sampler_for(cfg, data, args.split), tasks, steps, device, progress=True)
+                      sampler_for(cfg, data, args.split), tasks, steps, device, progress=True,
+                      grouped=cfg.train.grouped)
     path = run.file(f"eval_{args.split}_{tasks}tasks_{steps}steps.json")
     write_json(path, result.to_dict())
     print(format_result(result))

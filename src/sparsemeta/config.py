@@ -198,6 +198,10 @@ class TrainConfig:
     """Compute a meta-batch's tasks in one torch.func.vmap pass (same meta-gradient as the
     loop, tested). Measured on CPU: ~0.65× the loop's speed at ~3× its memory — meant for
     accelerators, where small Conv4 tasks alone do not fill the device."""
+    grouped: bool | None = None
+    """Compute a meta-batch's tasks (and evaluation tasks) in one pass, each layer a grouped
+    convolution over the tasks (same meta-gradient as the loop, tested in float64). null: on
+    CUDA where the learner allows it (batch statistics, no MetaMix), else the task threads."""
     threads: int | None = None
     """CPU threads one training process uses (null: the cores it may run on, shared among
     ``--workers`` processes). On the CPU they compute the tasks of a meta-batch (and of an
@@ -455,11 +459,23 @@ class Config:
         if self.mamlpp.min_meta_lr > self.train.meta_lr:
             raise UserError(f"mamlpp.min_meta_lr must be <= train.meta_lr "
                             f"({self.train.meta_lr}), got {self.mamlpp.min_meta_lr}")
+        self._validate_core()
         k = self.prune.rewind_step()
         if k is not None and k > self.train.iterations:
             raise UserError(
                 f"prune.rewind={self.prune.rewind} is past train.iterations={self.train.iterations}"
             )
+
+    def _validate_core(self) -> None:
+        """``train.grouped=true`` only where the grouped core computes what the loop does."""
+        if not self.train.grouped:
+            return
+        if self.train.vmap:
+            raise UserError("train.grouped and train.vmap are two batched cores; set one of them")
+        if self.meta.bn == "running" or self.meta.mix == "metamix":
+            what = "meta.bn=running" if self.meta.bn == "running" else "meta.mix=metamix"
+            raise UserError(f"train.grouped=true cannot compute {what} (it updates or mixes "
+                            f"inside one task's forward); use train.grouped=null or false")
 
 
 def _key(field_name: str) -> str:

@@ -8,7 +8,7 @@ policy of the meta-learning core (see ``sparsemeta.meta.core``) without ever dep
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -228,6 +228,39 @@ class Conv4(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(_augment(x, p, i), p)
         return self.head(_augment(x, p, len(self.blocks)).flatten(1))
+
+
+def forward_tasks(model: Conv4, params: Mapping[str, torch.Tensor], x: torch.Tensor,
+                  p: Pass = Pass()) -> torch.Tensor:
+    """Logits ``(T, N, ways)`` of ``T`` tasks in one pass: ``params[k]`` is ``(T, *shape)``
+    (task t's weights) and ``x`` is ``(T, N, C, H, W)``; equal to ``model`` forwarded task by
+    task with those weights.
+
+    Why: one small task does not fill an accelerator. The tasks' channels are laid side by
+    side — ``(N, T·C, H, W)`` — so each convolution is one grouped convolution (groups = T), and
+    batch norm over that tensor takes every (task, channel)'s own statistics, which is exactly
+    per-task batch norm; the head is a batched matrix product. MetaMix and running statistics
+    are not expressible here (``meta.grouped`` refuses them).
+    """
+    if p.mix is not None or p.shuffle is not None or p.running or p.track:
+        raise ValueError("forward_tasks supports batch statistics without MetaMix only")
+    tasks, rows = x.shape[:2]
+    h = x.transpose(0, 1).reshape(rows, tasks * x.shape[2], *x.shape[3:])
+    for i, block in enumerate(model.blocks):
+        at = f"blocks.{i}."
+        w = params[at + "conv.weight"]
+        h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), params[at + "conv.bias"].reshape(-1),
+                     stride=block.conv.stride, padding=block.conv.padding, groups=tasks)
+        weight, bias = params[at + "bn.weight"], params[at + "bn.bias"]
+        if block.bn.steps > 1:
+            slot = min(p.step, block.bn.steps - 1)
+            weight, bias = weight[:, slot], bias[:, slot]
+        h = F.relu(batch_norm(h, weight.reshape(-1), bias.reshape(-1), p.stats_rows))
+        if block.pool:
+            h = F.max_pool2d(h, 2)
+    features = h.reshape(rows, tasks, -1).transpose(0, 1)
+    return torch.baddbmm(params["head.bias"].unsqueeze(1), features,
+                         params["head.weight"].transpose(1, 2))
 
 
 def build_model(cfg, in_channels: int) -> Conv4:  # noqa: ANN001 - Config, kept import-light

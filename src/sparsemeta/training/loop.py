@@ -31,6 +31,7 @@ from sparsemeta.foundations.io import atomic_torch_save, load_tensors, read_json
 from sparsemeta.foundations.lock import exclusive
 from sparsemeta.meta.batched import vmap_meta_gradient_step
 from sparsemeta.meta.core import MetaLearner
+from sparsemeta.meta.grouped import engine
 from sparsemeta.meta.learners import build_learner
 from sparsemeta.sparsity.masks import Mask, density, save_mask, zero_pruned_
 from sparsemeta.training import rundir
@@ -129,7 +130,7 @@ def _validate(s: Session, iteration: int, log: bool = True) -> None:
     """Score on the validation tasks; keep the weights (and their mask) if they are the best."""
     cfg = s.cfg
     res = evaluate(s.learner, s.params, sampler_for(cfg, s.data, "val"), cfg.train.val_tasks,
-                   cfg.meta.eval_inner_steps, s.device)
+                   cfg.meta.eval_inner_steps, s.device, grouped=cfg.train.grouped)
     s.meter.evaluation(cfg, s.mask, cfg.train.val_tasks)
     if log:
         s.log({"iteration": iteration, "split": "val", "loss": res.per_step[-1]["loss"],
@@ -162,7 +163,7 @@ def _outer_step(s: Session, it: int, tasks: list) -> tuple[float, float, StepCon
     cfg, g = s.cfg, s.g
     s.learner.begin_iteration(it, s.optimizer)
     s.optimizer.zero_grad(set_to_none=True)
-    step = s.learner.meta_gradient_step
+    step = engine(s.learner, cfg.train.grouped).meta_gradient_step
     if cfg.train.vmap:
         step = partial(vmap_meta_gradient_step, s.learner)
     mine = [tasks[b] for b in g.share(cfg.train.meta_batch)]
@@ -244,7 +245,7 @@ def _finish(s: Session, total: int, done: int, test: bool, progress: bool) -> Ru
         cfg = s.cfg
         ev = evaluate(s.learner, s.params, sampler_for(cfg, s.data, cfg.eval.split),
                       cfg.eval.tasks, cfg.meta.eval_inner_steps, s.device,
-                      progress=progress and g.main)
+                      progress=progress and g.main, grouped=cfg.train.grouped)
         s.meter.evaluation(cfg, s.mask, cfg.eval.tasks)
         result = _summary(s, total, done, final_density, evaluation=ev, val_accuracy=s.best["accuracy"],
                           val_ci95=s.best.get("ci95"), best_iteration=s.best["iteration"])
