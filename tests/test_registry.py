@@ -92,8 +92,9 @@ def test_rigl_export_is_the_model_eval_json_scored_though_the_mask_moved_later(
     data = make_data()
     real = loop.evaluate
 
-    def best_at_three(learner, params, sampler, tasks, steps, device="cpu", progress=False):
-        res = real(learner, params, sampler, tasks, steps, device, progress)
+    def best_at_three(learner, params, sampler, tasks, steps, device="cpu", progress=False,
+                      grouped=False):
+        res = real(learner, params, sampler, tasks, steps, device, progress, grouped)
         if sampler.split != "val":
             return res
         fake = 0.9 if not hasattr(best_at_three, "seen") else 0.1  # the first validation wins
