@@ -11,21 +11,9 @@ from sparsemeta.data.tasks import Task
 from sparsemeta.meta.core import MetaLearner
 from sparsemeta.meta.grouped import Grouped, engine, unsupported
 from sparsemeta.models.conv4 import Conv4, Pass, forward_tasks
+from tests.meta.tiny import SIZE, WAYS, tiny_tasks
 
-WAYS, SHOTS, QUERIES, SIZE = 3, 2, 3, 16
-
-
-def _tasks(n: int, seed: int = 1) -> list[Task]:
-    gen = torch.Generator().manual_seed(seed)
-    tasks = []
-    for i in range(n):
-        sy = torch.arange(WAYS).repeat_interleave(SHOTS)[torch.randperm(WAYS * SHOTS, generator=gen)]
-        qy = torch.arange(WAYS).repeat_interleave(QUERIES)
-        tasks.append(Task(
-            torch.randn(WAYS * SHOTS, 1, SIZE, SIZE, generator=gen, dtype=torch.float64), sy,
-            torch.randn(WAYS * QUERIES, 1, SIZE, SIZE, generator=gen, dtype=torch.float64), qy,
-            index=i))
-    return tasks
+_tasks = tiny_tasks
 
 
 @pytest.fixture(autouse=True)
