@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import Executor, Future
 
 import pytest
 import torch
@@ -10,7 +11,9 @@ import torch
 from sparsemeta.config import build_config
 from sparsemeta.experiments.export import export_run
 from sparsemeta.experiments.report import write_report
-from sparsemeta.experiments.runner import parse_controls, parse_seeds, run_lottery
+from sparsemeta.experiments.methods import METHODS
+from sparsemeta.experiments.methods.base import SeedRun
+from sparsemeta.experiments.runner import parse_controls, parse_seeds, run_experiment, run_lottery
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.meta.core import MetaLearner
 from sparsemeta.sparsity.masks import density, load_mask
@@ -97,6 +100,47 @@ def _rows(root):
     export's manifest names seed/level/method, not the path, so exported bytes must agree)."""
     summary = write_report([root])
     return [{k: v for k, v in r.items() if k != "train_seconds"} for r in summary["rows"]]
+
+
+def test_controls_trained_in_a_background_process_give_the_same_summary(tmp_path, experiment):
+    """--workers 2 with one seed: the controls train in a spawned process (the data set handed
+    to it, not reloaded from the config) beside the IMP chain — and every number is the same
+    as one process's, bit for bit."""
+    cfg = build_config(overrides=OVERRIDES + ["prune.rewind=step:2"])
+    run_experiment(cfg, tmp_path, ["lottery"], [0], ["reinit", "random"], progress=False,
+                   data=make_data(), workers=2)
+    assert _rows(tmp_path) == _rows(experiment)
+
+
+class HeldPool(Executor):
+    """A pool that never starts what it is given: every job stays cancellable."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+
+    def submit(self, fn, /, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN201
+        self.paths.append(args[1])
+        return Future()
+
+
+def test_controls_go_to_the_pool_and_unstarted_ones_are_trained_here(tmp_path, experiment):
+    """The chain never waits for the pool (it trains in this process); the controls are handed
+    to the pool in level order, and at the end this process trains those the pool has not
+    started — so the experiment completes, equal to the one-process run."""
+    cfg = build_config(overrides=OVERRIDES + ["prune.rewind=step:2"])
+    pool, done = HeldPool(), []
+    s = SeedRun(cfg, tmp_path, 0, make_data(), lambda name, result, seconds: done.append(name),
+                False, ["reinit", "random"], pool=pool)
+    METHODS["lottery"].run(s)
+    assert pool.paths == [str(level_dir(tmp_path, 0, level, branch))
+                          for level in (1, 2) for branch in ("reinit", "random")]
+    assert not (level_dir(tmp_path, 0, 1, "reinit") / "eval.json").exists()
+    assert (level_dir(tmp_path, 0, 2) / "eval.json").exists()  # the chain did not wait
+    s.join()
+    assert done == ["seed 0 level 0 dense", "seed 0 level 1/2 ticket", "seed 0 level 2/2 ticket",
+                    "seed 0 level 1/2 reinit", "seed 0 level 1/2 random",
+                    "seed 0 level 2/2 reinit", "seed 0 level 2/2 random"]
+    assert _rows(tmp_path) == _rows(experiment)
 
 
 def test_interrupted_level_resumed_gives_same_summary(tmp_path, monkeypatch, experiment):

@@ -9,19 +9,25 @@ these records, so a new method is one file plus one line in the registry (``meth
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
+import signal
+import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from sparsemeta.config import Config
+from sparsemeta.config import Config, config_from_dict
 from sparsemeta.data.base import FewShotData
 from sparsemeta.foundations import streams
 from sparsemeta.foundations.errors import UserError
+from sparsemeta.foundations.runtime import tune_allocator
 from sparsemeta.models.conv4 import build_model
 from sparsemeta.sparsity.masks import Mask, full_mask, load_mask
 from sparsemeta.sparsity.prune import (
@@ -75,15 +81,57 @@ class RunCounter(Protocol):
     def __call__(self, name: str, result: RunResult, seconds: float) -> None: ...
 
 
+#: Linux prctl option: a signal for this process when its parent dies
+PR_SET_PDEATHSIG = 1
+#: the data set of a background training process (given once, when the process starts)
+_DATA: list[FewShotData] = []
+
+
+def start_background(threads: int, data: FewShotData) -> None:
+    """A spawned training process: the experiment's data set, its share of the cores, the
+    package's allocator settings (a spawned process starts with glibc's defaults), and it ends
+    with its parent — an orphan would go on holding a run directory's lock against the
+    resumed experiment."""
+    _DATA[:] = [data]
+    torch.set_num_threads(threads)
+    tune_allocator()
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def background_train(cfg_dict: dict, path: str, kwargs: dict) -> tuple[RunResult, float]:
+    """One meta-training in a background process: (its result, its seconds)."""
+    t0 = time.perf_counter()
+    result = train(config_from_dict(cfg_dict), path, data=_DATA[0], progress=False, **kwargs)
+    return result, time.perf_counter() - t0
+
+
+@dataclass
+class Background:
+    """A run handed to the pool: what it trains, and its (result, seconds) to come."""
+
+    name: str
+    path: Path
+    kwargs: dict
+    future: Future
+
+
 class SeedRun:
     """Everything a method needs to make the runs of one seed: the config with that seed, the
-    experiment's directory layout, IMP's per-layer counts, pruning as ``prune.structure`` says."""
+    experiment's directory layout, IMP's per-layer counts, pruning as ``prune.structure`` says.
+
+    ``pool``: processes for the runs that nothing of the method waits for (``background``,
+    e.g. the lottery controls), so they train beside the IMP chain; ``join`` ends them."""
 
     def __init__(self, cfg: Config, root: Path, seed: int, data: FewShotData,
-                 counter: RunCounter, progress: bool, controls: list[str]) -> None:
+                 counter: RunCounter, progress: bool, controls: list[str],
+                 pool: Executor | None = None) -> None:
         self.cfg = dataclasses.replace(cfg, seed=seed)
         self.root, self.seed, self.data = root, seed, data
         self.counter, self.progress, self.controls = counter, progress, controls
+        self.pool = pool
+        self.pending: list[Background] = []
         self.levels = self.cfg.prune.num_levels()
         self.full = full_mask(dict(build_model(self.cfg, data.channels).named_parameters()))
         p = self.cfg.prune
@@ -108,12 +156,41 @@ class SeedRun:
     def target_levels(self) -> list[int]:
         return target_levels(self.cfg, self.counts)
 
-    def run(self, name: str, path: Path, **kwargs) -> RunResult:  # noqa: ANN003
+    def run(self, name: str, path: Path, background: bool = False,
+            **kwargs) -> RunResult | None:  # noqa: ANN003
+        """Train ``path``; a ``background`` run goes to the pool (if any) and returns None —
+        only for a run whose files nothing later in the method reads."""
+        if background and self.pool is not None:
+            future = self.pool.submit(background_train, self.cfg.to_dict(), str(path), kwargs)
+            self.pending.append(Background(name, path, kwargs, future))
+            return None
+        result, seconds = self._train(name, path, kwargs)
+        self.counter(f"seed {self.seed} {name}", result, seconds)
+        self._report(lambda job: job.future.done())
+        return result
+
+    def _train(self, name: str, path: Path, kwargs: dict) -> tuple[RunResult, float]:
         t0 = time.perf_counter()
         result = train(self.cfg, path, data=self.data, progress=self.progress,
                        desc=f"seed {self.seed} {name}", **kwargs)
-        self.counter(f"seed {self.seed} {name}", result, time.perf_counter() - t0)
-        return result
+        return result, time.perf_counter() - t0
+
+    def _report(self, ready: Callable[[Background], bool]) -> None:
+        """Count the background runs that ``ready`` selects, in submission order (raising the
+        error of one that failed), and forget them."""
+        for job in [job for job in self.pending if ready(job)]:
+            result, seconds = job.future.result()
+            self.counter(f"seed {self.seed} {job.name}", result, seconds)
+            self.pending.remove(job)
+
+    def join(self) -> None:
+        """Finish the background runs: this process takes the not yet started ones from the
+        end of the queue while the pool works from its front, so both end together."""
+        for job in reversed(self.pending):
+            if job.future.cancel():
+                job.future = Future()
+                job.future.set_result(self._train(job.name, job.path, job.kwargs))
+        self._report(lambda job: True)
 
     def dir(self, level: int, branch: str) -> Path:
         return rundir.level_dir(self.root, self.seed, level, branch)

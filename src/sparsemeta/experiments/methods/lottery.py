@@ -27,12 +27,13 @@ def run(s: SeedRun) -> None:
         if "reinit" in s.controls:
             torch.manual_seed(streams.level_seed(streams.REINIT, s.seed, level))
             fresh = build_model(s.cfg, s.data.channels).state_dict()
-            s.run(f"{s.label(level)} reinit", s.dir(level, "reinit"), init=s.start(fresh, mask),
-                  mask=mask)
+            s.run(f"{s.label(level)} reinit", s.dir(level, "reinit"), background=True,
+                  init=s.start(fresh, mask), mask=mask)
         if "random" in s.controls:
             path = s.dir(level, "random")
             rand = s.saved_mask(path, lambda: s.random_like(mask, level))
-            s.run(f"{s.label(level)} random", path, init=s.start(start, rand), mask=rand)
+            s.run(f"{s.label(level)} random", path, background=True, init=s.start(start, rand),
+                  mask=rand)
         return s.dir(level, "ticket")
 
     s.imp_levels(s.dir(0, "ticket"), "ticket", rewind, controls)
