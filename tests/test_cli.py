@@ -107,6 +107,8 @@ def test_data_preview_contact_sheet_shows_the_requested_classes_and_examples(tmp
 
 
 def test_run_killed_with_sigkill_then_rerun_gives_same_summary(tmp_path):
+    """Killed while a control trains in the background process (the default preset has 2
+    workers): the rerun resumes both processes' runs and ends with the same numbers."""
     args = ["run", *TINY, "--set", "prune.levels=2", "--set", "train.checkpoint_every=1"]
     ref = tmp_path / "ref"
     assert _cli(*args, "--out", str(ref), cwd=tmp_path).returncode == 0
@@ -115,7 +117,7 @@ def test_run_killed_with_sigkill_then_rerun_gives_same_summary(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "sparsemeta", *args, "--out", str(killed)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    target = killed / "seed_0" / "level_01" / "ticket" / "checkpoint.pt"
+    target = killed / "seed_0" / "level_01" / "reinit" / "checkpoint.pt"
     while not target.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)

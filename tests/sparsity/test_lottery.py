@@ -10,9 +10,9 @@ import torch
 
 from sparsemeta.config import build_config
 from sparsemeta.experiments.export import export_run
-from sparsemeta.experiments.report import write_report
 from sparsemeta.experiments.methods import METHODS
 from sparsemeta.experiments.methods.base import SeedRun
+from sparsemeta.experiments.report import write_report
 from sparsemeta.experiments.runner import parse_controls, parse_seeds, run_experiment, run_lottery
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.meta.core import MetaLearner
