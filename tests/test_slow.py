@@ -27,7 +27,7 @@ def test_default_train_lands_in_the_calibrated_accuracy_band(tmp_path):
 
 @pytest.fixture(scope="module")
 def default_run_rows(tmp_path_factory) -> list[dict]:
-    """The plain ``sparsemeta run`` (about 11 minutes on 2 cores), once for the tests below,
+    """The plain ``sparsemeta run`` (7-13 minutes on 2 cores), once for the tests below,
     with the user's thread settings (conftest's OMP_NUM_THREADS=1 removed)."""
     cwd = tmp_path_factory.mktemp("default-run")
     env = os.environ.copy()
