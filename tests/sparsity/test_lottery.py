@@ -112,6 +112,18 @@ def test_controls_trained_in_a_background_process_give_the_same_summary(tmp_path
     assert _rows(tmp_path) == _rows(experiment)
 
 
+def test_per_level_methods_in_background_processes_give_the_same_summary(tmp_path):
+    """One-shot, RigL (its hooks pickled to the other process) and random pruning make their
+    per-level runs in the background with --workers 2: the same numbers as one process."""
+    cfg = build_config(overrides=OVERRIDES + ["rigl.update_every=2"])
+    for workers in (1, 2):
+        run_experiment(cfg, tmp_path / str(workers), ["oneshot", "rigl", "random"], [0], [],
+                       progress=False, data=make_data(), workers=workers)
+    rows = _rows(tmp_path / "2")
+    assert {r["method"] for r in rows} >= {"oneshot", "rigl", "random"}
+    assert rows == _rows(tmp_path / "1")
+
+
 class HeldPool(Executor):
     """A pool that never starts what it is given: every job stays cancellable."""
 

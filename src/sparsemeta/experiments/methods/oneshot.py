@@ -22,7 +22,8 @@ def run(s: SeedRun) -> None:
     for level in s.target_levels():
         path = s.dir(level, "oneshot")
         mask = s.saved_mask(path, lambda lv=level: top_magnitude_mask(trained, s.counts_at(lv)))
-        s.run(f"{s.label(level)} one-shot", path, init=s.start(start, mask), mask=mask)
+        s.run(f"{s.label(level)} one-shot", path, background=True, init=s.start(start, mask),
+              mask=mask)
 
 
 METHOD = Method(

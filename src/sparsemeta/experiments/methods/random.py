@@ -16,7 +16,8 @@ def run(s: SeedRun) -> None:
         path = s.dir(level, "random")
         mask = s.saved_mask(path, lambda lv=level: make(
             shapes, s.counts_at(lv), streams.level_generator(streams.RANDOM_MASK, s.seed, lv)))
-        s.run(f"{s.label(level)} random", path, init=s.start(s.theta0(), mask), mask=mask)
+        s.run(f"{s.label(level)} random", path, background=True,
+              init=s.start(s.theta0(), mask), mask=mask)
 
 
 METHOD = Method(

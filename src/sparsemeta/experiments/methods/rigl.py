@@ -52,7 +52,7 @@ def run(s: SeedRun) -> None:
         target = sum(s.counts_at(level).values()) / total
         mask = s.saved_mask(path, lambda d=target, lv=level: random_mask(
             shapes, layer_counts(shapes, d, r.distribution), streams.level_generator(streams.RIGL_INITIAL_MASK, s.seed, lv)))
-        s.run(f"{s.label(level)} rigl", path, init=s.theta0(), mask=mask,
+        s.run(f"{s.label(level)} rigl", path, background=True, init=s.theta0(), mask=mask,
               hooks=RigLHooks(r.drop_fraction, r.update_every, end))
 
 
