@@ -1,4 +1,4 @@
-"""Meta-training speed and peak memory on the CPU: sparsemeta's core against the per-task loop,
+"""Meta-training speed and peak memory on the CPU or a GPU: sparsemeta's core against the per-task loop,
 `higher`, a deepcopy reference and (optionally) vmap — issue #14.
 
     python benchmarks/meta_speed.py [--quick] [--repeats N] [--threads N] [--impls a,b]
@@ -28,6 +28,10 @@ Before anything is timed, every path's meta-gradient is checked against the loop
 also with NHWC forced on, which it otherwise uses for float32 first order only), and the core's
 with 1 and 2 threads is checked bit-identical in float32 and float64. ``--quick`` runs
 only these checks (tiny Conv4, a few seconds; the test suite runs it).
+
+``--device cuda`` runs every path on the GPU (peak MB: the tensors' peak,
+``torch.cuda.max_memory_allocated``; timers wait for the queued kernels) and first checks each
+path's float32 meta-gradient there against the loop's float64 one (relative ≤ 1e-4).
 
 Timing: the MAML shapes (5-way 1-shot, 15 queries per class, 5 inner steps): Conv4-64 28×28 at
 meta-batch 4 and 32, Conv4-32 84×84 at meta-batch 4; second and first order. Every measurement
@@ -80,6 +84,8 @@ ORDERS = ("second", "first")
 # sparsemeta.foundations.runtime.configure sets in a run (one arena, no mmap, no trimming).
 MALLOC_ENVS = {"tuned": MALLOC_ENV, "default": {}}
 GRAD_TOLERANCE = 1e-10
+#: float32 on an accelerator against the float64 loop (issue #14's bar)
+FLOAT32_TOLERANCE = 1e-4
 #: evaluation: adaptation steps per test task (MAML's at test time), distinct tasks cycled
 EVAL_STEPS, EVAL_POOL = 10, 16
 HAVE_HIGHER = importlib.util.find_spec("higher") is not None
@@ -242,11 +248,38 @@ def stepper(impl: str, cfg: BenchConfig, model: Conv4, ref: RefConv4, first_orde
 
 # -- correctness: float64 against the loop, threads bit-identical --------------------------------
 def _grad(impl: str, cfg: BenchConfig, tasks: list[Task], order: str, dtype: torch.dtype,
-          threads: int = 1) -> torch.Tensor:
+          threads: int = 1, device: str = "cpu") -> torch.Tensor:
     model, ref = models(cfg, dtype)
+    model, ref = model.to(device), ref.to(device)
     step, params = stepper(impl, cfg, model, ref, order == "first", threads)
-    step(tasks)
-    return torch.cat([p.grad.flatten() for p in params])
+    step([t.to(device) for t in tasks])
+    return torch.cat([p.grad.flatten() for p in params]).cpu()
+
+
+def check_device_float32(device: str, cfg: BenchConfig, n_tasks: int = 2,
+                         impls: tuple[str, ...] = ("loop", "core", "grouped", "higher")
+                         ) -> list[str]:
+    """Every path's float32 meta-gradient on ``device`` against the loop's float64 one on the
+    CPU (relative ≤ ``FLOAT32_TOLERANCE``, the issue's bar for a GPU). Raises SystemExit on a
+    mismatch."""
+    lines, bad = [], False
+    for order in ORDERS:
+        tasks = make_tasks(cfg, n_tasks, torch.Generator().manual_seed(1), dtype=torch.float64)
+        truth = _grad("loop", cfg, tasks, order, torch.float64)
+        typed = [Task(t.support_x.float(), t.support_y, t.query_x.float(), t.query_y,
+                      index=t.index) for t in tasks]
+        for impl in impls:
+            if impl == "higher" and not HAVE_HIGHER:
+                continue
+            got = _grad(impl, cfg, typed, order, torch.float32, device=device).double()
+            rel = float((got - truth).norm() / truth.norm())
+            bad |= not rel <= FLOAT32_TOLERANCE
+            lines.append(f"  {cfg.name} {order}-order {impl:10s} float32 on {device} vs loop "
+                         f"float64: rel. diff {rel:.1e}  "
+                         f"{'OK' if rel <= FLOAT32_TOLERANCE else 'MISMATCH'}")
+    if bad:
+        raise SystemExit("\n".join(lines) + "\nfloat32 meta-gradients differ; not timing")
+    return lines
 
 
 def check_equivalence(cfg: BenchConfig = TINY, n_tasks: int = 3,
@@ -347,28 +380,48 @@ def eval_worker(spec: dict) -> dict:
     """Time adapting ``spec['iters']`` test tasks (a pool of distinct tasks, cycled: making
     600 84×84 tasks up front would take GBs) after a warm-up of a few."""
     torch.set_num_threads(spec["threads"])
-    cfg = CONFIGS[spec["config"]]
+    cfg, device = CONFIGS[spec["config"]], torch.device(spec["device"])
     model, _ = models(cfg)
-    run = evaluator(spec["impl"], cfg, model, spec["threads"])
-    pool = make_tasks(cfg, EVAL_POOL, torch.Generator().manual_seed(1))
+    run = evaluator(spec["impl"], cfg, model.to(device), spec["threads"])
+    pool = [t.to(device) for t in make_tasks(cfg, EVAL_POOL, torch.Generator().manual_seed(1))]
 
     def task(i: int) -> Task:
         t = pool[i % EVAL_POOL]
         return Task(t.support_x, t.support_y, t.query_x, t.query_y, index=i)
 
-    rss_setup = _rss_mb()
+    setup = _memory_mb(device)
     run(task, 4)
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
+    _sync(device)
     t0 = time.perf_counter()
     run(task, spec["iters"])
-    return _timing(spec["iters"], t0, usage0, rss_setup)
+    return _timing(spec["iters"], t0, usage0, setup, device)
 
 
-def _timing(tasks: int, t0: float, usage0: resource.struct_rusage, rss_setup: float) -> dict:
+def _sync(device: torch.device) -> None:
+    """Wait for queued kernels, so a timer around them measures them (CUDA runs ahead)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _memory_mb(device: torch.device) -> float:
+    """Memory in use now — resident (CPU) or allocated by tensors (CUDA) — and, on CUDA, the
+    peak counter restarted from here."""
+    if device.type != "cuda":
+        return _rss_mb()
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device) / 2**20
+
+
+def _timing(tasks: int, t0: float, usage0: resource.struct_rusage, setup_mb: float,
+            device: torch.device) -> dict:
+    _sync(device)
     wall = time.perf_counter() - t0
     usage1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime)
-    return {"tasks_per_s": tasks / wall, "peak_mb": _rss_mb("VmHWM") - rss_setup,
+    peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+            else _rss_mb("VmHWM"))
+    return {"tasks_per_s": tasks / wall, "peak_mb": peak - setup_mb,
             "cpu_per_wall": cpu / wall,
             "minflt_per_task": (usage1.ru_minflt - usage0.ru_minflt) / tasks}
 
@@ -378,27 +431,29 @@ def worker(spec: dict) -> dict:
     if spec["order"] == "eval":
         return eval_worker(spec)
     torch.set_num_threads(spec["threads"])
-    cfg = CONFIGS[spec["config"]]
+    cfg, device = CONFIGS[spec["config"]], torch.device(spec["device"])
     model, ref = models(cfg)
-    step, params = stepper(spec["impl"], cfg, model, ref, spec["order"] == "first",
-                           spec["threads"])
+    step, params = stepper(spec["impl"], cfg, model.to(device), ref.to(device),
+                           spec["order"] == "first", spec["threads"])
     opt = torch.optim.Adam(params, lr=1e-3)
     gen = torch.Generator().manual_seed(1)
-    batches = [make_tasks(cfg, spec["meta_batch"], gen) for _ in range(2)]
-    warm = make_tasks(cfg, min(spec["meta_batch"], 4), gen)
+    batches = [[t.to(device) for t in make_tasks(cfg, spec["meta_batch"], gen)]
+               for _ in range(2)]
+    warm = [t.to(device) for t in make_tasks(cfg, min(spec["meta_batch"], 4), gen)]
 
     def meta_update(tasks: list[Task]) -> None:
         opt.zero_grad(set_to_none=True)
         step(tasks)
         opt.step()
 
-    rss_setup = _rss_mb()
-    meta_update(warm)  # thread pool, oneDNN primitives, allocator
+    setup = _memory_mb(device)
+    meta_update(warm)  # thread pool, oneDNN primitives / cuDNN plans, allocator
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
+    _sync(device)
     t0 = time.perf_counter()
     for i in range(spec["iters"]):
         meta_update(batches[i % 2])
-    return _timing(spec["iters"] * spec["meta_batch"], t0, usage0, rss_setup)
+    return _timing(spec["iters"] * spec["meta_batch"], t0, usage0, setup, device)
 
 
 # -- driver --------------------------------------------------------------------------------------
@@ -433,7 +488,8 @@ def measure(args: argparse.Namespace, env: dict) -> dict[tuple[str, str, str], l
                     spec = {"config": config, "order": order, "impl": impl,
                             "iters": (args.eval_tasks if order == "eval"
                                       else args.updates or iters),
-                            "meta_batch": meta_batch, "threads": args.threads}
+                            "meta_batch": meta_batch, "threads": args.threads,
+                            "device": args.device}
                     r = run_one(spec, env, args.timeout)
                     results.setdefault((case, order, impl), []).append(r or {})
                     what = ("timed out" if r is None else
@@ -493,11 +549,17 @@ def main() -> None:
                          "2 at 84x84)")
     ap.add_argument("--timeout", type=float, default=300,
                     help="seconds one measurement may take before it is reported as timed out")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="where every path runs (cuda: peak MB is the tensors' peak, and the "
+                         "float32 meta-gradients are checked there too)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device cuda: torch {torch.__version__} sees no CUDA device (built with "
+                 f"CUDA {torch.version.cuda or 'none'}); run on a GPU machine with a CUDA build")
     args.impls = [i for i in args.impls.split(",") if i != "higher" or HAVE_HIGHER]
     args.cases = args.cases.split(",")
     args.orders = args.orders.split(",")
@@ -512,6 +574,10 @@ def main() -> None:
     checks = [(TINY, 3)] if args.quick else [(TINY, 3), (CONFIGS["omniglot-c64-28"], 2)]
     for cfg, n in checks:
         for line in check_equivalence(cfg, n):
+            print(line, flush=True)
+    if args.device == "cuda":
+        print(f"on {torch.cuda.get_device_name()} (float32 tolerance {FLOAT32_TOLERANCE:g}):")
+        for line in check_device_float32("cuda", CONFIGS["omniglot-c64-28"]):
             print(line, flush=True)
     if args.quick:
         return
