@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -106,6 +107,15 @@ def test_data_preview_contact_sheet_shows_the_requested_classes_and_examples(tmp
     assert not np.array_equal(grid[pad:pad + h, pad:pad + w], train_first)
 
 
+def _children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (Linux's /proc; none elsewhere)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
 def test_run_killed_with_sigkill_then_rerun_gives_same_summary(tmp_path):
     """Killed while a control trains in the background process (the default preset has 2
     workers): the rerun resumes both processes' runs and ends with the same numbers."""
@@ -120,9 +130,15 @@ def test_run_killed_with_sigkill_then_rerun_gives_same_summary(tmp_path):
     target = killed / "seed_0" / "level_01" / "reinit" / "checkpoint.pt"
     while not target.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    children = _children(proc.pid)
+    assert children or not Path("/proc").is_dir()  # the pool's process is running
+    proc.send_signal(signal.SIGKILL)  # the run's own process only, as the OOM killer would
     proc.wait()
     assert not (killed / "summary.json").exists()
+    while children and time.time() < deadline:  # the background process ends with its parent
+        children = [c for c in children if Path(f"/proc/{c}").exists()]
+        time.sleep(0.05)
+    assert not children, "a background training process outlived the killed run"
     done = _cli(*args, "--out", str(killed), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
 
