@@ -250,8 +250,8 @@ def _add_train_and_run(sub) -> None:  # noqa: ANN001 - argparse's private subpar
         p.add_argument("--controls", help="lottery controls at each level: reinit,random or none "
                                           "(default: the preset's, else both)")
         p.add_argument("--workers", type=int, help="training processes: seeds side by side, the "
-                       "rest train the lottery controls beside the IMP chain (default: the "
-                       "preset's, else 1)")
+                       "rest train the runs nothing waits for (the lottery controls, per-level "
+                       "runs) beside the IMP chain (default: the preset's, else 1)")
         p.add_argument("--out", help="experiment directory (default: runs/<methods>-<config hash>)")
         p.set_defaults(func=cmd_run, **({} if name == "run" else {"method": "lottery"}))
 

@@ -46,7 +46,7 @@ from sparsemeta.experiments.methods.base import SeedRun, check_targets, start_ba
 from sparsemeta.experiments.methods.lottery import CONTROLS
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.foundations.lock import exclusive
-from sparsemeta.foundations.runtime import cores, tune_allocator
+from sparsemeta.foundations.runtime import cores, start_child
 from sparsemeta.training.loop import check_tasks_fit
 from sparsemeta.training.rundir import LOCK, RunResult, bind_experiment, make_dir
 
@@ -141,10 +141,9 @@ def run_seed(cfg: Config, root: Path, seed: int, methods: list[str], controls: l
 
 def _seed_worker(cfg_dict: dict, root: str, seed: int, methods: list[str], controls: list[str],
                  threads: int, background: int, data: FewShotData) -> None:
-    """One seed in its own process (spawned): the experiment's data set, its thread budget and
-    allocator settings (a spawned process starts with glibc's defaults)."""
-    torch.set_num_threads(threads)
-    tune_allocator()
+    """One seed in its own process (spawned): the experiment's data set and the start-up of
+    every training child (``runtime.start_child``: threads, allocator, ends with its parent)."""
+    start_child(threads)
     cfg = config_from_dict(cfg_dict)
     counter = RunCounter(planned_runs(cfg, methods, controls), progress=True)
     run_seed(cfg, Path(root), seed, methods, controls, data, counter, progress=False,
@@ -169,10 +168,10 @@ def run_experiment(cfg: Config, out: str | Path, methods: list[str], seeds: list
     """Run (or resume, or skip) every method of every seed.
 
     ``workers > 1`` trains in that many processes, each with cores/workers threads: seeds in
-    parallel, and within a seed the runs nothing waits for (the lottery controls) beside the
-    IMP chain. On a small CPU two 1-thread processes out-run one 2-thread process (1.27×
-    measured on 2 cores, the default preset's runs), and on a GPU box small Conv4 runs leave
-    the device mostly idle.
+    parallel, and within a seed the runs nothing waits for (the lottery controls beside the
+    IMP chain, other methods' per-level runs) side by side. On a small CPU two 1-thread
+    processes out-run one 2-thread process (1.25× measured on 2 cores, the default preset's
+    runs), and on a GPU box small Conv4 runs leave the device mostly idle.
     """
     data = data if data is not None else load_data(cfg)
     check_experiment(cfg, methods, data)

@@ -18,6 +18,7 @@ import ctypes
 import ctypes.util
 import os
 import platform
+import signal
 
 import torch
 
@@ -33,6 +34,8 @@ MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(2**31 - 1), "MALLOC_MMAP_THRESHOLD_"
 #: task threads when none are asked for: more rarely pay on small Conv4 tasks, and every
 #: concurrent task holds its own autograd graph (memory grows with the count)
 MAX_AUTO_THREADS = 8
+#: Linux prctl option: a signal for this process when its parent dies
+PR_SET_PDEATHSIG = 1
 
 _tuned = False
 
@@ -86,3 +89,14 @@ def configure(threads: int | None = None) -> int:
     tune_allocator()
     torch.set_num_threads(n)
     return n
+
+
+def start_child(threads: int) -> None:
+    """Start-up of a spawned training process (a seed's or a background run's): ``configure``
+    (a spawned process starts with glibc's defaults and torch's own thread count), and on Linux
+    it ends with its parent — an orphan would go on holding a run directory's lock against the
+    resumed experiment."""
+    configure(threads)
+    if platform.system() == "Linux":
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -9,11 +9,7 @@ these records, so a new method is one file plus one line in the registry (``meth
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
-import signal
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
@@ -27,7 +23,7 @@ from sparsemeta.config import Config, config_from_dict
 from sparsemeta.data.base import FewShotData
 from sparsemeta.foundations import streams
 from sparsemeta.foundations.errors import UserError
-from sparsemeta.foundations.runtime import tune_allocator
+from sparsemeta.foundations.runtime import start_child
 from sparsemeta.models.conv4 import build_model
 from sparsemeta.sparsity.masks import Mask, full_mask, load_mask
 from sparsemeta.sparsity.prune import (
@@ -81,23 +77,15 @@ class RunCounter(Protocol):
     def __call__(self, name: str, result: RunResult, seconds: float) -> None: ...
 
 
-#: Linux prctl option: a signal for this process when its parent dies
-PR_SET_PDEATHSIG = 1
 #: the data set of a background training process (given once, when the process starts)
 _DATA: list[FewShotData] = []
 
 
 def start_background(threads: int, data: FewShotData) -> None:
-    """A spawned training process: the experiment's data set, its share of the cores, the
-    package's allocator settings (a spawned process starts with glibc's defaults), and it ends
-    with its parent — an orphan would go on holding a run directory's lock against the
-    resumed experiment."""
+    """A spawned background training process: the experiment's data set, and the start-up of
+    every training child (``runtime.start_child``)."""
     _DATA[:] = [data]
-    torch.set_num_threads(threads)
-    tune_allocator()
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    start_child(threads)
 
 
 def background_train(cfg_dict: dict, path: str, kwargs: dict) -> tuple[RunResult, float]:
