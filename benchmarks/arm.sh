@@ -318,9 +318,8 @@ from sparsemeta_edge.runtime import predict
 from sparsemeta_edge.smz import load
 model_path, out, *images = sys.argv[1:]
 model = load(model_path, np.float32)
-a = model.manifest["architecture"]
-x = decode_many(images, a["image_size"], a["in_channels"],
-                bool(model.manifest.get("input", {}).get("invert")))
+a = model.manifest.architecture
+x = decode_many(images, a.image_size, a.in_channels, model.manifest.input.invert)
 probs, note = predict(model, x, "auto")
 json.dump({"machine": platform.machine(), "numpy": np.__version__, "note": note,
            "module": sparsemeta_edge.__file__, "decoded_sha256": hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest(),
@@ -339,10 +338,10 @@ res = {}
 for name in dtypes.split(","):
     dt = np.dtype(name).type
     model = load(model_path, dt)
-    a, inp = model.manifest["architecture"], model.manifest.get("input", {})
-    x, y, _ = load_folder(data, a["image_size"], a["in_channels"], bool(inp.get("invert")))
-    mean = inp.get("mean") or [0.0] * a["in_channels"]
-    std = inp.get("std") or [1.0] * a["in_channels"]
+    a, inp = model.manifest.architecture, model.manifest.input
+    x, y, _ = load_folder(data, a.image_size, a.in_channels, inp.invert)
+    mean = inp.mean or [0.0] * a.in_channels
+    std = inp.std or [1.0] * a.in_channels
     net = network(model)
     logits = net.forward(to_float(x[:25], mean, std, dt), keep=True)
     _, dlogits = cross_entropy(logits, y[:25])
@@ -471,7 +470,7 @@ tuned = {}
 if (gdir / "arm-tuned.smz").exists():
     ma, mx = load(gdir / "arm-tuned.smz"), load(gdir / "x86-tuned.smz")
     tuned = {"max_abs_param_diff": max(float(np.abs(ma.params[k] - mx.params[k]).max()) for k in mx.params),
-             "epochs_arm": ma.manifest["finetuned"]["epochs"], "epochs_x86": mx.manifest["finetuned"]["epochs"],
+             "epochs_arm": ma.manifest.finetuned.epochs, "epochs_x86": mx.manifest.finetuned.epochs,
              "masks_equal": all(np.array_equal(ma.masks[k], mx.masks[k]) for k in mx.masks)}
     if tuned["epochs_arm"] != tuned["epochs_x86"] or not tuned["masks_equal"]:
         problems.append(f"fine-tuning differs: {tuned}")

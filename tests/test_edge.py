@@ -168,9 +168,10 @@ def test_adaptation_matches_metalearner_evaluate_task(tmp_path, bn, downsample):
 
     loaded = smz.load(tmp_path / "m.smz", dtype=np.float64)
     man = loaded.manifest
-    assert (man["bn"], man["inner_lr"], man["inner_steps"], man["lr_rule"]) == (bn, 0.3, 4, "scalar")
+    assert (man.bn, man.inner_lr, man.eval_inner_steps, man.inner_steps, man.lr_rule) == (
+        bn, 0.3, 4, 1, "scalar")
     qy = task.query_y.numpy()
-    for step, logits in enumerate(_edge_logits(loaded, task, man["inner_steps"])):
+    for step, logits in enumerate(_edge_logits(loaded, task, man.eval_inner_steps)):
         assert float((logits.argmax(1) == qy).mean()) == pytest.approx(accs[step], abs=1e-6)
         assert cross_entropy(logits, qy)[0] == pytest.approx(losses[step], rel=1e-9)
     assert losses[-1] < losses[0] and accs[-1] > accs[0]  # it did learn
@@ -262,7 +263,7 @@ def test_runtime_works_with_torch_unimportable(tmp_path, exported):
     assert "re-initialised the head for 3 classes" in out
     assert "epoch   1/4" in out and "peak RSS" in out and "holdout loss" in out
     assert "class_b" in out
-    rule = smz.load(exported).manifest["lr_rule"]
+    rule = smz.load(exported).manifest.lr_rule
     assert {"scalar": "inner lr 0.1", "metasgd": "Meta-SGD α per weight",
             "lslr": "learned rate per tensor and step"}[rule] in out  # fine-tuning log and info
     if rule == "metasgd":
@@ -280,10 +281,10 @@ def test_finetune_keeps_mask_and_saves_a_loadable_model(tmp_path, exported, caps
     text = capsys.readouterr().out
     assert "re-initialised" not in text  # 5 local classes = 5 exported ways: head kept
     base, tuned = smz.load(exported), smz.load(out)
-    assert tuned.manifest["class_names"] == [f"class_{c}" for c in "abcde"]
-    assert tuned.manifest["finetuned"]["epochs"] >= 1 and tuned.manifest["adapted_steps"] >= 1
+    assert tuned.manifest.class_names == tuple(f"class_{c}" for c in "abcde")
+    assert tuned.manifest.finetuned.epochs >= 1 and tuned.manifest.adapted_steps >= 1
     # 'running' predicts with meta-training's running statistics: no statistics of its own
-    assert ("bn_stats.3.var" in tuned.extra) == (base.manifest["bn"] != "running")
+    assert ("bn_stats.3.var" in tuned.extra) == (base.manifest.bn != "running")
     for k, m in base.masks.items():
         np.testing.assert_array_equal(tuned.masks[k], m)
         assert not tuned.params[k][~m].any()
@@ -320,9 +321,9 @@ def test_finetune_rates_for_a_new_head_and_the_lr_override(tmp_path):
             for k, r in base.rates.items():
                 np.testing.assert_array_equal(tuned.rates[k], r)
             assert "per-step rates are kept" in logs[0]
-        assert tuned.manifest["finetuned"]["lr_rule"] == tuned.manifest["lr_rule"]
+        assert tuned.manifest.finetuned.lr_rule == tuned.manifest.lr_rule
         plain, _ = finetune(base, images, labels, names, epochs=1, lr=0.01, log=logs.append)
-        assert plain.manifest["finetuned"]["lr_rule"] == "scalar"
+        assert plain.manifest.finetuned.lr_rule == "scalar"
         assert "lr 0.01 for every tensor (--lr)" in logs[-3]
     adapter = Adapter(smz.load(tmp_path / "lslr.smz"))
     adapter.step = 7  # past meta-training's 3 rates: the last one, as MetaLearner.lr
@@ -338,7 +339,9 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path, exported, capsys):
         (["info", str(tmp_path / "missing.smz")], "does not exist"),
         (["info", str(bad)], "checksum"),
         (["finetune", str(exported), "--data", str(tmp_path / "nodata")], "does not exist"),
-        (["finetune", str(exported), "--data", str(tmp_path), "--holdout", "1.5"], "class folders"),
+        (["finetune", str(exported), "--data", str(tmp_path)], "class folders"),
+        # options are checked before the data folder is even listed
+        (["finetune", str(exported), "--data", str(tmp_path), "--holdout", "1.5"], "--holdout"),
         (["predict", str(exported), str(tmp_path / "nope.png")], "does not exist"),
         (["predict", str(exported), str(tmp_path)], "is a directory; give image files"),
         (["finetune", str(exported), "--data", str(tmp_path), "--out", str(exported)],
@@ -411,7 +414,7 @@ def test_compacted_filter_ticket_computes_the_masked_network(tmp_path, case, cap
     made = make_filter_run(tmp_path / "run", 0.5, seed=2, overrides=COMPACTED[case])
     export_run(tmp_path / "run", tmp_path / "m.smz")
     loaded = smz.load(tmp_path / "m.smz", dtype=np.float64)
-    assert loaded.manifest["architecture"]["layer_filters"] == [8] * 4
+    assert loaded.manifest.architecture.layer_filters == (8,) * 4
     compact_torch = torch_learner(smz.load(tmp_path / "m.smz", dtype=np.float64))
     assert compact_torch.model.blocks[3].conv.weight.shape == (8, 8, 3, 3)
     if case == "metasgd":
@@ -433,6 +436,6 @@ def test_compacted_filter_ticket_computes_the_masked_network(tmp_path, case, cap
     assert _rel(want[-1], want[0]) > 1e-3  # it did adapt
     assert edge_main(["info", str(tmp_path / "m.smz")]) == 0
     info = capsys.readouterr().out
-    nonzeros = loaded.manifest["nonzeros"]
+    nonzeros = loaded.manifest.nonzeros
     assert "Conv4-16 (maxpool), filters compacted to 8/8/8/8" in info
     assert f"density       {nonzeros / 7136:.4f} ({nonzeros} of 7136 prunable" in info

@@ -13,6 +13,7 @@ from sparsemeta_edge.budget import BASELINE_BYTES, OVERHEAD_BYTES, estimate, par
 from sparsemeta_edge.cli import _dense_bytes
 from sparsemeta_edge.cli import main as edge_main
 from sparsemeta_edge.data import load_folder, to_float
+from sparsemeta_edge.manifest import Architecture, Manifest
 from sparsemeta_edge.nn import Conv4, block_names, cross_entropy, is_prunable, param_shapes
 from sparsemeta_edge.runtime import finetune, update_names
 from tests.edge_images import image_folder
@@ -43,14 +44,14 @@ def make_model(filters: int = 64, density: float = DENSITY, seed: int = 0, size:
                             "filters": filters, "layer_filters": layer_filters or [filters] * 4,
                             "downsample": "maxpool", "ways": 5},
            "algorithm": "metasgd" if rates else "maml", "lr_rule": lr_rule, "bn": "transductive",
-           "bn_steps": 1, "inner_lr": 0.1, "inner_steps": 3,
+           "bn_steps": 1, "inner_lr": 0.1, "inner_steps": 2, "eval_inner_steps": 3,
            "input": {"size": size, "channels": 1, "mean": [0.5], "std": [0.25], "invert": False}}
     return man, params, masks, rates
 
 
 # -- int8 ---------------------------------------------------------------------------------
 def _quantised(model: smz.SmzModel) -> list[str]:
-    return [t["name"] for t in model.manifest["tensors"] if t["dtype"] == "|i1"]
+    return [t.name for t in model.manifest.tensors if t.dtype == "|i1"]
 
 
 def _check_round_trip(model: smz.SmzModel, params: dict, masks: dict) -> None:
@@ -75,7 +76,7 @@ def test_int8_round_trip_is_within_half_a_step_and_the_file_is_a_tenth(tmp_path)
     n32 = smz.save(tmp_path / "f.smz", man, params, masks)
     n8 = smz.save(tmp_path / "q.smz", man, params, masks, int8=True)
     model = smz.load(tmp_path / "q.smz")
-    assert model.manifest["values_dtype"] == "int8"
+    assert model.manifest.values_dtype == "int8"
     # conv 1-3 are quantised; conv 0 (576) and the head (320) are below the threshold
     assert _quantised(model) == [block_names(i)[0] for i in (1, 2, 3)]
     assert params["blocks.0.conv.weight"].size < smz.INT8_MIN_ELEMENTS
@@ -95,13 +96,13 @@ def test_int8_composes_with_compacted_tickets_and_keeps_metasgd_alpha_exact(tmp_
     smz.save(tmp_path / "c.smz", man, params, masks, rates=rates, int8=True)
     model = smz.load(tmp_path / "c.smz")
     assert model.params["blocks.2.conv.weight"].shape == (32, 16, 3, 3)
-    assert {t["encoding"] for t in model.manifest["tensors"]} == {"dense"}
+    assert {t.encoding for t in model.manifest.tensors} == {"dense"}
     assert _quantised(model) == [block_names(i)[0] for i in (1, 2, 3)]
     _check_round_trip(model, params, masks)
     for name, rate in rates.items():
         np.testing.assert_array_equal(model.rates[name], rate)
     smz.save_model(tmp_path / "again.smz", model)  # re-saved: still int8
-    assert smz.load(tmp_path / "again.smz").manifest["values_dtype"] == "int8"
+    assert smz.load(tmp_path / "again.smz").manifest.values_dtype == "int8"
 
 
 def test_int8_and_fp16_together_are_refused_in_one_line(tmp_path):
@@ -157,7 +158,7 @@ def test_head_finetune_leaves_the_trunk_bit_identical_and_matches_a_reference(tm
     images, labels, names = load_folder(_folder(tmp_path / "data"), 28, 1)
     tuned, logs = finetune(base, images, labels, names, epochs=3, holdout=0.0, batch=100,
                            update="head", log=lambda s: None)
-    assert len(logs) == 3 and tuned.manifest["finetuned"]["update"] == "head"
+    assert len(logs) == 3 and tuned.manifest.finetuned.update == "head"
     for k, v in base.params.items():
         if not k.startswith("head."):
             assert np.array_equal(tuned.params[k], v), k  # bit-identical
@@ -201,9 +202,8 @@ def _tiny() -> smz.SmzModel:
     shapes = param_shapes(1, 2, 16, 2, "maxpool")
     params = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
     masks = {k: np.ones(s, bool) for k, s in shapes.items() if is_prunable(k, s)}
-    man = {"architecture": {"in_channels": 1, "image_size": 16, "filters": 2,
-                            "downsample": "maxpool", "ways": 2}}
-    return smz.SmzModel(man, params, masks)
+    arch = Architecture(in_channels=1, image_size=16, filters=2, downsample="maxpool", ways=2)
+    return smz.SmzModel(Manifest(arch, inner_lr=0.1, eval_inner_steps=1), params, masks)
 
 
 def test_plan_estimate_equals_a_hand_calculation():
@@ -257,8 +257,11 @@ print(json.dumps({"rc": rc, "baseline_mb": baseline, "peak_mb": runtime.peak_rss
 """
 
 
-@pytest.mark.parametrize("mode", ["head", "all"])
-def test_plan_is_within_20_percent_of_the_measured_peak(tmp_path, mode):
+PLAN_TOLERANCE = 0.08  # measured within 4% where the constants were measured (budget.py)
+
+
+@pytest.mark.parametrize("mode", ["head", "last:1", "all"])
+def test_plan_is_within_8_percent_of_the_measured_peak(tmp_path, mode):
     """``sparsemeta-edge finetune`` in a fresh process (Conv4-32, 28×28, 60 images, as the
     default run's ticket): its peak RSS against the plan, with the plan's baseline constant
     replaced by this interpreter's measured one (the constant is for the documented setup)."""
@@ -282,4 +285,4 @@ def test_plan_is_within_20_percent_of_the_measured_peak(tmp_path, mode):
     assert measured["rc"] == 0, proc.stderr
     plan = estimate(smz.load(tmp_path / "m.smz"), images=60, update=mode, batch=25)
     predicted = (plan.total - BASELINE_BYTES) / 2**20 + measured["baseline_mb"]
-    assert abs(predicted / measured["peak_mb"] - 1) <= 0.20, (predicted, measured)
+    assert abs(predicted / measured["peak_mb"] - 1) <= PLAN_TOLERANCE, (predicted, measured)

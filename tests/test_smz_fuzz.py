@@ -45,24 +45,33 @@ def small_model(seed: int = 0, **manifest: Any) -> tuple[dict, dict, dict, dict]
                             "filters": FILTERS, "layer_filters": [FILTERS] * 4,
                             "downsample": "maxpool", "ways": 5},
            "algorithm": "maml", "lr_rule": "scalar", "bn": "transductive", "bn_steps": 1,
-           "inner_lr": 0.4, "inner_steps": 3, "class_names": list("abcde"),
+           "inner_lr": 0.4, "inner_steps": 2, "eval_inner_steps": 3, "class_names": list("abcde"),
            "input": {"size": 28, "channels": 1, "mean": [0.5], "std": [0.25], "invert": False},
            **manifest}
     return man, params, masks, extra
 
 
-def base_v4(**manifest: Any) -> bytes:
-    """A valid file of the current (version-4) writer."""
+def base_v5(**manifest: Any) -> bytes:
+    """A valid file of the current (version-5) writer."""
     man, params, masks, extra = small_model(**manifest)
     return b"".join(smz.encode(man, params, masks, extra=extra))
+
+
+def legacy(man: dict, version: int) -> dict:
+    """A version-5 manifest as versions 1-4 wrote it: the inner steps' names swapped."""
+    old = {k: v for k, v in man.items() if k not in ("inner_steps", "eval_inner_steps")}
+    old["inner_steps"] = man["eval_inner_steps"]
+    if "inner_steps" in man:
+        old["train_inner_steps"] = man["inner_steps"]
+    return {**old, "version": version}
 
 
 def base_file(**manifest: Any) -> bytes:
     """The same model as a version-3 file (uncompressed manifest and payload), which the reader
     still reads: the cases forging manifests start from it."""
-    man, payload, _ = smz.read_manifest(base_v4(**manifest))
-    man["version"] = 3
-    return forge(json.dumps(man, separators=(",", ":")).encode(), bytes(payload))
+    man, payload, _ = smz.read_manifest(base_v5(**manifest))
+    return forge(json.dumps(legacy(man.to_dict(), 3), separators=(",", ":")).encode(),
+                 bytes(payload))
 
 
 def sections(raw: bytes) -> list[list]:
@@ -75,10 +84,11 @@ def sections(raw: bytes) -> list[list]:
     return out
 
 
-def forge_v4(parts: list[list], count: int | None = None) -> bytes:
-    """A version-4 file of these sections and a *valid* checksum."""
+def forge_v4(parts: list[list], count: int | None = None, magic: bytes = smz.MAGIC_V5) -> bytes:
+    """A file of these sections in the sectioned container (versions 4 and 5) and a *valid*
+    checksum."""
     table = b"".join(struct.pack("<BII", c, len(d), n) for c, d, n in parts)
-    body = smz.MAGIC_V4 + bytes([len(parts) if count is None else count]) + table
+    body = magic + bytes([len(parts) if count is None else count]) + table
     body += b"".join(d for _, d, _ in parts)
     return body + hashlib.sha256(body).digest()
 
@@ -92,16 +102,60 @@ def _replace(raw: bytes, index: int, codec: int | None = None, data: bytes | Non
     return forge_v4(parts)
 
 
+def edit_v5(raw: bytes, change: Callable[[dict], Any], magic: bytes = smz.MAGIC_V5) -> bytes:
+    """A sectioned file with its manifest changed by ``change`` (in place), re-signed."""
+    parts = sections(raw)
+    man = json.loads(zlib.decompress(parts[0][1], -15))
+    change(man)
+    text = json.dumps(man, separators=(",", ":")).encode()
+    parts[0] = [smz.DEFLATE, smz._deflate(text), len(text)]
+    return forge_v4(parts, magic=magic)
+
+
+def _as_v4(man: dict) -> None:
+    old = legacy(man, 4)
+    man.clear()
+    man.update(old)
+
+
+def base_v4() -> bytes:
+    """The base model as a version-4 file (version 5's container, the old steps' names)."""
+    return edit_v5(base_v5(), _as_v4, smz.MAGIC_V4)
+
+
+def v5_cases() -> dict[str, bytes]:
+    """Version 5's own names, and files of one version in another's container."""
+    raw = base_v5()
+    out = {f"v5 wrong type: {key}": edit_v5(raw, _set(key, WRONG))
+           for key in json.loads(zlib.decompress(sections(raw)[0][1], -15))}
+    return {
+        **out,
+        "v5 with version 4's train_inner_steps": edit_v5(raw, _set("train_inner_steps", 2)),
+        "v5 without eval_inner_steps": edit_v5(raw, lambda m: m.pop("eval_inner_steps")),
+        "v5 with a payload checksum": edit_v5(raw, _set("payload_sha256", "0" * 64)),
+        "v5 negative eval_inner_steps": edit_v5(raw, _set("eval_inner_steps", -1)),
+        "v5 sparse entry without its mask": edit_v5(
+            raw, lambda m: entry(m, "head.weight").pop("mask")),
+        "v5 container, version-4 manifest": edit_v5(base_v4(), lambda m: m, smz.MAGIC_V5),
+        "v4 container, version-5 manifest": edit_v5(raw, lambda m: m, smz.MAGIC_V4),
+        "v4 with version 5's eval_inner_steps": edit_v5(
+            base_v4(), _set("eval_inner_steps", 3), smz.MAGIC_V4),
+        "v4 wrong type: train_inner_steps": edit_v5(
+            base_v4(), _set("train_inner_steps", WRONG), smz.MAGIC_V4),
+    }
+
+
 def v4_cases() -> dict[str, bytes]:
-    """The version-4 container's own fields: section table, codecs, deflate streams, caps."""
-    raw = base_v4()
+    """The sectioned container's own fields (versions 4 and 5): section table, codecs,
+    deflate streams, caps."""
+    raw = base_v5()
     parts = sections(raw)
     text = zlib.decompress(parts[0][1], -15)
     bomb = smz._deflate(b"\0" * (20 << 20))  # 20 MB of zeros in ~20 KB
     padded = text[:-1] + b" " * smz.schema.MAX_MANIFEST_BYTES + b"}"
     over = smz._deflate(b"\0" * (smz.MAX_PAYLOAD_BYTES + 4))
     packed = smz._deflate(parts[1][1])  # the first payload section (bitmasks), deflated
-    v4_manifest_v3 = text.replace(b'"version":4', b'"version":3')
+    v5_manifest_v3 = text.replace(b'"version":5', b'"version":3')
     return {
         "v4 deflate bomb in payload": _replace(raw, 1, smz.DEFLATE, bomb),
         "v4 deflate bomb in manifest": _replace(raw, 0, data=bomb),
@@ -125,9 +179,10 @@ def v4_cases() -> dict[str, bytes]:
         "v4 200 sections": forge_v4(parts, 200),
         "v4 truncated in table": raw[:9], "v4 truncated": raw[:-40], "v4 padded": raw + b"\0",
         "v4 flip in a stream": flip(raw, 5 + 9 * len(parts) + 3),
-        "v4 container, version-3 manifest": _replace(raw, 0, data=smz._deflate(v4_manifest_v3)),
+        "v5 container, version-3 manifest": _replace(raw, 0, data=smz._deflate(v5_manifest_v3)),
         "v3 container, version-4 manifest": edit(base_file(), _set("version", 4)),
-        "newer container": b"SMZ\x05" + raw[4:],
+        "v3 container, version-5 manifest": edit(base_file(), _set("version", 5)),
+        "newer container": b"SMZ\x06" + raw[4:],
     }
 
 
@@ -260,7 +315,8 @@ def cases() -> dict[str, bytes]:
     bad = bytearray(payload)
     bad[mask[0] + mask[1] - 1] |= 0x01  # 5×4=20 bits: the last byte's 4 padding bits
     out["mask padding bit set"] = forge(man, bytes(bad))
-    return {**out, **wrong_types(raw), **v4_cases()}
+    out["sparse entry without its mask"] = edit(raw, lambda m: entry(m, "head.weight").pop("mask"))
+    return {**out, **wrong_types(raw), **v4_cases(), **v5_cases()}
 
 
 WRONG = {"not a field": 1}  # the wrong type for every field: no field is an object of this key
@@ -289,21 +345,28 @@ def fuzz_dir(tmp_path_factory) -> Path:
     return root
 
 
-def test_base_file_is_valid_and_small():
-    """The cases start from a valid file (so every refusal is caused by the defect)."""
+def test_base_files_are_valid_and_small():
+    """The cases start from valid files (so every refusal is caused by the defect): version 3
+    (uncompressed), 4 and 5 (the current writer), with the same values; versions 3 and 4 name
+    the adaptation steps ``inner_steps`` and meta-training's ``train_inner_steps``, version 5
+    ``eval_inner_steps`` and ``inner_steps``, and all three read as the same ``Manifest``."""
     raw = base_file()
     assert len(raw) < 4096
     model = smz.decode(raw)
-    assert model.manifest["version"] == 3 and model.manifest["class_names"] == list("abcde")
+    assert model.manifest.version == 3 and model.manifest.class_names == tuple("abcde")
     assert "bn_stats.3.var" in model.extra
-    current = smz.decode(base_v4())
-    assert current.manifest["version"] == smz.FORMAT_VERSION == 4 and len(base_v4()) < len(raw)
-    for k, v in model.params.items():
-        np.testing.assert_array_equal(current.params[k], v, err_msg=k)
+    current, v4 = smz.decode(base_v5()), smz.decode(base_v4())
+    assert current.manifest.version == smz.FORMAT_VERSION == 5 and len(base_v5()) < len(raw)
+    assert base_v5()[:4] == smz.MAGIC_V5 and base_v4()[:4] == smz.MAGIC_V4 and v4.manifest.version == 4
+    for m in (model, current, v4):
+        assert (m.manifest.eval_inner_steps, m.manifest.inner_steps) == (3, 2)
+        assert m.manifest.replace(version=5) == current.manifest
+        for k, v in model.params.items():
+            np.testing.assert_array_equal(m.params[k], v, err_msg=k)
 
 
 def test_there_are_at_least_40_cases():
-    assert len(cases()) >= 40 + len(wrong_types(base_file())) + len(v4_cases())
+    assert len(cases()) >= 40 + len(wrong_types(base_file())) + len(v4_cases()) + len(v5_cases())
 
 
 OLD_FILES = Path(__file__).resolve().parent / "smz_files"
@@ -314,14 +377,17 @@ def test_version_1_and_2_files_of_the_previous_writer_are_still_read():
     (version 1) and Meta-SGD with per-step batch norm, running statistics and fine-tuning's
     reference statistics (version 2) decode to the values they were written from."""
     v1 = smz.load(OLD_FILES / "v1.smz")
-    assert v1.manifest["version"] == 1 and len(v1.checksum) == 64
+    assert v1.manifest.version == 1 and len(v1.checksum) == 64
+    assert (v1.manifest.eval_inner_steps, v1.manifest.inner_steps) == (3, None)  # not recorded
+    assert (v1.manifest.lr_rule, v1.manifest.bn, v1.manifest.adapted_steps) == ("scalar", "transductive", 0)
     man, params, masks, _ = _v1_source()
     for k, v in params.items():
         np.testing.assert_array_equal(v1.params[k], v, err_msg=k)
     for k, m in masks.items():
         np.testing.assert_array_equal(v1.masks[k], m)
     v2 = smz.load(OLD_FILES / "v2.smz")
-    assert v2.manifest["version"] == 2 and v2.manifest["lr_rule"] == "metasgd"
+    assert v2.manifest.version == 2 and v2.manifest.lr_rule == "metasgd"
+    assert (v2.manifest.bn, v2.manifest.bn_steps) == ("running", 3)
     assert v2.params["blocks.2.bn.running_var"].shape == (3, FILTERS)
     assert v2.params["blocks.2.bn.weight"].shape == (3, FILTERS)
     assert set(v2.rates) == {k for k in v2.params if "running" not in k}
@@ -437,7 +503,8 @@ def test_version_3_files_of_the_previous_writer_are_still_read():
     """tests/smz_files/v3.smz: ``small_model(seed=5)`` written by the version-3 writer (commit
     6957a86, uncompressed manifest and payload) decodes to the values it was written from."""
     v3 = smz.load(OLD_FILES / "v3.smz")
-    assert v3.manifest["version"] == 3 and (OLD_FILES / "v3.smz").read_bytes()[:4] == smz.MAGIC
+    assert v3.manifest.version == 3 and (OLD_FILES / "v3.smz").read_bytes()[:4] == smz.MAGIC
+    assert (v3.manifest.eval_inner_steps, v3.manifest.class_names) == (3, tuple("abcde"))
     _, params, masks, extra = small_model(seed=5)
     for k, v in params.items():
         np.testing.assert_array_equal(v3.params[k], v * masks[k] if k in masks else v, err_msg=k)
@@ -446,8 +513,54 @@ def test_version_3_files_of_the_previous_writer_are_still_read():
     for k, v in extra.items():
         np.testing.assert_array_equal(v3.extra[k], v)
     assert edge_main(["info", str(OLD_FILES / "v3.smz")]) == 0
-    # the current writer stores the same model in version 4, smaller, and it reads back the same
+    # the current writer stores the same model in version 5, smaller, and it reads back the same
     again = smz.decode(b"".join(smz.encode(small_model(seed=5)[0], params, masks, extra=extra)))
-    assert again.manifest["version"] == 4
+    assert again.manifest.version == 5
     for k, v in v3.params.items():
         np.testing.assert_array_equal(again.params[k], v, err_msg=k)
+
+
+def _digest(a: np.ndarray) -> str:
+    """As tests/smz_files/v4.json records every array: dtype, shape and bytes."""
+    return hashlib.sha256(f"{a.dtype.str}{a.shape}".encode()
+                          + np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def _without_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    return [_without_none(v) for v in value] if isinstance(value, list) else value
+
+
+@pytest.mark.parametrize("name", ["v4.smz", "v4_finetuned.smz"])
+def test_version_4_files_of_the_previous_writer_are_still_read(name, tmp_path, capsys):
+    """tests/smz_files/v4*.smz were written by the version-4 writer (commit 1bcd1f0; see
+    tests/smz_files/README.md): an exported MAML++ ticket (LSLR, per-step and running batch
+    norm, 2 meta-training and 3 adaptation steps) and an int8 Meta-SGD ticket fine-tuned on 3
+    classes. v4.json holds what the version-4 reader decoded: every array (SHA-256 of dtype,
+    shape and bytes) and the manifest. Read now, every array is bit-identical, the manifest is
+    the same with the steps' old names mapped (``inner_steps`` → ``eval_inner_steps``,
+    ``train_inner_steps`` → ``inner_steps``), and re-saved as version 5 nothing changes."""
+    record = json.loads((OLD_FILES / "v4.json").read_text())[name]
+    old = record["manifest"]
+    model = smz.load(OLD_FILES / name)
+    assert model.manifest.version == 4 and model.checksum == record["checksum"]
+    assert model.manifest.eval_inner_steps == old["inner_steps"]
+    assert model.manifest.inner_steps == old["train_inner_steps"] != old["inner_steps"]
+    renamed = {k: v for k, v in old.items() if k not in ("inner_steps", "train_inner_steps")}
+    renamed.update(eval_inner_steps=old["inner_steps"], inner_steps=old["train_inner_steps"],
+                   version=smz.FORMAT_VERSION)
+    renamed.setdefault("adapted_steps", 0)  # the default, which version 5 writes out
+    assert model.manifest.to_dict() == _without_none(renamed)
+    for group in ("params", "masks", "rates", "extra"):
+        arrays = getattr(model, group)
+        assert {k: _digest(v) for k, v in arrays.items()} == record[group], group
+    smz.save_model(tmp_path / "again.smz", model)
+    again = smz.load(tmp_path / "again.smz")
+    assert again.manifest == model.manifest.replace(version=5, tensors=again.manifest.tensors,
+                                                    payload_bytes=again.manifest.payload_bytes)
+    for group in ("params", "masks", "rates", "extra"):
+        assert {k: _digest(v) for k, v in getattr(again, group).items()} == record[group], group
+    assert edge_main(["info", str(OLD_FILES / name)]) == 0
+    shown = capsys.readouterr().out
+    assert f"{old['inner_steps']} step(s), meta-trained with {old['train_inner_steps']}" in shown

@@ -26,28 +26,48 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sparsemeta_edge.errors import EdgeError
+from sparsemeta_edge.errors import EdgeError, printable
 from sparsemeta_edge.nn import _group, _out_size, block_names
 from sparsemeta_edge.smz import SmzModel
 
-#: ru_maxrss right after ``import numpy, PIL.Image, sparsemeta_edge.cli`` (CPython 3.11, NumPy
-#: 2.4, Pillow, x86-64 Linux: 39.5–39.7 MB measured); 32-bit ARM builds need less
-BASELINE_BYTES = 40 << 20
+#: peak RSS right after ``import numpy, PIL.Image, sparsemeta_edge.cli`` (what ``finetune``
+#: holds before its first array): 38.6–38.8 MiB, median 39,732 KiB of five runs of
+#: ``/usr/bin/time -f %M`` with OMP_NUM_THREADS=1 — CPython 3.11.7, NumPy 2.4.6 (scipy-openblas
+#: 0.3.31), Pillow 13.0.0, x86-64 Linux (AMD EPYC), measured 2026-12-04 on the development
+#: machine. NumPy alone is 30 MiB of it; 32-bit ARM builds need less
+BASELINE_BYTES = 39_732 << 10
 #: what fine-tuning adds beyond its arrays: OpenBLAS's packing buffers, glibc's slack between
-#: freed and reused blocks, modules loaded on first use — measured 6–8 MB above the arrays
-#: (Conv4-32 at 28×28×1 and 84×84×3, every update mode)
-OVERHEAD_BYTES = 6 << 20
+#: freed and reused blocks, modules loaded on first use. Measured (same machine and date, real
+#: ``sparsemeta-edge finetune`` peak − baseline − the arrays of the estimate, Conv4-32 at
+#: 28×28×1 and 84×84×3, 100 images, batch 25): 5.7–7.4 MiB under ``all`` and ``bn``,
+#: 8.8–9.9 MiB under ``head`` and ``last:1``; the middle keeps every case within 5%
+OVERHEAD_BYTES = 8 << 20
 MiB = 1 << 20
+#: the smallest --ram taken: below a MiB a size is a forgotten unit ("--ram 512"), not a device
+MIN_RAM_BYTES = MiB
+MAX_RAM_BYTES = 1 << 60  # 1024 TiB: beyond any device, and an int64
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", re.IGNORECASE)
+SIZE_HELP = "a size such as 512M, 1.5G or 300MiB (K, M, G, T = 1024^n bytes)"
 
 
 def parse_size(text: str) -> int:
-    """'512M', '1.5G', '300MiB', '1048576' → bytes (K, M, G are powers of 1024)."""
+    """'512M', '1.5G', '300MiB', '1048576' → bytes (K, M, G, T are powers of 1024). Zero,
+    negative, fractional-byte and sub-MiB sizes are refused (``EdgeError``, one line)."""
     match = _SIZE.fullmatch(text)
     if not match:
-        raise EdgeError(f"--ram must be a size such as 512M, 1G or 300MiB; got '{text}'")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+        raise EdgeError(f"--ram must be {SIZE_HELP}; got '{printable(text[:40])}'")
+    number, unit = match.group(1), match.group(2).lower()
+    value = float(number) * _UNITS[unit]
+    if value > MAX_RAM_BYTES:  # also a number too long for a float (inf)
+        raise EdgeError(f"--ram {printable(text.strip()[:40])} is more memory than any device "
+                        f"has (at most {MAX_RAM_BYTES >> 40}T)")
+    size = int(value)
+    if size < MIN_RAM_BYTES:
+        hint = f"; did you mean {number}M?" if not unit and float(number) >= 1 else ""
+        raise EdgeError(f"--ram {text.strip()} is {size} bytes, less than the smallest device "
+                        f"this plans for ({MIN_RAM_BYTES >> 20} MiB){hint}")
+    return size
 
 
 @dataclass(frozen=True)
@@ -64,9 +84,9 @@ class Layer:
 
 def layers(model: SmzModel) -> list[Layer]:
     """The blocks' geometry, from the model's own (possibly compacted) tensors."""
-    arch = model.manifest["architecture"]
-    stride = 2 if arch["downsample"] == "stride" else 1
-    side, cin, out = arch["image_size"], arch["in_channels"], []
+    arch = model.manifest.architecture
+    stride = 2 if arch.downsample == "stride" else 1
+    side, cin, out = arch.image_size, arch.in_channels, []
     for i in range(4):
         f = model.params[block_names(i)[0]].shape[0]
         conv = _out_size(side, stride)
@@ -96,7 +116,7 @@ def _activation_terms(model: SmzModel, trainable: frozenset[str] | None, batch: 
 
     geo = layers(model)
     first = next((i for i in range(4) if any(map(trains, block_names(i)))), 4)
-    pool = model.manifest["architecture"]["downsample"] == "maxpool"
+    pool = model.manifest.architecture.downsample == "maxpool"
     kept = batch * geo[3].filters * geo[3].out_side ** 2 * item  # the head's features
     working = previous_out = 0
     for i, g in enumerate(geo):
@@ -140,8 +160,8 @@ def estimate(model: SmzModel, images: int, update: str = "all", batch: int = 25,
     updated = sum(v.size for k, v in model.params.items() if trainable is None or k in trainable)
     step = min(batch, images)
     kept, working, where = _activation_terms(model, trainable, step, item)
-    arch = model.manifest["architecture"]
-    pixels = arch["in_channels"] * arch["image_size"] ** 2
+    arch = model.manifest.architecture
+    pixels = arch.in_channels * arch.image_size ** 2
     parts = {
         "weights": 2 * (values + mask_bytes) + updated * item,
         "gradients": updated * item,
@@ -157,8 +177,8 @@ def estimate(model: SmzModel, images: int, update: str = "all", batch: int = 25,
         "gradients": f"{updated} updated values (plain SGD: no other optimiser state)",
         "activations": f"kept for backward at batch {step}: {where}",
         "working": "largest block's transient buffers (output, im2col group, gradients)",
-        "images": f"{images} × {arch['in_channels']}×{arch['image_size']}×"
-                  f"{arch['image_size']} uint8 + one batch of {step} as floats",
+        "images": f"{images} × {arch.in_channels}×{arch.image_size}×{arch.image_size} uint8 "
+                  f"+ one batch of {step} as floats",
         "overhead": "BLAS workspace, allocator slack (measured constant)",
         "baseline": "CPython + NumPy + Pillow imported (measured constant)",
     }

@@ -18,16 +18,19 @@ the per-step batch-norm slot of step k, capped at the last one meta-training lea
 from __future__ import annotations
 
 import copy
+import math
 import resource
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from sparsemeta_edge.data import channel_stats, to_float
+from sparsemeta_edge.manifest import Finetuned
 from sparsemeta_edge.nn import Conv4, block_names, cross_entropy, init_head, softmax
+from sparsemeta_edge.schema import MAX_COUNT
 from sparsemeta_edge.smz import EdgeError, SmzModel, printable
 
 Stats = list[tuple[np.ndarray, np.ndarray]]
@@ -56,12 +59,35 @@ def update_names(mode: str) -> frozenset[str] | None:
                     f"'{printable(mode)}'")
 
 
+#: seeds as NumPy's generators take them (non-negative) and as the manifest records them
+MAX_SEED = 2**32 - 1
+
+
+def check_options(*, epochs: int, patience: int, min_delta: float, holdout: float,
+                  lr: float | None, batch: int, seed: int, update: str) -> frozenset[str] | None:
+    """Every fine-tuning option checked at once, before any image is read or any weight is
+    touched (one ``EdgeError`` naming the option); returns ``update_names(update)``."""
+    trained = update_names(update)
+    for name, value in (("--epochs", epochs), ("--patience", patience), ("--batch", batch)):
+        if not 1 <= value <= MAX_COUNT:
+            raise EdgeError(f"{name} must be an integer from 1 to {MAX_COUNT}, got {value}")
+    if not 0 <= holdout < 1:  # NaN fails too
+        raise EdgeError(f"--holdout must be a fraction in [0, 1), got {holdout}")
+    if lr is not None and not 0 < lr < math.inf:
+        raise EdgeError(f"--lr must be a finite number > 0, got {lr}")
+    if not 0 <= min_delta < math.inf:
+        raise EdgeError(f"--min-delta must be a finite number >= 0, got {min_delta}")
+    if not 0 <= seed <= MAX_SEED:
+        raise EdgeError(f"--seed must be an integer from 0 to {MAX_SEED}, got {seed}")
+    return trained
+
+
 def network(model: SmzModel) -> Conv4:
     """The NumPy Conv4 over the model's parameters (shared, not copied) and masks."""
-    arch = model.manifest["architecture"]
-    if arch.get("name", "conv4") != "conv4":
-        raise EdgeError(f"architecture '{arch.get('name')}' is not supported by this runtime")
-    return Conv4(model.params, model.masks, arch["downsample"])
+    arch = model.manifest.architecture
+    if arch.name != "conv4":
+        raise EdgeError(f"architecture '{arch.name}' is not supported by this runtime")
+    return Conv4(model.params, model.masks, arch.downsample)
 
 
 class Adapter:
@@ -77,14 +103,14 @@ class Adapter:
     def __init__(self, model: SmzModel, lr: float | None = None) -> None:
         self.model, self.lr = model, lr
         self.net = network(model)
-        self.bn = model.manifest.get("bn", "transductive")
-        self.step = int(model.manifest.get("adapted_steps", 0))
+        self.bn = model.manifest.bn
+        self.step = model.manifest.adapted_steps
 
     def rates(self) -> Rates:
         """The inner learning rate(s) of the current step."""
-        rule = self.model.manifest.get("lr_rule", "scalar")
+        rule = self.model.manifest.lr_rule
         if self.lr is not None or rule == "scalar":
-            return float(self.model.manifest["inner_lr"]) if self.lr is None else self.lr
+            return float(self.model.manifest.inner_lr) if self.lr is None else self.lr
         if rule == "metasgd":
             return self.model.rates
         return {k: r[min(self.step, len(r) - 1)] for k, r in self.model.rates.items()}
@@ -117,7 +143,7 @@ class Adapter:
 
 def describe_rates(model: SmzModel) -> str:
     """The inner learning-rate rule in words, for logs and ``info``."""
-    rule, rates = model.manifest.get("lr_rule", "scalar"), model.rates
+    rule, rates = model.manifest.lr_rule, model.rates
     if rule == "metasgd":
         kept = np.concatenate([r[model.masks[k]] if k in model.masks else r.ravel()
                                for k, r in rates.items()])
@@ -128,7 +154,7 @@ def describe_rates(model: SmzModel) -> str:
         last = np.mean([r[-1] for r in rates.values()])
         return (f"learned rate per tensor and step (LSLR, {steps} step(s); later steps use the "
                 f"last, mean {last:.4g})")
-    return f"inner lr {model.manifest['inner_lr']}"
+    return f"inner lr {model.manifest.inner_lr}"
 
 
 def _head_alpha(model: SmzModel, ways: int, features: int, dtype: np.dtype) -> str:
@@ -136,7 +162,7 @@ def _head_alpha(model: SmzModel, ways: int, features: int, dtype: np.dtype) -> s
     the old head's mean α over its kept weights (and over its bias), which keeps the step size
     meta-learned for that layer. Returns what was done, for the log."""
     old, mask = model.rates["head.weight"], model.masks["head.weight"]
-    aw = float(old[mask].mean()) if mask.any() else float(model.manifest["inner_lr"])
+    aw = float(old[mask].mean()) if mask.any() else float(model.manifest.inner_lr)
     ab = float(model.rates["head.bias"].mean())
     model.rates["head.weight"] = np.full((ways, features), aw, dtype=dtype)
     model.rates["head.bias"] = np.full(ways, ab, dtype=dtype)
@@ -207,7 +233,8 @@ class EpochLog:
                 f"peak RSS {self.peak_rss_mb:.1f} MB")
 
 
-def evaluate(net: Conv4, x_u8: np.ndarray, y: np.ndarray, mean: list[float], std: list[float],
+def evaluate(net: Conv4, x_u8: np.ndarray, y: np.ndarray, mean: Sequence[float],
+             std: Sequence[float],
              stats: Stats | None, batch: int, step: int) -> tuple[float, float]:
     """Mean loss and accuracy of a uint8 set in batches at adaptation step ``step`` (own
     statistics, or ``stats``)."""
@@ -222,39 +249,40 @@ def evaluate(net: Conv4, x_u8: np.ndarray, y: np.ndarray, mean: list[float], std
 
 
 def _prepare(model: SmzModel, images: np.ndarray, class_names: list[str], seed: int,
-             log: Callable[[str], None]) -> tuple[list[float], list[float]]:
+             log: Callable[[str], None]) -> tuple[Sequence[float], Sequence[float]]:
     """Fit a model copy to the local data, in place: the input normalisation (the local
     data's where the model has none) and a new head when the number of classes differs.
     Returns the normalisation's mean and std."""
     man = model.manifest
-    arch = man["architecture"]
-    inp = man.setdefault("input", {})
-    if images.shape[1] != arch["in_channels"]:
-        raise EdgeError(f"images have {images.shape[1]} channel(s), the model expects {arch['in_channels']}")
-    if inp.get("mean") is None or inp.get("std") is None:
-        inp["mean"], inp["std"] = channel_stats(images)
-        inp["stats_source"] = "local data"
-        log(f"the model has no input normalisation; using the local data's mean {inp['mean']} "
-            f"and std {inp['std']}")
+    arch, inp = man.architecture, man.input
+    if images.shape[1] != arch.in_channels:
+        raise EdgeError(f"images have {images.shape[1]} channel(s), the model expects "
+                        f"{arch.in_channels}")
+    if inp.mean is None or inp.std is None:
+        mean, std = channel_stats(images)
+        inp = replace(inp, mean=tuple(mean), std=tuple(std), stats_source="local data")
+        log(f"the model has no input normalisation; using the local data's mean {mean} "
+            f"and std {std}")
     ways = len(class_names)
     dtype = model.params["head.weight"].dtype
-    if ways != arch["ways"]:
+    if ways != arch.ways:
         features = model.params["head.weight"].shape[1]
         rates = ""
-        if man.get("lr_rule") == "metasgd":
+        if man.lr_rule == "metasgd":
             rates = _head_alpha(model, ways, features, dtype)
-        elif man.get("lr_rule") == "lslr":
+        elif man.lr_rule == "lslr":
             rates = "; its learned per-step rates are kept (they are per tensor, not per class)"
         model.params["head.weight"], model.params["head.bias"] = init_head(ways, features, dtype, seed)
         model.masks["head.weight"] = np.ones((ways, features), bool)
-        log(f"the local data has {ways} classes but the exported head has {arch['ways']}; "
+        log(f"the local data has {ways} classes but the exported head has {arch.ways}; "
             f"re-initialised the head for {ways} classes (dense, Xavier-uniform){rates}")
-        arch["ways"] = ways
-    return inp["mean"], inp["std"]
+        arch = replace(arch, ways=ways)
+    model.manifest = man.replace(architecture=arch, input=inp)
+    return inp.mean, inp.std
 
 
 def _train_epoch(adapter: Adapter, images: np.ndarray, labels: np.ndarray, order: np.ndarray,
-                 batch: int, mean: list[float], std: list[float]) -> tuple[float, float]:
+                 batch: int, mean: Sequence[float], std: Sequence[float]) -> tuple[float, float]:
     """One pass of SGD steps over ``order`` in batches; mean loss and accuracy before each."""
     loss_sum, acc_sum = 0.0, 0.0
     for i in range(0, len(order), batch):
@@ -270,13 +298,13 @@ def _store_reference_stats(model: SmzModel, reference: np.ndarray) -> None:
     """Batch-norm statistics of a class-balanced reference batch, at the model's step, stored
     so that a single image can be classified later (``bn_stats.*``)."""
     net = network(model)
-    for i, (m, v) in enumerate(net.batch_stats(reference, model.manifest["adapted_steps"])):
+    for i, (m, v) in enumerate(net.batch_stats(reference, model.manifest.adapted_steps)):
         model.extra[f"bn_stats.{i}.mean"], model.extra[f"bn_stats.{i}.var"] = m, v
 
 
 def _epochs(adapter: Adapter, model: SmzModel, kept: list[str], images: np.ndarray,
             labels: np.ndarray, split: tuple[np.ndarray, np.ndarray, np.ndarray],
-            norm: tuple[list[float], list[float]], *, epochs: int, patience: int,
+            norm: tuple[Sequence[float], Sequence[float]], *, epochs: int, patience: int,
             min_delta: float, batch: int, rule: str, rng: np.random.Generator,
             log: Callable[[str], None]) -> tuple[list[EpochLog], dict | None, int]:
     """The epochs of ``finetune`` with early stopping on the held-out loss: the log, the best
@@ -284,7 +312,7 @@ def _epochs(adapter: Adapter, model: SmzModel, kept: list[str], images: np.ndarr
     logs: list[EpochLog] = []
     train_idx, hold_idx, ref_u8 = split
     mean, std = norm
-    net, bn = adapter.net, model.manifest.get("bn", "transductive")
+    net, bn = adapter.net, model.manifest.bn
     dtype = model.params["head.weight"].dtype
     best_loss, best_params, best_steps, bad = np.inf, None, adapter.step, 0
     for epoch in range(1, epochs + 1):
@@ -345,17 +373,12 @@ def finetune(
     (``update_names``); the others stay bit-identical and backward stops below the lowest
     updated block.
     """
-    trained = update_names(update)
-    if epochs < 1 or patience < 1 or batch < 1:
-        raise EdgeError("--epochs, --patience and --batch must be >= 1")
-    if not 0 <= holdout < 1:
-        raise EdgeError(f"--holdout must be in [0, 1), got {holdout}")
+    trained = check_options(epochs=epochs, patience=patience, min_delta=min_delta,
+                            holdout=holdout, lr=lr, batch=batch, seed=seed, update=update)
     model = copy.deepcopy(model)
-    man = model.manifest
-    bn = man.get("bn", "transductive")
-    if lr is not None and not lr > 0:
-        raise EdgeError(f"--lr must be > 0, got {lr}")
     mean, std = _prepare(model, images, class_names, seed, log)
+    man = model.manifest
+    bn = man.bn
     ways = len(class_names)
     dtype = model.params["head.weight"].dtype
     adapter = Adapter(model, lr)
@@ -367,7 +390,7 @@ def finetune(
     ref_idx = balanced_sample(labels[train_idx], batch, rng)
     ref_u8 = images[train_idx[ref_idx]]
     rule = describe_rates(model) if lr is None else f"lr {lr} for every tensor (--lr)"
-    slots = f" ({man['bn_steps']} per-step slots)" if man.get("bn_steps", 1) > 1 else ""
+    slots = f" ({man.bn_steps} per-step slots)" if man.bn_steps > 1 else ""
     log(f"fine-tuning on {len(train_idx)} images of {ways} classes, {len(hold_idx)} held out; "
         f"{rule}, batch {batch}, batch norm '{bn}'{slots}, density {model.density:.3f}; "
         f"updating {update} ({sum(model.params[k].size for k in kept)} parameters)")
@@ -382,20 +405,20 @@ def finetune(
         model.params.update(best_params)
         log(f"kept the weights of epoch {best.epoch} (holdout loss {best.holdout_loss:.4f}, "
             f"accuracy {100 * best.holdout_acc:.1f}%)")
-    man["adapted_steps"] = best_steps if best_params is not None else adapter.step
+    scalar = lr is not None or man.lr_rule == "scalar"
+    kept_best = best if best_params is not None else None
+    model.manifest = man.replace(
+        adapted_steps=best_steps if best_params is not None else adapter.step,
+        class_names=tuple(class_names),
+        finetuned=Finetuned(
+            epochs=len(logs), lr_rule="scalar" if scalar else man.lr_rule,
+            lr=adapter.rates() if scalar else None, batch=batch, train_images=int(len(train_idx)),
+            holdout_images=int(len(hold_idx)), seed=seed,
+            holdout_loss=None if kept_best is None else float(kept_best.holdout_loss),
+            holdout_accuracy=None if kept_best is None else float(kept_best.holdout_acc),
+            reference_images=int(len(ref_idx)), update=update))
     if bn != "running":  # under 'running' predictions use the running statistics instead
         _store_reference_stats(model, to_float(ref_u8, mean, std, dtype))
-    man["class_names"] = list(class_names)
-    scalar = lr is not None or man.get("lr_rule", "scalar") == "scalar"
-    kept_best = best if best_params is not None else None
-    man["finetuned"] = {
-        "epochs": len(logs), "lr_rule": "scalar" if scalar else man["lr_rule"],
-        "lr": adapter.rates() if scalar else None, "batch": batch, "train_images": int(len(train_idx)),
-        "holdout_images": int(len(hold_idx)), "seed": seed,
-        "holdout_loss": None if kept_best is None else float(kept_best.holdout_loss),
-        "holdout_accuracy": None if kept_best is None else float(kept_best.holdout_acc),
-        "reference_images": int(len(ref_idx)), "update": update,
-    }
     return model, logs
 
 
@@ -409,17 +432,16 @@ def predict(model: SmzModel, images: np.ndarray, bn_mode: str = "auto", chunk: i
     slot of the steps the weights have taken (``adapted_steps``).
     """
     man = model.manifest
-    inp = man.get("input", {})
-    mean, std = inp.get("mean"), inp.get("std")
+    mean, std = man.input.mean, man.input.std
     note = []
     if mean is None or std is None:
         from sparsemeta_edge.data import channel_stats as stats_of
 
         mean, std = stats_of(images)
         note.append("no stored input normalisation: used these images' own mean/std")
-    bn = man.get("bn", "transductive")
+    bn = man.bn
     net = network(model)
-    step = int(man.get("adapted_steps", 0))
+    step = man.adapted_steps
     if bn == "running" and bn_mode != "batch":
         stats: Stats | None = net.running_stats(step)
         note.append(f"batch norm: meta-training's running statistics of step {step}")

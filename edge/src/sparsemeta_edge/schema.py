@@ -6,7 +6,10 @@ the architecture and against the bytes actually present in the payload (which mu
 exactly by the tensors' byte ranges). After ``check_manifest`` and ``check_tensors`` decoding can
 only allocate what the file's bytes pay for: at most 8 mask bits per stored byte and one value per
 stored value — a 3 KB file cannot ask for a 10⁵ × 10⁵ array. The writer runs the same checks, so
-it cannot write a file its reader refuses.
+it cannot write a file its reader refuses. Each version has its schema: version 5 names the inner
+steps ``inner_steps`` (meta-training) and ``eval_inner_steps`` (adaptation), versions 1-4
+``train_inner_steps`` and ``inner_steps``; a field of the other naming is an unknown field.
+``check_manifest`` checks the parsed JSON; ``check_tensors`` the typed ``Manifest`` built from it.
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ import math
 import re
 import reprlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from sparsemeta_edge.errors import SmzError
 from sparsemeta_edge.nn import feature_size, is_prunable, param_shapes, running_names
+
+if TYPE_CHECKING:  # the typed manifest is built from what this module checks
+    from sparsemeta_edge.manifest import Manifest, Tensor
 
 MAX_MANIFEST_BYTES = 1 << 20  # class names are user data, but 1 MiB holds 10⁴ long ones
 MAX_DEPTH = 4  # the deepest legal value: manifest → tensors → entry → shape/span list
@@ -148,20 +154,32 @@ TENSOR = obj({
     "dtype": choice(*VALUE_DTYPES), "encoding": choice("dense", "sparse"), "extra": boolean,
     **{key: _SPAN for key in SPAN_KEYS},
 }, required=("name", "shape", "dtype", "encoding", "values"))
-MANIFEST = obj({
-    "format": choice("smz"), "version": integer(1, 4), "architecture": ARCHITECTURE,
+#: the version the writer writes; the reader reads 1 to this
+FORMAT_VERSION = 5
+_VERSION = integer(1, FORMAT_VERSION)
+_FIELDS = {
+    "format": choice("smz"), "version": _VERSION, "architecture": ARCHITECTURE,
     "algorithm": text(32, _IDENT), "lr_rule": choice("scalar", "metasgd", "lslr"),
     "first_order": boolean, "bn": choice("transductive", "support", "running"),
-    "bn_steps": integer(1, MAX_STEPS), "inner_lr": _RATE, "inner_steps": _STEPS,
-    "train_inner_steps": _STEPS, "shots": optional(integer(0, MAX_COUNT)), "input": INPUT,
-    "class_names": optional(array(text(), 1, MAX_WAYS)), "source": optional(SOURCE),
-    "finetuned": optional(FINETUNED), "adapted_steps": integer(0, MAX_COUNT),
-    "values_dtype": choice("float32", "float16", "int8"), "nonzeros": integer(0, MAX_COUNT),
-    "prunable": integer(1, MAX_COUNT), "density": number(0.0, 1.0),
-    "tensors": array(TENSOR, 1, MAX_TENSORS), "payload_bytes": integer(0, MAX_COUNT),
-    "payload_sha256": text(64, re.compile(r"[0-9a-f]{64}")),
-}, required=("format", "version", "architecture", "inner_lr", "inner_steps", "values_dtype",
-             "nonzeros", "prunable", "density", "tensors", "payload_bytes"))
+    "bn_steps": integer(1, MAX_STEPS), "inner_lr": _RATE, "shots": optional(integer(0, MAX_COUNT)),
+    "input": INPUT, "class_names": optional(array(text(), 1, MAX_WAYS)),
+    "source": optional(SOURCE), "finetuned": optional(FINETUNED),
+    "adapted_steps": integer(0, MAX_COUNT), "values_dtype": choice("float32", "float16", "int8"),
+    "nonzeros": integer(0, MAX_COUNT), "prunable": integer(1, MAX_COUNT),
+    "density": number(0.0, 1.0), "tensors": array(TENSOR, 1, MAX_TENSORS),
+    "payload_bytes": integer(0, MAX_COUNT),
+}
+_REQUIRED = ("format", "version", "architecture", "inner_lr", "values_dtype", "nonzeros",
+             "prunable", "density", "tensors", "payload_bytes")
+#: version 5: ``inner_steps`` are meta-training's inner steps and ``eval_inner_steps`` the
+#: adaptation steps on the device, as ``meta.inner_steps`` and ``meta.eval_inner_steps``
+MANIFEST = obj({**_FIELDS, "inner_steps": _STEPS, "eval_inner_steps": _STEPS},
+               required=(*_REQUIRED, "eval_inner_steps"))
+#: versions 1-4 named them the other way round: ``inner_steps`` the adaptation steps,
+#: ``train_inner_steps`` meta-training's; 1 and 2 carry the payload's checksum in the manifest
+MANIFEST_V1_4 = obj({**_FIELDS, "inner_steps": _STEPS, "train_inner_steps": _STEPS,
+                     "payload_sha256": text(64, re.compile(r"[0-9a-f]{64}"))},
+                    required=(*_REQUIRED, "inner_steps"))
 
 
 def _reject_constant(name: str) -> float:
@@ -207,8 +225,10 @@ def parse_manifest(raw: bytes) -> dict[str, Any]:
 
 
 def check_manifest(manifest: dict[str, Any]) -> None:
-    """Types, ranges, allowed keys and cross-field consistency of a parsed manifest."""
-    MANIFEST(manifest, "manifest")
+    """Types, ranges, allowed keys and cross-field consistency of a parsed manifest, by the
+    schema of its version."""
+    version = manifest.get("version") if type(manifest) is dict else None
+    (MANIFEST if version == FORMAT_VERSION else MANIFEST_V1_4)(manifest, "manifest")
     arch, inp = manifest["architecture"], manifest.get("input", {})
     widths = arch.get("layer_filters", [arch["filters"]] * 4)
     if max(widths) > arch["filters"]:
@@ -227,139 +247,144 @@ def check_manifest(manifest: dict[str, Any]) -> None:
         _fail("manifest", "lacks payload_sha256", sorted(manifest)[:4])
 
 
-def _expected(manifest: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    arch = manifest["architecture"]
-    return param_shapes(arch["in_channels"], arch["ways"], arch["image_size"], arch["filters"],
-                        arch["downsample"], manifest.get("bn_steps", 1),
-                        manifest.get("bn") == "running", arch.get("layer_filters"))
+def _expected(manifest: Manifest) -> dict[str, tuple[int, ...]]:
+    arch = manifest.architecture
+    return param_shapes(arch.in_channels, arch.ways, arch.image_size, arch.filters,
+                        arch.downsample, manifest.bn_steps, manifest.bn == "running",
+                        arch.layer_filters)
 
 
-def _span(e: dict[str, Any], key: str, nbytes: int, path: str, spans: list[tuple[int, int]]) -> None:
-    start, length = e[key]
+def _span(e: Tensor, key: str, nbytes: int, path: str, spans: list[tuple[int, int]]) -> None:
+    span = e.span(key)
+    if span is None:
+        _fail(f"{path}.{key}", f"is missing (a {e.encoding} {e.dtype} entry needs it)", e.name)
+    start, length = span
     if length != nbytes:
-        _fail(f"{path}.{key}", f"must span {nbytes} bytes for shape {e['shape']}", e[key])
+        _fail(f"{path}.{key}", f"must span {nbytes} bytes for shape {list(e.shape)}", list(span))
     spans.append((start, length))
 
 
-def _mask(e: dict[str, Any], count: int, payload: memoryview, path: str) -> np.ndarray:
+def _mask(e: Tensor, count: int, payload: memoryview, path: str) -> np.ndarray:
     """The unpacked mask of a sparse entry; padding bits of its last byte must be zero."""
-    start, length = e["mask"]
+    start, length = e.mask
     if start + length > len(payload):
-        _fail(f"{path}.mask", "runs past the payload", e["mask"])
+        _fail(f"{path}.mask", "runs past the payload", list(e.mask))
     bits = np.frombuffer(payload[start:start + length], dtype=np.uint8)
     full = np.unpackbits(bits)
     if full[count:].any():
-        _fail(f"{path}.mask", "has bits set past the tensor's end", e["mask"])
+        _fail(f"{path}.mask", "has bits set past the tensor's end", list(e.mask))
     return full[:count].astype(bool)
 
 
-def _entry(e: dict[str, Any], path: str, manifest: dict[str, Any], payload: memoryview,
+def _rates(e: Tensor, path: str, rule: str, kept: int, spans: list[tuple[int, int]]) -> None:
+    """Learned rates ride on their parameter's entry exactly when ``lr_rule`` is not scalar."""
+    if (e.inner_lr is not None) != (rule != "scalar"):
+        _fail(f"{path}.inner_lr", f"must be present exactly when lr_rule is not scalar ({rule})",
+              e.inner_lr)
+    if rule == "metasgd":  # α as its weight: kept entries, the weight's float dtype
+        itemsize = 4 if e.dtype == "|i1" else np.dtype(e.dtype).itemsize
+        _span(e, "inner_lr", kept * itemsize, path, spans)
+    elif rule == "lslr":
+        steps = e.inner_lr[1] // 4
+        if not 1 <= steps <= MAX_STEPS:
+            _fail(f"{path}.inner_lr", f"must hold 1 to {MAX_STEPS} float32 rates", list(e.inner_lr))
+        _span(e, "inner_lr", 4 * steps, path, spans)
+
+
+def _entry(e: Tensor, path: str, manifest: Manifest, payload: memoryview,
            spans: list[tuple[int, int]]) -> tuple[int, np.ndarray | None]:
     """Check one tensor entry's bytes; returns its kept-value count and (sparse) mask."""
-    shape, dtype = tuple(e["shape"]), np.dtype(e["dtype"])
-    count = math.prod(shape)
+    dtype = np.dtype(e.dtype)
+    count = math.prod(e.shape)
     if count > MAX_ELEMENTS:
-        _fail(f"{path}.shape", f"has more than {MAX_ELEMENTS} elements", e["shape"])
-    prunable = is_prunable(e["name"], shape)
+        _fail(f"{path}.shape", f"has more than {MAX_ELEMENTS} elements", list(e.shape))
+    prunable = is_prunable(e.name, e.shape)
     if dtype.str in ("<f2", "|i1") and not prunable:
-        _fail(f"{path}.dtype", "may be float16 or int8 for conv and linear weights only", e["dtype"])
+        _fail(f"{path}.dtype", "may be float16 or int8 for conv and linear weights only", e.dtype)
     mask = None
-    if e["encoding"] == "sparse":
+    if e.encoding == "sparse":
         _span(e, "mask", (count + 7) // 8, path, spans)
         mask = _mask(e, count, payload, path)
-    elif "mask" in e:
-        _fail(f"{path}.mask", "belongs to sparse entries only", e["mask"])
+    elif e.mask is not None:
+        _fail(f"{path}.mask", "belongs to sparse entries only", list(e.mask))
     kept = count if mask is None else int(mask.sum())
     _span(e, "values", kept * dtype.itemsize, path, spans)
     if dtype.str == "|i1":
-        _span(e, "scale", shape[0] * 4, path, spans)
-    elif "scale" in e:
-        _fail(f"{path}.scale", "belongs to int8 entries only", e["scale"])
-    rule = manifest.get("lr_rule", "scalar")
-    if ("inner_lr" in e) != (rule != "scalar"):
-        _fail(f"{path}.inner_lr", f"must be present exactly when lr_rule is not scalar ({rule})",
-              e.get("inner_lr"))
-    if rule == "metasgd":  # α as its weight: kept entries, the weight's float dtype
-        _span(e, "inner_lr", kept * (4 if dtype.str == "|i1" else dtype.itemsize), path, spans)
-    elif rule == "lslr":
-        steps = e["inner_lr"][1] // 4
-        if not 1 <= steps <= MAX_STEPS:
-            _fail(f"{path}.inner_lr", f"must hold 1 to {MAX_STEPS} float32 rates", e["inner_lr"])
-        _span(e, "inner_lr", 4 * steps, path, spans)
+        _span(e, "scale", e.shape[0] * 4, path, spans)
+    elif e.scale is not None:
+        _fail(f"{path}.scale", "belongs to int8 entries only", list(e.scale))
+    _rates(e, path, manifest.lr_rule, kept, spans)
     return kept, mask
 
 
-def _riders(e: dict[str, Any], path: str, manifest: dict[str, Any],
-            expected: dict[str, tuple[int, ...]], spans: list[tuple[int, int]]) -> list[str]:
+def _riders(e: Tensor, path: str, manifest: Manifest, expected: dict[str, tuple[int, ...]],
+            spans: list[tuple[int, int]]) -> list[str]:
     """Check what rides on a batch-norm bias (running and reference statistics)."""
-    name = e["name"]
     riders: list[str] = []
-    if not name.endswith(".bn.bias"):
+    if not e.name.endswith(".bn.bias"):
         for key in ("running", "bn_stats"):
-            if key in e:
-                _fail(f"{path}.{key}", "rides on batch-norm biases only", e[key])
+            if e.span(key) is not None:
+                _fail(f"{path}.{key}", "rides on batch-norm biases only", list(e.span(key)))
         return riders
-    block = int(name.split(".")[1])
-    if ("running" in e) != (manifest.get("bn") == "running"):
-        _fail(f"{path}.running", "must be present exactly when bn is 'running'", e.get("running"))
-    if "running" in e:
+    block = int(e.name.split(".")[1])
+    if (e.running is not None) != (manifest.bn == "running"):
+        _fail(f"{path}.running", "must be present exactly when bn is 'running'", e.running)
+    if e.running is not None:
         _span(e, "running", 2 * 4 * math.prod(expected[running_names(block)[0]]), path, spans)
         riders.extend(running_names(block))
-    if "bn_stats" in e:
-        _span(e, "bn_stats", 2 * 8 * e["shape"][-1], path, spans)
+    if e.bn_stats is not None:
+        _span(e, "bn_stats", 2 * 8 * e.shape[-1], path, spans)
         riders.extend(f"bn_stats.{block}.{s}" for s in ("mean", "var"))
     return riders
 
 
-def _extra(e: dict[str, Any], path: str, widths: list[int], spans: list[tuple[int, int]]) -> str:
+def _extra(e: Tensor, path: str, widths: tuple[int, ...], spans: list[tuple[int, int]]) -> str:
     """A version-1 ``extra`` entry: fine-tuning's reference statistics of one block, float64."""
-    match = _STAT.fullmatch(e["name"])
-    if not match or e["shape"] != [widths[int(match.group(1))]] or e["dtype"] != "<f8" \
-            or e["encoding"] != "dense" or set(e) - {"name", "shape", "dtype", "encoding",
-                                                     "values", "extra"}:
-        _fail(path, "is not a valid extra (bn_stats) entry", e["name"])
-    _span(e, "values", 8 * e["shape"][0], path, spans)
-    return e["name"]
+    match = _STAT.fullmatch(e.name)
+    others = [k for k in SPAN_KEYS if k != "values" and e.span(k) is not None]
+    if not match or e.shape != (widths[int(match.group(1))],) or e.dtype != "<f8" \
+            or e.encoding != "dense" or others:
+        _fail(path, "is not a valid extra (bn_stats) entry", e.name)
+    _span(e, "values", 8 * e.shape[0], path, spans)
+    return e.name
 
 
-def check_tensors(manifest: dict[str, Any], payload: memoryview) -> dict[str, np.ndarray]:
+def check_tensors(manifest: Manifest, payload: memoryview) -> dict[str, np.ndarray]:
     """Every tensor's name and shape against the architecture and its byte ranges against the
     payload (which they must tile exactly); the counts against ``nonzeros``/``prunable``.
     Returns the unpacked masks of sparse entries (they were needed to count kept values)."""
-    if manifest["payload_bytes"] != len(payload):
+    if manifest.payload_bytes != len(payload):
         _fail("manifest.payload_bytes", f"must equal the payload's {len(payload)} bytes",
-              manifest["payload_bytes"])
+              manifest.payload_bytes)
     try:
         expected = _expected(manifest)
     except ValueError as exc:
         raise Invalid(f"manifest.architecture is impossible ({exc})") from None
-    widths = list(manifest["architecture"].get("layer_filters",
-                                               [manifest["architecture"]["filters"]] * 4))
     spans: list[tuple[int, int]] = []
     masks: dict[str, np.ndarray] = {}
     seen: list[str] = []
     kept_total = prunable_total = 0
-    for i, e in enumerate(manifest["tensors"]):
+    for i, e in enumerate(manifest.tensors):
         path = f"tensors[{i}]"
-        if e.get("extra"):
-            seen.append(_extra(e, path, widths, spans))
+        if e.extra:
+            seen.append(_extra(e, path, manifest.architecture.layer_filters, spans))
             continue
-        if not _NAME.fullmatch(e["name"]) or tuple(e["shape"]) != expected.get(e["name"]):
+        if not _NAME.fullmatch(e.name) or e.shape != expected.get(e.name):
             _fail(path, f"is not a tensor of this architecture (expected shape "
-                  f"{expected.get(e['name'])})", [e["name"], e["shape"]])
+                  f"{expected.get(e.name)})", [e.name, list(e.shape)])
         kept, mask = _entry(e, path, manifest, payload, spans)
         if mask is not None:
-            masks[e["name"]] = mask
-        if is_prunable(e["name"], tuple(e["shape"])):
+            masks[e.name] = mask
+        if is_prunable(e.name, e.shape):
             kept_total += kept
-            prunable_total += math.prod(e["shape"])
-        seen += [e["name"], *_riders(e, path, manifest, expected, spans)]
+            prunable_total += math.prod(e.shape)
+        seen += [e.name, *_riders(e, path, manifest, expected, spans)]
     _check_names(seen, expected)
     _check_tiling(spans, len(payload))
-    if (manifest["nonzeros"], manifest["prunable"]) != (kept_total, prunable_total) or \
-            abs(manifest["density"] - kept_total / prunable_total) > 1e-9:
+    if (manifest.nonzeros, manifest.prunable) != (kept_total, prunable_total) or \
+            abs(manifest.density - kept_total / prunable_total) > 1e-9:
         _fail("manifest.nonzeros/prunable/density", f"must be {kept_total}/{prunable_total}",
-              [manifest["nonzeros"], manifest["prunable"], manifest["density"]])
+              [manifest.nonzeros, manifest.prunable, manifest.density])
     return masks
 
 

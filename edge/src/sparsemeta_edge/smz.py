@@ -1,9 +1,16 @@
 """The ``.smz`` file: a compact, checksummed, NumPy-readable sparse Conv4.
 
-Layout (little-endian), version 4 (what the writer writes)::
+Layout (little-endian), versions 5 (what the writer writes) and 4 (still read)::
 
-    b"SMZ\x04" | uint8 k | k × (uint8 codec, uint32 stored length, uint32 decoded length)
-        | section 0: manifest (UTF-8 JSON, deflated) | sections 1..k-1: payload | SHA-256 (32 bytes)
+    b"SMZ\x05" (b"SMZ\x04") | uint8 k | k × (uint8 codec, uint32 stored length, uint32 decoded
+        length) | section 0: manifest (UTF-8 JSON, deflated) | sections 1..k-1: payload
+        | SHA-256 (32 bytes)
+
+Version 5 changes only the manifest: the inner steps carry the config's names (``inner_steps``
+meta-training's, ``eval_inner_steps`` the adaptation steps; versions 1-4 wrote
+``train_inner_steps`` and ``inner_steps``), and the container byte says which (a version-4
+reader refuses a version-5 file as a newer container). ``Manifest`` (``sparsemeta_edge.manifest``)
+is the typed manifest of every version.
 
 Versions 1-3 (still read)::
 
@@ -29,7 +36,8 @@ The trailing SHA-256 covers everything stored before it — header, manifest and
 stored (compressed, in version 4) — and is checked on every load, so that a truncated or
 modified file (a flipped bit in ``input.mean`` as much as in a weight) is refused instead of
 silently giving wrong predictions. The manifest is then checked field by field against its
-schema (``sparsemeta_edge.schema``) and every declared size against the bytes present, before any array is allocated; weights must be finite. Versions 1
+schema (``sparsemeta_edge.schema``) and every declared size against the bytes present, before
+any array is allocated; weights must be finite. Versions 1
 and 2 (no trailer; ``payload_sha256`` in the manifest covers the payload only) are still read;
 a version-3 file read by an older runtime is refused with "update sparsemeta-edge" (a version-4
 file by a version-3 runtime: "bad magic bytes").
@@ -85,16 +93,22 @@ import numpy as np
 
 from sparsemeta_edge import schema
 from sparsemeta_edge.errors import EdgeError, SmzError, printable
+from sparsemeta_edge.files import TEMP_PREFIX, check_output, read_regular
+from sparsemeta_edge.manifest import DERIVED, FORMAT_VERSION, Manifest
 from sparsemeta_edge.nn import is_prunable
 
-__all__ = ["EdgeError", "FORMAT_VERSION", "MAGIC", "SmzError", "SmzModel", "decode", "encode",
-           "is_prunable", "load", "printable", "read_manifest", "save", "save_model", "size_bound"]
+__all__ = ["EdgeError", "FORMAT_VERSION", "MAGIC", "Manifest", "SmzError", "SmzModel", "decode",
+           "encode", "is_prunable", "load", "printable", "read_manifest", "save", "save_model",
+           "size_bound"]
 
 _RUNNING = ("running_mean", "running_var")
 _STATS = ("mean", "var")
 MAGIC = b"SMZ\x01"
 MAGIC_V4 = b"SMZ\x04"  # version 4: compressed sections (see the module docstring)
-FORMAT_VERSION = 4
+MAGIC_V5 = b"SMZ\x05"  # version 5: version 4's container, the inner steps' names of the config
+#: the container each manifest version must come in
+_CONTAINER = {1: MAGIC, 2: MAGIC, 3: MAGIC, 4: MAGIC_V4, 5: MAGIC_V5}
+_SECTIONED = (MAGIC_V4, MAGIC_V5)
 _HEADER = struct.Struct("<4sI")  # versions 1-3: magic, manifest length
 _HEADER_V4 = struct.Struct("<4sB")  # version 4: magic, section count
 _SECTION = struct.Struct("<BII")  # codec, stored length, length once decoded
@@ -107,8 +121,6 @@ TRAILER_BYTES = 32  # SHA-256 of everything before it (versions 3 and 4)
 MAX_FILE_BYTES = 256 << 20  # a Conv4 ticket is well under 10 MB; refuse before reading more
 INT8_MIN_ELEMENTS = 1024  # smaller weights stay float32: a scale per channel would eat the saving
 INT8_LEVELS = 127  # symmetric int8: q in [-127, 127]
-_DERIVED = ("tensors", "payload_bytes", "payload_sha256", "nonzeros", "prunable", "density",
-            "values_dtype", "format", "version")
 
 
 @dataclass
@@ -125,7 +137,7 @@ class SmzModel:
     file (version 3) or of the payload (versions 1 and 2).
     """
 
-    manifest: dict[str, Any]
+    manifest: Manifest
     params: dict[str, np.ndarray]
     masks: dict[str, np.ndarray]
     extra: dict[str, np.ndarray] = field(default_factory=dict)
@@ -162,7 +174,7 @@ def _umask() -> int:
 
 def _atomic_write(path: Path, data: list[bytes]) -> None:
     """Temporary file + rename: an interrupted save never leaves a torn model behind."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, _FILE_MODE & ~_umask())  # mkstemp makes 0600: a model is for sharing
         with os.fdopen(fd, "wb") as fh:
@@ -299,29 +311,17 @@ def _rate_span(name: str, value: np.ndarray, rate: np.ndarray, entry: dict[str, 
     return out.add(rate, "<f4", name)
 
 
-def encode(
-    manifest: dict[str, Any],
-    params: dict[str, np.ndarray],
-    masks: dict[str, np.ndarray] | None = None,
-    fp16: bool = False,
-    extra: dict[str, np.ndarray] | None = None,
-    rates: dict[str, np.ndarray] | None = None,
-    *,
-    int8: bool = False,
-) -> list[bytes]:
-    """Header, section table, sections and checksum of a version-4 ``.smz`` file (see the
-    module docstring); ``rates`` are the learned inner learning rates of
-    ``manifest["lr_rule"]``. The complete manifest is checked against the reader's schema."""
-    if fp16 and int8:
-        raise SmzError("fp16 and int8 both set the weights' value type; choose one of them")
-    masks, rates, extra = masks or {}, rates or {}, extra or {}
-    riding: set[str] = set()  # names stored on a batch-norm bias entry
-    alpha = manifest.get("lr_rule") == "metasgd"
-    if set(rates) - set(params) or (rates and manifest.get("lr_rule") not in ("metasgd", "lslr")):
+ManifestLike = Manifest | dict[str, Any]
+
+
+def _entries(params: dict[str, np.ndarray], masks: dict[str, np.ndarray],
+             extra: dict[str, np.ndarray], rates: dict[str, np.ndarray], lr_rule: str,
+             value_dtype: np.dtype, int8: bool, out: _Payload) -> tuple[list[dict], int, int]:
+    """The tensor table's entries (their arrays added to ``out``), kept and prunable weights."""
+    if set(rates) - set(params) or (rates and lr_rule not in ("metasgd", "lslr")):
         raise SmzError(f"learned rates need lr_rule metasgd or lslr and a parameter each; got "
-                       f"lr_rule {manifest.get('lr_rule')!r} for {sorted(rates)[:3]}")
-    value_dtype = np.dtype("<f2") if fp16 else np.dtype("<f4")
-    out = _Payload()
+                       f"lr_rule {lr_rule!r} for {sorted(rates)[:3]}")
+    riding: set[str] = set()  # names stored on a batch-norm bias entry
     entries = []
     kept = total = 0
     for name, value in params.items():
@@ -336,7 +336,7 @@ def encode(
             total += mask.size
         if name in rates:
             entry["inner_lr"] = _rate_span(name, value, np.asarray(rates[name]), entry, mask,
-                                           alpha, out)
+                                           lr_rule == "metasgd", out)
         for key, (names, dt) in _riders(name).items():
             source = params if key == "running" else extra
             if names[0] in source:
@@ -351,8 +351,35 @@ def encode(
             value = np.asarray(value)
             entries.append({"name": name, "shape": list(value.shape), "encoding": "dense",
                             "dtype": "<f8", "extra": True, "values": out.add(value, "<f8", name)})
+    return entries, kept, total
+
+
+def encode(
+    manifest: ManifestLike,
+    params: dict[str, np.ndarray],
+    masks: dict[str, np.ndarray] | None = None,
+    fp16: bool = False,
+    extra: dict[str, np.ndarray] | None = None,
+    rates: dict[str, np.ndarray] | None = None,
+    *,
+    int8: bool = False,
+) -> list[bytes]:
+    """Header, section table, sections and checksum of a version-5 ``.smz`` file (see the
+    module docstring). ``manifest`` describes the model (a ``Manifest`` or its ``to_dict``;
+    what the arrays determine — tensor table, counts, value type, version — is derived here);
+    ``rates`` are the learned inner learning rates of its ``lr_rule``. The complete manifest is
+    checked against the reader's schema."""
+    if fp16 and int8:
+        raise SmzError("fp16 and int8 both set the weights' value type; choose one of them")
+    described = (manifest.describing() if isinstance(manifest, Manifest)
+                 else {k: v for k, v in manifest.items() if k not in DERIVED})
+    lr_rule = described.get("lr_rule", "scalar")  # the writer's input, checked below
+    out = _Payload()
+    entries, kept, total = _entries(params, masks or {}, extra or {}, rates or {}, lr_rule,
+                                    np.dtype("<f2") if fp16 else np.dtype("<f4"), int8, out)
+    sections = out.sections()  # sets the ranges' offsets: before the manifest is made
     full = {
-        **{k: v for k, v in manifest.items() if k not in _DERIVED},
+        **described,
         "format": "smz",
         "version": FORMAT_VERSION,
         "values_dtype": "int8" if int8 else "float16" if fp16 else "float32",
@@ -363,14 +390,13 @@ def encode(
         "payload_bytes": out.offset,
     }
     try:
-        schema.check_manifest(full)
+        typed = Manifest.from_dict(full)
     except schema.Invalid as exc:
         raise SmzError(f"refusing to write a file the reader would refuse: {exc}") from None
-    sections = out.sections()  # sets the ranges' offsets: before the manifest is written
-    text = json.dumps(full, separators=(",", ":")).encode()
+    text = json.dumps(typed.to_dict(), separators=(",", ":")).encode()
     sections.insert(0, (DEFLATE, _deflate(text), len(text)))
     table = b"".join(_SECTION.pack(codec, len(data), n) for codec, data, n in sections)
-    chunks = [_HEADER_V4.pack(MAGIC_V4, len(sections)), table, *(d for _, d, _ in sections)]
+    chunks = [_HEADER_V4.pack(MAGIC_V5, len(sections)), table, *(d for _, d, _ in sections)]
     digest = hashlib.sha256()
     for c in chunks:
         digest.update(c)
@@ -379,7 +405,7 @@ def encode(
 
 def save(
     path: str | os.PathLike,
-    manifest: dict[str, Any],
+    manifest: ManifestLike,
     params: dict[str, np.ndarray],
     masks: dict[str, np.ndarray] | None = None,
     fp16: bool = False,
@@ -388,10 +414,10 @@ def save(
     *,
     int8: bool = False,
 ) -> int:
-    """Write a ``.smz`` file atomically and return its size in bytes."""
+    """Write a ``.smz`` file atomically (a failed write leaves no file and any old one as it
+    was) and return its size in bytes."""
     path = Path(path)
-    if not path.parent.is_dir():
-        raise EdgeError(f"directory '{path.parent}' does not exist; create it or choose another path")
+    check_output(path)
     data = encode(manifest, params, masks, fp16, extra, rates, int8=int8)
     _atomic_write(path, data)
     return sum(len(c) for c in data)
@@ -484,42 +510,44 @@ def _check_legacy(raw: bytes, manifest: dict[str, Any], rest: memoryview, traile
     return rest, checksum
 
 
-def read_manifest(raw: bytes, source: str = "model") -> tuple[dict[str, Any], memoryview, str]:
-    """Parse the header and manifest and verify the checksum (versions 3 and 4: of everything;
-    1 and 2: of the payload) and the schema. Returns manifest, payload (decoded) and checksum
-    (hex)."""
+def read_manifest(raw: bytes, source: str = "model") -> tuple[Manifest, memoryview, str]:
+    """Parse the header and manifest and verify the checksum (versions 3 to 5: of everything;
+    1 and 2: of the payload) and the schema of the manifest's version. Returns the typed
+    manifest, the payload (decoded) and the checksum (hex)."""
     magic = raw[:4]
-    if len(raw) >= 4 and magic[:3] == MAGIC[:3] and magic not in (MAGIC, MAGIC_V4):
+    known = (MAGIC, *_SECTIONED)
+    if len(raw) >= 4 and magic[:3] == MAGIC[:3] and magic not in known:
         raise SmzError(f"'{source}' is a .smz file of a newer container ({magic[3]}) than this "
                        f"sparsemeta-edge reads (up to version {FORMAT_VERSION}) — update "
                        "sparsemeta-edge")
-    if len(raw) < _HEADER.size or magic not in (MAGIC, MAGIC_V4):
+    if len(raw) < _HEADER.size or magic not in known:
         raise SmzError(f"'{source}' is not a .smz model file (bad magic bytes)")
-    if magic == MAGIC_V4:
+    if magic in _SECTIONED:
         text, payload, checksum = _body_v4(raw, source)
     else:
         text, rest, trailer = _body_legacy(raw, source)
     try:
-        manifest = schema.parse_manifest(text)
+        parsed = schema.parse_manifest(text)
     except schema.Invalid as exc:
         raise _corrupt(source, f"is corrupt ({exc})") from None
-    version = manifest.get("version", 1)
+    version = parsed.get("version", 1)
     if type(version) is int and version > FORMAT_VERSION:
         raise SmzError(f"'{source}' is .smz version {version}; this sparsemeta-edge reads up to "
                        f"version {FORMAT_VERSION} — update sparsemeta-edge")
-    if (version == FORMAT_VERSION) != (magic == MAGIC_V4):
+    container = _CONTAINER.get(version) if type(version) is int else None
+    if container != magic and (magic in _SECTIONED or container is not None):
         raise _corrupt(source, f"is corrupt: a version-{printable(str(version)[:8])} manifest in "
-                               f"a container of version {'4' if magic == MAGIC_V4 else '1-3'}")
+                               f"a container of version {'1-3' if magic == MAGIC else magic[3]}")
     if magic == MAGIC:
-        payload, checksum = _check_legacy(raw, manifest, rest, trailer, source)
+        payload, checksum = _check_legacy(raw, parsed, rest, trailer, source)
     try:
-        schema.check_manifest(manifest)
+        manifest = Manifest.from_dict(parsed)
     except schema.Invalid as exc:
         raise schema.refuse(source, exc) from None
     return manifest, payload, checksum
 
 
-def _decode_entries(manifest: dict[str, Any], payload: memoryview, dtype: np.dtype,
+def _decode_entries(manifest: Manifest, payload: memoryview, dtype: np.dtype,
                     masks_found: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], ...]:
     """Params, masks, extra and rates of checked entries (every size already verified)."""
     params: dict[str, np.ndarray] = {}
@@ -527,7 +555,7 @@ def _decode_entries(manifest: dict[str, Any], payload: memoryview, dtype: np.dty
     extra: dict[str, np.ndarray] = {}
     rates: dict[str, np.ndarray] = {}
 
-    def read(span: list[int], dt: str) -> np.ndarray:
+    def read(span: tuple[int, int], dt: str) -> np.ndarray:
         start, length = span
         return np.frombuffer(payload[start:start + length], dtype=np.dtype(dt))
 
@@ -538,10 +566,10 @@ def _decode_entries(manifest: dict[str, Any], payload: memoryview, dtype: np.dty
         full[mask.ravel()] = values
         return full.reshape(shape)
 
-    for e in manifest["tensors"]:
-        name, shape = e["name"], tuple(e["shape"])
-        values = read(e["values"], e["dtype"])
-        if e.get("extra"):
+    for e in manifest.tensors:
+        name, shape = e.name, e.shape
+        values = read(e.values, e.dtype)
+        if e.extra:
             extra[name] = values.reshape(shape).copy()
             continue
         mask = masks_found.get(name)
@@ -550,18 +578,19 @@ def _decode_entries(manifest: dict[str, Any], payload: memoryview, dtype: np.dty
         elif is_prunable(name, shape):
             masks[name] = np.ones(shape, bool)
         params[name] = scatter(values, mask, shape)
-        if "scale" in e:  # int8: q · scale of the output channel
-            scale = read(e["scale"], "<f4").astype(dtype)
+        if e.scale is not None:  # int8: q · scale of the output channel
+            scale = read(e.scale, "<f4").astype(dtype)
             params[name].reshape(shape[0], -1)[...] *= scale[:, None]
-        if "inner_lr" in e:
-            if manifest.get("lr_rule") == "metasgd":
-                rate_dtype = "<f4" if e["dtype"] == "|i1" else e["dtype"]
-                rates[name] = scatter(read(e["inner_lr"], rate_dtype), mask, shape)
+        if e.inner_lr is not None:
+            if manifest.lr_rule == "metasgd":
+                rate_dtype = "<f4" if e.dtype == "|i1" else e.dtype
+                rates[name] = scatter(read(e.inner_lr, rate_dtype), mask, shape)
             else:
-                rates[name] = read(e["inner_lr"], "<f4").astype(dtype)
+                rates[name] = read(e.inner_lr, "<f4").astype(dtype)
         for key, (names, dt) in _riders(name).items():
-            if key in e:  # running: (steps, C) each, in the model's dtype; bn_stats: (C,)
-                pair = read(e[key], dt).reshape(2, -1, shape[-1])
+            span = e.span(key)
+            if span is not None:  # running: (steps, C) each, in the model's dtype; bn_stats: (C,)
+                pair = read(span, dt).reshape(2, -1, shape[-1])
                 target = params if key == "running" else extra
                 for n, array in zip(names, pair):
                     target[n] = array.astype(dtype) if key == "running" else array[0].copy()
@@ -596,20 +625,9 @@ def decode(raw: bytes, dtype: np.dtype | type = np.float32, source: str = "model
 
 
 def load(path: str | os.PathLike, dtype: np.dtype | type = np.float32) -> SmzModel:
-    """Read and verify a ``.smz`` file (any defect → ``SmzError``, one line)."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        if path.is_file() and size > MAX_FILE_BYTES:
-            raise SmzError(f"'{path}' has {size} bytes, more than any .smz model "
-                           f"({MAX_FILE_BYTES >> 20} MiB); is it the right file?")
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise EdgeError(f"model file '{path}' does not exist") from None
-    except IsADirectoryError:
-        raise EdgeError(f"'{path}' is a directory, not a .smz model file") from None
-    except OSError as exc:
-        raise EdgeError(f"cannot read '{path}' ({exc.strerror})") from None
+    """Read and verify a ``.smz`` file (any defect → ``SmzError``, one line); anything but a
+    regular file of at most ``MAX_FILE_BYTES`` is refused before it is read."""
+    raw = read_regular(path, MAX_FILE_BYTES, "model file")
     return decode(raw, dtype, str(path))
 
 
@@ -617,11 +635,11 @@ def save_model(path: str | os.PathLike, model: SmzModel, fp16: bool | None = Non
                int8: bool | None = None) -> int:
     """Write a loaded (possibly fine-tuned) model back, keeping its manifest and value dtype
     (an int8 model is quantised again: fine-tuned weights are off the old grid)."""
-    stored = model.manifest.get("values_dtype")
+    stored = model.manifest.values_dtype
     fp16 = stored == "float16" if fp16 is None else fp16
     int8 = stored == "int8" and not fp16 if int8 is None else int8
-    base = {k: v for k, v in model.manifest.items() if k not in _DERIVED}
-    return save(path, base, model.params, model.masks, fp16, model.extra, model.rates, int8=int8)
+    return save(path, model.manifest, model.params, model.masks, fp16, model.extra, model.rates,
+                int8=int8)
 
 
 def size_bound(model: SmzModel) -> int:
@@ -631,7 +649,7 @@ def size_bound(model: SmzModel) -> int:
     Meta-SGD's α 32 bits per kept weight (its weight's mask serves it, no bits of its own) or
     per value of a dense tensor; MAML++'s per-step rates 32 bits each. (int8 stays far below:
     8 bits per kept weight + 32 per output channel.)"""
-    names = model.manifest.get("class_names")
+    names = model.manifest.class_names
     bits = 8 * len(json.dumps(names).encode()) if names else 0
     for name, value in model.params.items():
         if name in model.masks:
