@@ -85,7 +85,7 @@ def test_data_preview_contact_sheet_shows_the_requested_classes_and_examples(tmp
     out = tmp_path / "sheet.png"
     assert main(["data", "preview", "glyphs", "--out", str(out), "--classes", "3",
                  "--per-class", "4", "--split", "val"]) == 0
-    data = load_data(build_config(preset_for("glyphs"), ["data.name=glyphs"]))
+    data = load_data(build_config(preset_for("glyphs"), ["data.name=glyphs"]).data_spec())
     c, h, w = data.images.shape[1:]
     assert c == 1
     pad, scale = 2, max(1, 64 // h)

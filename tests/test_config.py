@@ -9,20 +9,18 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from sparsemeta.config import (
     Config,
     DataConfig,
-    EarlyBirdConfig,
     EvalConfig,
-    L1Config,
     MamlppConfig,
     MetaConfig,
     MetaMixConfig,
     ModelConfig,
     PruneConfig,
-    RiglConfig,
     TrainConfig,
     build_config,
     config_from_dict,
@@ -30,7 +28,11 @@ from sparsemeta.config import (
     format_keys,
     preset_names,
 )
+from sparsemeta.experiments.methods.earlybird import EarlyBirdSettings
+from sparsemeta.experiments.methods.l1 import L1Settings
+from sparsemeta.experiments.methods.rigl import RiglSettings
 from sparsemeta.foundations.errors import UserError
+from sparsemeta.meta.engine import resolve_engine
 
 
 def test_default_preset_is_glyphs_quick_and_overrides_apply_with_types():
@@ -106,7 +108,8 @@ def test_float_written_1e_minus_3_in_a_yaml_file_reads_as_a_number(tmp_path):
     path = tmp_path / "lr.yaml"
     path.write_text("train: {meta_lr: 1e-3}\nmamlpp: {min_meta_lr: 1E-5}\nl1: {lambda: 2e-4}\n")
     cfg = build_config(str(path))
-    assert (cfg.train.meta_lr, cfg.mamlpp.min_meta_lr, cfg.l1.lambda_) == (0.001, 1e-5, 2e-4)
+    assert (cfg.train.meta_lr, cfg.mamlpp.min_meta_lr, cfg.section("l1").lambda_) == (
+        0.001, 1e-5, 2e-4)
     assert cfg.to_dict()["train"]["meta_lr"] == 0.001  # saved as a number, not a string
 
 
@@ -135,7 +138,7 @@ def test_every_float_field_refuses_non_finite_values_naming_the_key(key, raw):
 
 def test_non_finite_values_are_refused_by_validate_too():
     cfg = Config()
-    cfg.rigl.drop_fraction = math.nan
+    cfg.section("rigl").drop_fraction = math.nan
     with pytest.raises(UserError, match=r"rigl\.drop_fraction must be a finite number"):
         cfg.validate()
 
@@ -164,18 +167,22 @@ def test_learning_rates_are_positive_and_ordered(override, fragment):
     (MamlppConfig, "epoch_iterations", 0, "mamlpp.epoch_iterations must be >= 1"),
     (MetaMixConfig, "beta", 0.0, "metamix.beta must be > 0"),
     (PruneConfig, "rewind", "step:0", "prune.rewind must be init, none or step:K"),
-    (L1Config, "lambda_", -1.0, "l1.lambda must be >= 0"),
-    (RiglConfig, "end_fraction", 1.5, "rigl.end_fraction must be in (0, 1]"),
-    (EarlyBirdConfig, "window", 0, "earlybird.window must be >= 1"),
+    (L1Settings, "lambda_", -1.0, "l1.lambda must be >= 0"),
+    (RiglSettings, "end_fraction", 1.5, "rigl.end_fraction must be in (0, 1]"),
+    (EarlyBirdSettings, "window", 0, "earlybird.window must be >= 1"),
 ])
 def test_each_section_validates_itself_naming_the_dotted_key(section, field, value, fragment):
     assert section().validate() is None  # defaults are valid
     bad = dataclasses.replace(section(), **{field: value})
     with pytest.raises(UserError, match=re.escape(fragment)):
         bad.validate()
-    cfg = Config()  # and Config.validate reaches it
-    setattr(cfg, next(f.name for f in dataclasses.fields(cfg)
-                      if isinstance(getattr(cfg, f.name), section)), bad)
+    cfg = Config()  # and Config.validate reaches it, a method's own section too
+    added = next((k for k, v in cfg.sections.items() if isinstance(v, section)), None)
+    if added is not None:
+        cfg.sections[added] = bad
+    else:
+        setattr(cfg, next(f.name for f in dataclasses.fields(cfg)
+                          if isinstance(getattr(cfg, f.name), section)), bad)
     with pytest.raises(UserError, match=re.escape(fragment)):
         cfg.validate()
 
@@ -344,16 +351,42 @@ def test_config_from_dict_round_trips_to_dict():
     assert again == cfg and list(again.to_dict()) == list(cfg.to_dict())
 
 
-@pytest.mark.parametrize("overrides, fragment", [
-    (["train.grouped=true", "train.vmap=true"], "train.grouped and train.vmap are two batched"),
-    (["train.grouped=true", "meta.bn=running"], "train.grouped=true cannot compute meta.bn=running"),
-    (["train.grouped=true", "meta.mix=metamix", "data.queries=1"],
-     "train.grouped=true cannot compute meta.mix=metamix"),
+@pytest.mark.parametrize("overrides, fragment, auto_on_cuda", [
+    (["train.engine=grouped", "meta.bn=running"],
+     "train.engine=grouped cannot run this learner: meta.bn=running", "loop"),
+    (["train.engine=grouped", "meta.mix=metamix", "data.queries=1"],
+     "train.engine=grouped cannot run this learner: MetaMix", "loop"),
+    (["train.engine=vmap", "meta.adapt=head"], "train.engine=vmap cannot run this learner",
+     "grouped"),
+    (["train.engine=vmap", "meta.algorithm=mamlpp"], "mamlpp.multi_step_loss=false", "grouped"),
 ])
-def test_grouped_core_is_refused_up_front_where_it_cannot_compute_the_loops_result(
-        overrides, fragment):
+def test_an_engine_is_refused_up_front_where_it_cannot_compute_the_loops_result(
+        overrides, fragment, auto_on_cuda):
+    cfg = build_config(overrides=overrides)
     with pytest.raises(UserError, match=re.escape(fragment)):
-        build_config(overrides=overrides)
-    # null (auto) takes the loop for these instead of refusing
-    auto = build_config(overrides=[o for o in overrides if not o.startswith("train.grouped")])
-    assert auto.train.grouped is None
+        resolve_engine(cfg, torch.device("cpu"))
+    # auto takes a core that can compute it instead of refusing
+    auto = build_config(overrides=[o for o in overrides if not o.startswith("train.engine")])
+    assert resolve_engine(auto, torch.device("cpu")).core == "loop"
+    assert resolve_engine(auto, torch.device("cuda")).core == auto_on_cuda
+
+
+def test_auto_takes_the_grouped_core_on_cuda_and_the_loop_on_the_cpu():
+    cfg = build_config()
+    assert resolve_engine(cfg, torch.device("cpu")).core == "loop"
+    assert resolve_engine(cfg, torch.device("cuda")).core == "grouped"
+
+
+@pytest.mark.parametrize("saved, engine", [
+    ({"vmap": True, "grouped": None}, "vmap"), ({"vmap": False, "grouped": True}, "grouped"),
+    ({"vmap": False, "grouped": False}, "loop"), ({"vmap": False, "grouped": None}, "auto")])
+def test_a_config_saved_with_the_old_engine_keys_still_loads(saved, engine):
+    old = Config().to_dict()
+    old["train"].pop("engine")
+    old["train"].update(saved)
+    assert config_from_dict(old).train.engine == engine
+
+
+def test_the_old_engine_keys_in_user_input_name_the_new_key():
+    with pytest.raises(UserError, match=r"'train.grouped' is now train.engine"):
+        build_config(overrides=["train.grouped=true"])

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from sparsemeta.config import build_config
 from sparsemeta.training.distributed import init_from_env, shutdown
-from sparsemeta.training.loop import train
+from sparsemeta.training.loop import train_config as train
 from tests.conftest import make_data
 
 OVERRIDES = ["device=cpu", "data.image_size=16", "model.filters=8", "train.iterations=4",
@@ -95,7 +95,7 @@ def test_more_processes_than_tasks_is_refused(tmp_path):
         "from sparsemeta.config import build_config\n"
         "from sparsemeta.training.distributed import init_from_env, shutdown\n"
         "from sparsemeta.foundations.errors import UserError\n"
-        "from sparsemeta.training.loop import train\n"
+        "from sparsemeta.training.loop import train_config as train\n"
         "from tests.conftest import make_data\n"
         "init_from_env(torch.device('cpu'))\n"
         "try:\n"

@@ -23,12 +23,13 @@ from sparsemeta.experiments.export import (
 )
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.foundations.io import write_json
-from sparsemeta.meta.learners import build_learner
+from sparsemeta.meta.learners import build_learner, model_spec
 from sparsemeta.models.conv4 import build_model
 from sparsemeta.sparsity.masks import prunable_names, save_mask
 from sparsemeta.sparsity.prune import random_filter_mask
 from sparsemeta.training.rundir import Evaluation, RunDir, RunResult
 from sparsemeta_edge import smz
+from sparsemeta_edge.manifest import Architecture
 
 OVERRIDES = ["device=cpu", "data.image_size=28", "model.filters=16", "meta.bn=support",
              "meta.inner_lr=0.3", "meta.eval_inner_steps=5"]
@@ -57,7 +58,7 @@ def make_run(run: Path, density: float, seed: int = 0, overrides: list[str] | No
     learned = {k: v for k, v in build_learner(cfg, 1).state_dict().items()
                if k.startswith("inner_lr.")}
     torch.manual_seed(seed)
-    model = build_model(cfg, in_channels=1)
+    model = build_model(model_spec(cfg, 1))
     g = torch.Generator().manual_seed(seed + 2)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -122,13 +123,14 @@ def test_manifest_carries_what_adaptation_needs(tmp_path):
     export_run(tmp_path / "run", tmp_path / "m.smz")
     loaded = smz.load(tmp_path / "m.smz")
     m = loaded.manifest
-    assert m["architecture"] == {"name": "conv4", "in_channels": 1, "image_size": 28,
-                                 "filters": 16, "layer_filters": [16] * 4,
-                                 "downsample": "maxpool", "ways": 5}
-    assert (m["bn"], m["inner_lr"], m["inner_steps"], m["algorithm"]) == ("support", 0.3, 5, "maml")
-    assert m["input"]["size"] == 28 and m["input"]["channels"] == 1
-    assert m["input"]["mean"] == [0.0] and m["input"]["std"] == [1.0]  # glyphs: x / 255
-    assert len(loaded.checksum) == 64 and m["density"] == pytest.approx(0.3, abs=0.02)
+    assert m.architecture == Architecture(in_channels=1, image_size=28, filters=16,
+                                          layer_filters=(16,) * 4, downsample="maxpool", ways=5)
+    # the config's names: meta.inner_steps (meta-training, 1) and meta.eval_inner_steps (5)
+    assert (m.bn, m.inner_lr, m.inner_steps, m.eval_inner_steps, m.algorithm) == (
+        "support", 0.3, 1, 5, "maml")
+    assert m.input.size == 28 and m.input.channels == 1
+    assert m.input.mean == (0.0,) and m.input.std == (1.0,)  # glyphs: x / 255
+    assert len(loaded.checksum) == 64 and m.density == pytest.approx(0.3, abs=0.02)
 
 
 def test_checksum_mismatch_and_truncation_are_detected(tmp_path):
@@ -156,14 +158,14 @@ def test_fp16_halves_the_value_bytes(tmp_path):
 
     def value_bytes(path: Path) -> int:
         m = smz.load(path).manifest
-        return sum(t["values"][1] for t in m["tensors"] if len(t["shape"]) >= 2)
+        return sum(t.values[1] for t in m.tensors if len(t.shape) >= 2)
 
     assert value_bytes(tmp_path / "b.smz") * 2 == value_bytes(tmp_path / "a.smz")
     # stored deflated (version 4): float32's exponent bytes compress a little better than
     # float16's, so the file saves a little less than half of the decoded value bytes
     assert r32["bytes"] - r16["bytes"] > 0.4 * value_bytes(tmp_path / "a.smz")
     m16 = smz.load(tmp_path / "b.smz")
-    assert m16.manifest["values_dtype"] == "float16"
+    assert m16.manifest.values_dtype == "float16"
     for k, v in made["state"].items():
         expect = (v * made["mask"][k]).numpy() if k in made["mask"] else v.numpy()
         tol = 1e-3 if k in made["mask"] else 0.0  # biases and batch norm stay fp32
@@ -187,7 +189,7 @@ def test_experiment_export_picks_sparsest_level_within_dense_ci_on_validation(tm
     result = export_experiment(exp, tmp_path / "t.smz")
     assert result["level"] == 2 and "level 2" in result["choice"]
     assert "on validation" in result["choice"]
-    assert smz.load(tmp_path / "t.smz").manifest["source"]["run"].endswith("level_02/ticket")
+    assert smz.load(tmp_path / "t.smz").manifest.source.run.endswith("level_02/ticket")
     assert export_experiment(exp, tmp_path / "t3.smz", level=3)["level"] == 3
 
     (exp / "summary.json").unlink()  # the choice reads the runs' eval.json files alone
@@ -242,14 +244,14 @@ def test_metasgd_alpha_is_stored_for_kept_weights_only(tmp_path, fp16):
     result = export_run(tmp_path / "run", tmp_path / "m.smz", fp16=fp16)
     model = smz.load(tmp_path / "m.smz")
     man = model.manifest
-    assert (man["algorithm"], man["lr_rule"], man["version"]) == ("metasgd", "metasgd", smz.FORMAT_VERSION)
+    assert (man.algorithm, man.lr_rule, man.version) == ("metasgd", "metasgd", smz.FORMAT_VERSION)
     width = 2 if fp16 else 4
-    for t in man["tensors"]:
-        name, shape = t["name"], tuple(t["shape"])
+    for t in man.tensors:
+        name, shape = t.name, t.shape
         alpha = state[f"inner_lr.{name}"]
-        kept = int(mask[name].sum()) if t["encoding"] == "sparse" else alpha.numel()
+        kept = int(mask[name].sum()) if t.encoding == "sparse" else alpha.numel()
         small = name not in mask or ".bn." in name
-        assert t["inner_lr"][1] == kept * (4 if small else width), name  # no α of pruned weights
+        assert t.inner_lr[1] == kept * (4 if small else width), name  # no α of pruned weights
         expect = (alpha * mask[name] if name in mask else alpha).numpy()
         if fp16 and not small:
             np.testing.assert_allclose(model.rates[name], expect, rtol=1e-3)
@@ -261,10 +263,10 @@ def test_metasgd_alpha_is_stored_for_kept_weights_only(tmp_path, fp16):
     bound = (bits + 2 * 32 * kept + 2 * 32 * small) / 8 + 4096
     assert result["bytes"] == (tmp_path / "m.smz").stat().st_size <= bound
     assert result["bytes"] <= smz.size_bound(model) <= bound
-    values = sum(t["values"][1] for t in man["tensors"])
-    assert sum(t["inner_lr"][1] for t in man["tensors"]) == values  # α costs what θ costs
+    values = sum(t.values[1] for t in man.tensors)
+    assert sum(t.inner_lr[1] for t in man.tensors) == values  # α costs what θ costs
     assert result["dense_fp32_bytes"] == 4 * sum(v.numel() for v in state.values())
-    assert result["bytes"] - man["payload_bytes"] <= 4096  # header and manifest: the slack
+    assert result["bytes"] - man.payload_bytes <= 4096  # header and manifest: the slack
 
 
 def test_lslr_per_step_and_running_batch_norm_round_trip_exactly(tmp_path):
@@ -275,9 +277,9 @@ def test_lslr_per_step_and_running_batch_norm_round_trip_exactly(tmp_path):
     export_run(tmp_path / "run", tmp_path / "m.smz")
     model = smz.load(tmp_path / "m.smz")
     man = model.manifest
-    assert (man["algorithm"], man["lr_rule"], man["bn"], man["bn_steps"]) == (
-        "mamlpp", "lslr", "running", 3)
-    assert (man["inner_steps"], man["train_inner_steps"], man["version"]) == (3, 2, smz.FORMAT_VERSION)
+    assert (man.algorithm, man.lr_rule, man.bn, man.bn_steps) == ("mamlpp", "lslr", "running", 3)
+    # version 5 names the steps as the config does: meta.inner_steps, meta.eval_inner_steps
+    assert (man.inner_steps, man.eval_inner_steps, man.version) == (2, 3, smz.FORMAT_VERSION)
     assert list(model.params) == [k for k in state if not k.startswith("inner_lr.")]
     for k, v in state.items():
         if k.startswith("inner_lr."):
@@ -289,11 +291,11 @@ def test_lslr_per_step_and_running_batch_norm_round_trip_exactly(tmp_path):
     assert "blocks.2.bn.running_var" not in model.masks  # statistics are never pruned
     assert "blocks.1.bn.weight" not in mask and "blocks.1.bn.weight" not in model.masks
     bits, kept, _ = _kept_bits(state, mask)
-    assert man["nonzeros"] == kept and man["prunable"] == bits
+    assert man.nonzeros == kept and man.prunable == bits
     assert (tmp_path / "m.smz").stat().st_size <= smz.size_bound(model)
     plain = make_run(tmp_path / "plain", 0.3)
     export_run(tmp_path / "plain", tmp_path / "p.smz")
-    assert smz.load(tmp_path / "p.smz").manifest["version"] == 4  # every file is written as 4
+    assert smz.load(tmp_path / "p.smz").manifest.version == 5  # every file is written as 5
     assert not plain["state"].keys() - smz.load(tmp_path / "p.smz").params.keys()
     text = export_command(tmp_path / "run", tmp_path / "c.smz")
     assert "adaptation: mamlpp, learned rates per layer and step, batch norm 'running', " \
@@ -304,17 +306,18 @@ def test_newer_format_versions_are_refused_with_what_to_do(tmp_path):
     make_run(tmp_path / "run", 0.5)
     export_run(tmp_path / "run", tmp_path / "m.smz")
     raw = (tmp_path / "m.smz").read_bytes()
-    assert raw[:4] == smz.MAGIC_V4
-    manifest, payload, _ = smz.read_manifest(raw)
+    assert raw[:4] == smz.MAGIC_V5
+    typed, payload, _ = smz.read_manifest(raw)
+    manifest = typed.to_dict()
     manifest["version"] = smz.FORMAT_VERSION + 1
     text = json.dumps(manifest).encode()
     table = struct.pack("<BII", smz.DEFLATE, len(packed := smz._deflate(text)), len(text))
     table += struct.pack("<BII", smz.RAW, len(payload), len(payload))
-    body = smz.MAGIC_V4 + b"\x02" + table + packed + bytes(payload)
+    body = smz.MAGIC_V5 + b"\x02" + table + packed + bytes(payload)
     with pytest.raises(smz.SmzError, match=f"version {smz.FORMAT_VERSION + 1}; .* update sparsemeta-edge"):
         smz.decode(body + hashlib.sha256(body).digest())
     with pytest.raises(smz.SmzError, match="newer container .* update sparsemeta-edge"):
-        smz.decode(b"SMZ\x05" + raw[4:])
+        smz.decode(b"SMZ\x06" + raw[4:])
 
 
 def make_filter_run(run: Path, keep_fraction: float = 0.5, seed: int = 0,
@@ -338,25 +341,25 @@ def test_filter_pruned_ticket_exports_as_a_smaller_dense_conv4(tmp_path):
     result = export_run(tmp_path / "run", out)
     model = smz.load(out)
     man = model.manifest
-    assert man["architecture"]["filters"] == 16 and man["architecture"]["layer_filters"] == [8] * 4
-    assert {t["encoding"] for t in man["tensors"]} == {"dense"}  # no bitmask left to store
+    assert man.architecture.filters == 16 and man.architecture.layer_filters == (8,) * 4
+    assert {t.encoding for t in man.tensors} == {"dense"}  # no bitmask left to store
     shapes = {k: v.shape for k, v in model.params.items()}
     assert shapes["blocks.0.conv.weight"] == (8, 1, 3, 3)
     assert shapes["blocks.2.conv.weight"] == (8, 8, 3, 3) and shapes["blocks.2.bn.bias"] == (8,)
     assert shapes["head.weight"] == (5, 8)  # rows stay; columns of removed filters go
     kept = {k: int(v.sum()) for k, v in made["mask"].items()}
-    assert man["nonzeros"] == sum(kept.values()) == 8 * 9 + 3 * 8 * 8 * 9 + 5 * 8
-    assert result["density"] == pytest.approx(man["nonzeros"] / 7136)  # of the 16-filter Conv4
+    assert man.nonzeros == sum(kept.values()) == 8 * 9 + 3 * 8 * 8 * 9 + 5 * 8
+    assert result["density"] == pytest.approx(man.nonzeros / 7136)  # of the 16-filter Conv4
     # size: 4 bytes per value of the 8-filter network plus header and manifest, no mask bits
     values = sum(v.size for v in model.params.values())
-    assert man["payload_bytes"] == 4 * values
-    assert not any("mask" in t for t in man["tensors"])
-    text = json.dumps(man, separators=(",", ":")).encode()  # stored deflated (version 4)
+    assert man.payload_bytes == 4 * values
+    assert not any(t.mask is not None for t in man.tensors)
+    text = json.dumps(man.to_dict(), separators=(",", ":")).encode()  # stored deflated
     assert result["bytes"] <= 5 + 9 * 2 + len(smz._deflate(text)) + 4 * values + smz.TRAILER_BYTES
     assert result["bytes"] == export_bytes(tmp_path / "run") == out.stat().st_size
     assert result["dense_fp32_bytes"] == 4 * 7333 and 4 * values / result["dense_fp32_bytes"] < 0.27
     # the same parameter count unstructured needs bitmasks: the structured file is smaller
-    make_run(tmp_path / "u", man["nonzeros"] / 7136)
+    make_run(tmp_path / "u", man.nonzeros / 7136)
     assert result["bytes"] < export_run(tmp_path / "u", tmp_path / "u.smz")["bytes"]
     assert "compacted to 8/8/8/8 filters" in export_command(tmp_path / "run", tmp_path / "c.smz")
 

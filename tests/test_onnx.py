@@ -11,7 +11,7 @@ from sparsemeta.config import build_config
 from sparsemeta.data.tasks import sampler_for
 from sparsemeta.experiments.onnx import inference_learner
 from sparsemeta.sparsity.masks import full_mask
-from sparsemeta.training.loop import train
+from sparsemeta.training.loop import train_config as train
 from tests.conftest import make_data
 
 ort = pytest.importorskip("onnxruntime")
@@ -34,7 +34,7 @@ def test_onnx_runtime_gives_pytorchs_logits_for_a_masked_ticket(tmp_path, bn, ca
     assert main(["export", str(tmp_path / "run"), "--format", "onnx", "--out", str(out)]) == 0
     assert "ONNX opset" in capsys.readouterr().out
 
-    task = sampler_for(cfg, data, "test").task(0)
+    task = sampler_for(cfg.task_spec(), data, "test").task(0)
     learner = inference_learner(tmp_path / "run")
     with torch.no_grad():
         expect = learner.logits(dict(learner.model.named_parameters()), task.query_x).numpy()
@@ -47,9 +47,10 @@ def test_onnx_runtime_gives_pytorchs_logits_for_a_masked_ticket(tmp_path, bn, ca
 
 
 def inference_learner_shapes(cfg):
+    from sparsemeta.meta.learners import model_spec
     from sparsemeta.models.conv4 import build_model
 
-    return build_model(cfg, 1)
+    return build_model(model_spec(cfg, 1))
 
 
 def test_onnx_refuses_the_smz_only_options(tmp_path, capsys):

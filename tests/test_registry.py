@@ -20,11 +20,12 @@ from sparsemeta.experiments.methods.base import Branch, Method, SeedRun
 from sparsemeta.experiments.methods.rigl import RigLHooks
 from sparsemeta.experiments.report import write_report
 from sparsemeta.experiments.runner import parse_methods, planned_runs, run_experiment
+from sparsemeta.meta.engine import Engine
 from sparsemeta.sparsity.masks import load_mask
 from sparsemeta.sparsity.prune import magnitude_prune
 from sparsemeta.training import loop, rundir
 from sparsemeta.training.evaluate import evaluate
-from sparsemeta.training.loop import train
+from sparsemeta.training.loop import train_config as train
 from sparsemeta.training.rundir import RunDir, level_dir
 from sparsemeta_edge import smz
 from tests.conftest import make_data
@@ -52,7 +53,7 @@ TOY = Method(name="toy", help="magnitude pruning at initialisation",
 def toy():
     methods.register(TOY)
     yield TOY
-    methods.METHODS.pop(TOY.name)
+    methods.unregister(TOY.name)
 
 
 def test_a_method_added_through_the_registry_alone_runs_reports_and_tunes(toy, tmp_path, capsys):
@@ -92,9 +93,8 @@ def test_rigl_export_is_the_model_eval_json_scored_though_the_mask_moved_later(
     data = make_data()
     real = loop.evaluate
 
-    def best_at_three(learner, params, sampler, tasks, steps, device="cpu", progress=False,
-                      grouped=False):
-        res = real(learner, params, sampler, tasks, steps, device, progress, grouped)
+    def best_at_three(engine, learner, params, sampler, tasks, steps, progress=False):
+        res = real(engine, learner, params, sampler, tasks, steps, progress)
         if sampler.split != "val":
             return res
         fake = 0.9 if not hasattr(best_at_three, "seen") else 0.1  # the first validation wins
@@ -117,18 +117,20 @@ def test_rigl_export_is_the_model_eval_json_scored_though_the_mask_moved_later(
     for k, m in best_mask.items():
         np.testing.assert_array_equal(model.masks[k], m.numpy())
     learner = torch_learner(model)
-    ev = real(learner, dict(learner.model.named_parameters()), sampler_for(cfg, data, "test"),
-              cfg.eval.tasks, cfg.meta.eval_inner_steps)
+    ev = real(Engine(), learner, dict(learner.model.named_parameters()),
+              sampler_for(cfg.task_spec(), data, "test"), cfg.eval.tasks,
+              cfg.meta.eval_inner_steps)
     assert ev.accuracy == pytest.approx(result.evaluation.accuracy, abs=1e-12)
     assert [r["accuracy"] for r in ev.per_step] == pytest.approx(
         [r["accuracy"] for r in result.evaluation.per_step], abs=1e-12)
 
 
 def make_model_params(cfg, data) -> dict[str, torch.Tensor]:
+    from sparsemeta.meta.learners import model_spec
     from sparsemeta.models.conv4 import build_model
     from sparsemeta.sparsity.masks import prunable_names
 
-    params = dict(build_model(cfg, data.channels).named_parameters())
+    params = dict(build_model(model_spec(cfg, data.channels)).named_parameters())
     return {k: params[k] for k in prunable_names(params)}
 
 

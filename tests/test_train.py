@@ -17,9 +17,10 @@ from sparsemeta.data.tasks import sampler_for
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.foundations.stats import mean_ci95, t975
 from sparsemeta.meta.core import MetaLearner
+from sparsemeta.meta.engine import Engine
 from sparsemeta.meta.learners import build_learner
 from sparsemeta.training.evaluate import evaluate
-from sparsemeta.training.loop import train
+from sparsemeta.training.loop import train_config as train
 from tests.conftest import make_data
 
 OVERRIDES = ["device=cpu", "data.image_size=16", "model.filters=8", "train.iterations=6",
@@ -73,7 +74,7 @@ _KILLED_CHILD = """
 import os, signal, sys
 from sparsemeta.config import build_config
 from sparsemeta.meta.core import MetaLearner
-from sparsemeta.training.loop import train
+from sparsemeta.training.loop import train_config as train
 from tests.conftest import make_data
 
 real, calls = MetaLearner.meta_gradient_step, []
@@ -180,8 +181,9 @@ def test_training_beats_the_untrained_model_and_the_result_is_the_validation_cho
     # from the run directory's files, and eval.json holds that same result
     learner = build_learner(cfg, data.channels)
     learner.load_state_dict(torch.load(tmp_path / "trained" / "best.pt", weights_only=True))
-    again = evaluate(learner, dict(learner.model.named_parameters()),
-                     sampler_for(cfg, data, "test"), cfg.eval.tasks, cfg.meta.eval_inner_steps)
+    again = evaluate(Engine(), learner, dict(learner.model.named_parameters()),
+                     sampler_for(cfg.task_spec(), data, "test"), cfg.eval.tasks,
+                     cfg.meta.eval_inner_steps)
     assert again == ev
     saved = json.loads((tmp_path / "trained" / "eval.json").read_text())
     assert saved == json.loads(json.dumps(res.to_dict()))
@@ -189,18 +191,18 @@ def test_training_beats_the_untrained_model_and_the_result_is_the_validation_cho
 
 def test_vmap_option_routes_meta_batches_through_the_vmap_path(tmp_path, monkeypatch):
     """Equality of the vmap and loop meta-gradients is tested in float64 in test_batched."""
-    import sparsemeta.training.loop as train_mod
+    import sparsemeta.meta.engine as engine_mod
 
     calls = []
-    real = train_mod.vmap_meta_gradient_step
+    real = engine_mod.vmap_meta_gradient_step
 
     def spy(learner, params, tasks):
         calls.append(len(tasks))
         return real(learner, params, tasks)
 
-    monkeypatch.setattr(train_mod, "vmap_meta_gradient_step", spy)
+    monkeypatch.setattr(engine_mod, "vmap_meta_gradient_step", spy)
     data = make_data()
-    res = train(build_config(overrides=OVERRIDES + ["train.vmap=true"]), tmp_path / "vmap",
+    res = train(build_config(overrides=OVERRIDES + ["train.engine=vmap"]), tmp_path / "vmap",
                 data=data, progress=False)
     assert calls == [2] * 6
     # and it trains the same model as the loop (float32: equal up to rounding)
@@ -238,7 +240,7 @@ def test_grouped_option_routes_training_and_evaluation_through_the_grouped_core(
     monkeypatch.setattr(Grouped, "meta_gradient_step", step)
     monkeypatch.setattr(Grouped, "evaluate_tasks", evaluate_tasks)
     data = make_data()
-    cfg = build_config(overrides=OVERRIDES + ["train.grouped=true"])
+    cfg = build_config(overrides=OVERRIDES + ["train.engine=grouped"])
     res = train(cfg, tmp_path / "grouped", data=data, progress=False)
     assert calls["meta_batch"] == [cfg.train.meta_batch] * cfg.train.iterations
     validations = cfg.train.iterations // cfg.train.val_every

@@ -13,7 +13,7 @@ import torch
 from sparsemeta.cli import main
 from sparsemeta.config import build_config
 from sparsemeta.data.tasks import Task
-from sparsemeta.experiments.methods.earlybird import EarlyBirdHooks
+from sparsemeta.experiments.methods.earlybird import EarlyBirdHooks, EarlyBirdSettings
 from sparsemeta.experiments.methods.rigl import RigLHooks
 from sparsemeta.experiments.runner import run_experiment
 from sparsemeta.foundations.errors import UserError
@@ -21,9 +21,11 @@ from sparsemeta.foundations.io import load_tensors
 from sparsemeta.meta.core import MetaLearner, accuracy
 from sparsemeta.meta.learners import build_learner
 from sparsemeta.sparsity.masks import full_mask, load_mask
+from sparsemeta.sparsity.prune import MagnitudeRule
 from sparsemeta.training import rundir
 from sparsemeta.training.hooks import StepContext
-from sparsemeta.training.loop import Diverged, train
+from sparsemeta.training.loop import Diverged
+from sparsemeta.training.loop import train_config as train
 from sparsemeta.training.rundir import level_dir
 from tests.conftest import make_data
 
@@ -110,7 +112,8 @@ def test_an_early_bird_stop_survives_a_crash_before_eval_json(tmp_path):
     data = make_data()
 
     def hooks() -> EarlyBirdHooks:
-        return EarlyBirdHooks(0.2, "layerwise", 0.5, epsilon=0.99, every=1, window=2)
+        return EarlyBirdHooks(MagnitudeRule(0.2, "layerwise", 0.5),
+                              EarlyBirdSettings(epsilon=0.99, every=1, window=2))
 
     first = train(cfg, tmp_path / "a", data=data, progress=False, hooks=hooks(), test=False)
     assert first.iterations_run == 3  # two distances, both below ε, after steps 2 and 3
@@ -147,7 +150,7 @@ def test_rigls_scoring_pass_leaves_running_batch_norm_statistics_alone():
     learner: MetaLearner = build_learner(cfg, 1, mask)
     from sparsemeta.data.tasks import sampler_for
 
-    tasks: list[Task] = [sampler_for(cfg, data, "train").task(i) for i in range(2)]
+    tasks: list[Task] = [sampler_for(cfg.task_spec(), data, "train").task(i) for i in range(2)]
     params = dict(learner.model.named_parameters())
     opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
     before = {k: b.clone() for k, b in learner.model.named_buffers()}
@@ -195,7 +198,7 @@ def finished_run(tmp_path_factory):
 @pytest.mark.parametrize("args, fragment", [
     (["config", "show", "--set", "seed=99999999999999999999"], "seed must be <= 4294967295"),
     (["config", "show", "--set", "model.filters=100000"], "model.filters must be <= 4096"),
-    (["run", "--workers", "0", *TINY_CLI], "--workers must be >= 1"),
+    (["run", "--workers", "0", *TINY_CLI], "--workers must be an integer >= 1"),
     (["run", "--method", "", *TINY_CLI], "--method is empty"),
     (["run", "--controls", "", *TINY_CLI], "--controls is empty"),
     (["eval", "{run}", "--tasks", "0"], "--tasks must be >= 1"),

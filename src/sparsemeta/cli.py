@@ -8,8 +8,9 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TypeVar
 
-from sparsemeta.config import DEFAULT_PRESET, build_config, preset_names
+from sparsemeta.config import DEFAULT_PRESET, Config, build_config, preset_names
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.foundations.runtime import tune_allocator
 from sparsemeta.training import rundir
@@ -39,7 +40,11 @@ def _default_out(kind: str, cfg_dict: dict) -> Path:
     return Path("runs") / f"{kind}-{digest}"
 
 
-def _given(flag, default):  # noqa: ANN001, ANN202 - a flag's value or the default
+T = TypeVar("T")
+D = TypeVar("D")
+
+
+def _given(flag: T | None, default: D) -> T | D:
     """The flag's value if it was given at all (an empty or zero value is a value, and is
     checked as one), else the default."""
     return default if flag is None else flag
@@ -50,7 +55,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from sparsemeta.foundations.device import resolve_device
     from sparsemeta.training import distributed
     from sparsemeta.training.evaluate import format_result
-    from sparsemeta.training.loop import check_tasks_fit, train
+    from sparsemeta.training.loop import train
+    from sparsemeta.training.setup import prepare
 
     cfg = build_config(args.config, args.overrides)
     distributed.init_from_env(resolve_device(cfg.device))  # under torchrun: join the job
@@ -58,16 +64,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         if not g.main:
             g.barrier()  # rank 0 loads (and, the first time, generates) the data first
-        data = load_data(cfg)  # fail on data problems before anything is written
+        data = load_data(cfg.data_spec())  # fail on data problems before anything is written
         if g.main:
             g.barrier()
-        check_tasks_fit(cfg, data)
+        setup = prepare(cfg, data)  # the one check of the config against its data
         out = make_dir(args.out or _default_out("train", cfg.to_dict()))
         finished = RunDir(out).finished
         if g.main:
             print(f"run directory: {out}" + (" (finished; printing its result)" if finished else "")
                   + (f"; {g.world} processes" if g.world > 1 else ""), file=sys.stderr)
-        result = train(cfg, out, data=data)
+        result = train(setup, out, data)
     finally:
         distributed.shutdown()
     if g.main:
@@ -82,30 +88,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sparsemeta.data.registry import load_data
     from sparsemeta.experiments.report import write_report
     from sparsemeta.experiments.runner import (
+        check_controls,
         check_experiment,
+        check_methods,
+        check_seeds,
         parse_controls,
         parse_methods,
         parse_seeds,
-        planned_runs,
-        run_experiment,
+        run_checked,
     )
+    from sparsemeta.training.setup import prepare
 
     cfg = build_config(args.config, args.overrides)
     preset = experiment_defaults(args.config)
-    methods = parse_methods(_given(args.method, preset.get("methods", "lottery")))
-    seeds = parse_seeds(_given(args.seeds, preset.get("seeds", "0")))
-    controls = parse_controls(_given(args.controls, preset.get("controls", "reinit,random")))
-    data = load_data(cfg)  # fail on data problems before anything is written
-    check_experiment(cfg, methods, data)  # before the experiment directory is made
+    methods = (parse_methods(args.method) if args.method is not None
+               else check_methods(preset.get("methods", ["lottery"])))
+    seeds = (parse_seeds(args.seeds) if args.seeds is not None
+             else check_seeds(preset.get("seeds", [0])))
+    controls = (parse_controls(args.controls) if args.controls is not None
+                else check_controls(preset.get("controls", ["reinit", "random"])))
+    workers = _given(args.workers, preset.get("workers", 1))
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise UserError(f"--workers must be an integer >= 1, got {workers!r}")
+    data = load_data(cfg.data_spec())  # fail on data problems before anything is written
+    exp = check_experiment(prepare(cfg, data), methods, seeds, controls, data.channels)
     out = make_dir(args.out or _default_out("-".join(methods), cfg.to_dict()))
     print(f"experiment directory: {out} — methods {', '.join(methods)}; "
           f"{cfg.prune.num_levels()} pruning levels; seeds {seeds}; "
-          f"controls {', '.join(controls) or 'none'}; "
-          f"{len(seeds) * planned_runs(cfg, methods, controls)} meta-training runs", file=sys.stderr)
-    workers = _given(args.workers, int(preset.get("workers", 1)))
-    if workers < 1:
-        raise UserError(f"--workers must be >= 1, got {workers}")
-    run_experiment(cfg, out, methods, seeds, controls, data=data, workers=workers)
+          f"controls {', '.join(controls) or 'none'}; {exp.runs()} meta-training runs",
+          file=sys.stderr)
+    run_checked(exp, out, data, workers=workers)
     summary = write_report([out])
     print(summary["table"])
     print(f"report: {out / rundir.REPORT} (plots and {rundir.SUMMARY} beside it)")
@@ -158,27 +170,28 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from sparsemeta.data.registry import load_data
     from sparsemeta.data.tasks import sampler_for
-    from sparsemeta.foundations.device import resolve_device
     from sparsemeta.foundations.io import write_json
     from sparsemeta.meta.learners import build_learner
     from sparsemeta.training.evaluate import evaluate, format_result
+    from sparsemeta.training.setup import prepare
 
     run = RunDir(args.run_dir)
     cfg = rundir.load_run_config(run.path)
-    chosen = run.chosen_model()  # best-on-validation weights with the mask they were scored with
-    device = resolve_device(cfg.device)
-    data = load_data(cfg)
-    mask = {k: v.to(device) for k, v in chosen.mask.items()} if chosen.mask else None
-    learner = build_learner(cfg, data.channels, mask)
-    learner.load_state_dict(chosen.state)
-    learner.to(device)
     tasks = _given(args.tasks, cfg.eval.tasks)
     steps = cfg.meta.eval_inner_steps if args.steps is None else args.steps
     if tasks < 1 or steps < 0:
         raise UserError("--tasks must be >= 1 and --steps >= 0")
-    result = evaluate(learner, dict(learner.model.named_parameters()),
-                      sampler_for(cfg, data, args.split), tasks, steps, device, progress=True,
-                      grouped=cfg.train.grouped)
+    chosen = run.chosen_model()  # best-on-validation weights with the mask they were scored with
+    data = load_data(cfg.data_spec())
+    setup = prepare(cfg, data, splits=(args.split,))
+    mask = ({k: v.to(setup.device) for k, v in chosen.mask.items()} if chosen.mask else None)
+    learner = build_learner(cfg, data.channels, mask, threads=setup.engine.threads)
+    chosen.check(learner.state_dict(), run.path)
+    learner.load_state_dict(chosen.state)
+    learner.to(setup.device)
+    result = evaluate(setup.engine, learner, dict(learner.model.named_parameters()),
+                      sampler_for(cfg.task_spec(), data, args.split), tasks, steps,
+                      progress=True)
     path = run.file(f"eval_{args.split}_{tasks}tasks_{steps}steps.json")
     write_json(path, result.to_dict())
     print(format_result(result))
@@ -188,7 +201,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _data_config(args: argparse.Namespace):  # noqa: ANN202
+def _data_config(args: argparse.Namespace) -> Config:
     """The config of a ``data`` command: the data set's own preset unless --config is given."""
     from sparsemeta.data.info import preset_for
 
@@ -201,7 +214,8 @@ def _data_config(args: argparse.Namespace):  # noqa: ANN202
 def cmd_data_info(args: argparse.Namespace) -> int:
     from sparsemeta.data.info import DO_NOT_FIT, info
 
-    report = info(_data_config(args))
+    cfg = _data_config(args)
+    report = info(cfg.data_spec(), cfg.task_spec())
     print(report)
     return 1 if DO_NOT_FIT in report else 0  # a check: scripts can test that tasks fit
 
@@ -218,7 +232,7 @@ def cmd_data_preview(args: argparse.Namespace) -> int:
     from sparsemeta.data.registry import load_data
 
     check_out(args.out)  # an unwritable format is refused before the data is loaded
-    data = load_data(_data_config(args))
+    data = load_data(_data_config(args).data_spec())
     out = Path(args.out)
     if not out.parent.exists():
         raise UserError(f"directory '{out.parent}' does not exist; create it or choose another --out")
@@ -227,7 +241,7 @@ def cmd_data_preview(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_train_and_run(sub) -> None:  # noqa: ANN001 - argparse's private subparsers type
+def _add_train_and_run(sub: argparse._SubParsersAction) -> None:
     from sparsemeta.experiments.methods import METHODS
 
     p = sub.add_parser("train", help="meta-train one model (resumes an unfinished --out)")
@@ -256,9 +270,9 @@ def _add_train_and_run(sub) -> None:  # noqa: ANN001 - argparse's private subpar
         p.set_defaults(func=cmd_run, **({} if name == "run" else {"method": "lottery"}))
 
 
-def _add_sweep_and_tune(sub) -> None:  # noqa: ANN001
+def _add_sweep_and_tune(sub: argparse._SubParsersAction) -> None:
     from sparsemeta.experiments.methods import METHODS
-    from sparsemeta.experiments.tune import PARAMS
+    from sparsemeta.experiments.tune import params
 
     p = sub.add_parser("sweep", help="a grid of experiments (seeds × methods × config values) "
                                      "as Ray tasks or one after another, then one report")
@@ -277,7 +291,7 @@ def _add_sweep_and_tune(sub) -> None:  # noqa: ANN001
     p.add_argument("--method", default="dense", help=f"one of {', '.join(METHODS)} (default dense)")
     p.add_argument("--trials", type=int, default=20,
                    help="finished trials the study should have (default 20); re-run to resume")
-    p.add_argument("--params", help=f"comma list of {', '.join(PARAMS)} (default: the method's)")
+    p.add_argument("--params", help=f"comma list of {', '.join(params())} (default: the method's)")
     p.add_argument("--target-density", type=float, default=0.2,
                    help="score the method's model nearest this density (default 0.2)")
     p.add_argument("--seed", type=int, default=0, help="training seed of every trial (default 0)")
@@ -285,7 +299,7 @@ def _add_sweep_and_tune(sub) -> None:  # noqa: ANN001
     p.set_defaults(func=cmd_tune)
 
 
-def _add_results(sub) -> None:  # noqa: ANN001
+def _add_results(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="summary.json, Markdown table and plots of experiments")
     p.add_argument("dirs", nargs="+", help="experiment directories (e.g. one per seed)")
     p.add_argument("--out", help="where to write the report (default: the first directory)")
@@ -317,12 +331,12 @@ def _add_results(sub) -> None:  # noqa: ANN001
     p.set_defaults(func=cmd_export)
 
 
-def _add_data(sub) -> None:  # noqa: ANN001
+def _add_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="data set tools")
     dsub = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
-    from sparsemeta.data.registry import LOADERS
+    from sparsemeta.data.registry import NAMES
 
-    names = list(LOADERS)
+    names = list(NAMES)
     q = dsub.add_parser("preview", help="write a contact sheet (rows = classes, columns = examples)")
     q.add_argument("name", choices=names)
     q.add_argument("--out", default="sheet.png")
@@ -360,7 +374,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_config(sub) -> None:  # noqa: ANN001
+def _add_config(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("config", help="configuration: every key with its doc, or a resolved config")
     csub = p.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
     q = csub.add_parser("keys", help="every config key with its type, default and meaning")

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib
 import inspect
 import keyword
 import math
+import os
 import re
 import textwrap
 import types
@@ -22,50 +24,61 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-import yaml
-
-from sparsemeta.data.registry import LOADERS
+from sparsemeta import SECTION_PROVIDERS
+from sparsemeta.data.registry import NAMES
+from sparsemeta.data.spec import DataSpec, TaskSpec
 from sparsemeta.foundations.errors import UserError
+from sparsemeta.foundations.safeio import (
+    MAX_CONFIG_BYTES,
+    check_key,
+    load_yaml,
+    parse_value,
+    read_text,
+    short,
+)
+from sparsemeta.sparsity.prune import MagnitudeRule
 
 DEFAULT_PRESET = "glyphs-quick"
 
 
-# -- range checks: each raises UserError naming the full dotted key ---------------------------
+# -- range checks (for every section, here and in the methods): each raises UserError naming
+# the full dotted key ---------------------------
 #: seeds are 32-bit (torch, NumPy and Optuna all take them)
 MAX_SEED = 2**32 - 1
 #: the widest conv layer anyone trains here; the edge format refuses more
 MAX_FILTERS = 4096
 
 
-def _at_most(key: str, value: int, high: int, why: str = "") -> None:
+def at_most(key: str, value: int, high: int, why: str = "") -> None:
     if not value <= high:
         raise UserError(f"{key} must be <= {high}{why}, got {value}")
 
 
-def _at_least(key: str, value: float | None, low: int, why: str = "") -> None:
+def at_least(key: str, value: float | None, low: int, why: str = "") -> None:
     """``value >= low`` (``None`` passes: an optional field left at its default)."""
     if value is not None and not value >= low:
         raise UserError(f"{key} must be >= {low}{why}, got {value}")
 
 
-def _positive(key: str, value: float) -> None:
+def positive(key: str, value: float) -> None:
     if not value > 0:
         raise UserError(f"{key} must be > 0, got {value}")
 
 
-def _learning_rate(key: str, value: float) -> None:
+def learning_rate(key: str, value: float) -> None:
     if not (math.isfinite(value) and value > 0):
         raise UserError(f"{key} must be > 0 and finite, got {value}")
 
 
-def _open_unit(key: str, value: float, closed_high: bool = False) -> None:
+def open_unit(key: str, value: float, closed_high: bool = False) -> None:
     """``value`` in (0, 1), or in (0, 1] with ``closed_high``."""
     if not (0.0 < value < 1.0 or (closed_high and value == 1.0)):
         raise UserError(f"{key} must be in (0, 1{']' if closed_high else ')'}, got {value}")
 
 
-#: data set names, from the data layer's registry (a new loader there is a new name here)
-DATASET_NAMES = tuple(LOADERS)
+#: data set names, from the data layer's registry (a new loader there is a new name here; the
+#: registry imports no loader until one is used)
+DATASET_NAMES = NAMES
 
 
 @dataclass
@@ -106,13 +119,13 @@ class DataConfig:
     """mini-ImageNet meta-training augmentation: random crop (8 px padding) + horizontal flip."""
 
     def validate(self, at: str = "data") -> None:
-        _at_least(f"{at}.ways", self.ways, 2, " for a classification task")
+        at_least(f"{at}.ways", self.ways, 2, " for a classification task")
         for name in ("shots", "queries"):
-            _at_least(f"{at}.{name}", getattr(self, name), 1)
-        _at_least(f"{at}.image_size", self.image_size, 16, " for Conv4")
-        _at_least(f"{at}.shift", self.shift, 0)
-        _at_least(f"{at}.seed", self.seed, 0)
-        _at_most(f"{at}.seed", self.seed, MAX_SEED, " (a 32-bit seed)")
+            at_least(f"{at}.{name}", getattr(self, name), 1)
+        at_least(f"{at}.image_size", self.image_size, 16, " for Conv4")
+        at_least(f"{at}.shift", self.shift, 0)
+        at_least(f"{at}.seed", self.seed, 0)
+        at_most(f"{at}.seed", self.seed, MAX_SEED, " (a 32-bit seed)")
         v, t = self.val_fraction, self.test_fraction
         if not (0 < v < 1 and 0 < t < 1 and v + t < 1):
             raise UserError(
@@ -135,8 +148,8 @@ class ModelConfig:
     """How each block halves the resolution: 2×2 max-pooling, or a stride-2 convolution."""
 
     def validate(self, at: str = "model") -> None:
-        _at_least(f"{at}.filters", self.filters, 1)
-        _at_most(f"{at}.filters", self.filters, MAX_FILTERS)
+        at_least(f"{at}.filters", self.filters, 1)
+        at_most(f"{at}.filters", self.filters, MAX_FILTERS)
 
 
 @dataclass
@@ -170,9 +183,9 @@ class MetaConfig:
     finetune --update)."""
 
     def validate(self, at: str = "meta") -> None:
-        _learning_rate(f"{at}.inner_lr", self.inner_lr)
-        _at_least(f"{at}.inner_steps", self.inner_steps, 1)
-        _at_least(f"{at}.eval_inner_steps", self.eval_inner_steps, 0)
+        learning_rate(f"{at}.inner_lr", self.inner_lr)
+        at_least(f"{at}.inner_steps", self.inner_steps, 1)
+        at_least(f"{at}.eval_inner_steps", self.eval_inner_steps, 0)
         if not re.fullmatch(r"all|head|bn|last:[1-4]", self.adapt):
             raise UserError(f"{at}.adapt must be all, head, bn or last:K with K in 1..4; "
                             f"got {self.adapt!r}")
@@ -194,14 +207,13 @@ class TrainConfig:
     """Validation tasks per validation (fixed tasks, the same every time)."""
     checkpoint_every: int = 50
     """Meta-iterations between checkpoints (a killed run resumes from the last)."""
-    vmap: bool = False
-    """Compute a meta-batch's tasks in one torch.func.vmap pass (same meta-gradient as the
-    loop, tested). Measured on CPU: ~0.65× the loop's speed at ~3× its memory — meant for
-    accelerators, where small Conv4 tasks alone do not fill the device."""
-    grouped: bool | None = None
-    """Compute a meta-batch's tasks (and evaluation tasks) in one pass, each layer a grouped
-    convolution over the tasks (same meta-gradient as the loop, tested in float64). null: on
-    CUDA where the learner allows it (batch statistics, no MetaMix), else the task threads."""
+    engine: Literal["auto", "loop", "grouped", "vmap"] = "auto"
+    """How the tasks of a meta-batch (and of an evaluation) are computed: 'loop' one task after
+    another (on the CPU, on train.threads task threads); 'grouped' all in one pass, each layer a
+    grouped convolution over the tasks (batch statistics, no MetaMix); 'vmap' meta-batches in
+    one torch.func.vmap pass (measured ~0.65× the loop on the CPU at ~3× its memory); 'auto'
+    grouped on CUDA where the learner allows it, else the loop. Every core computes the loop's
+    meta-gradient (tested in float64)."""
     threads: int | None = None
     """CPU threads one training process uses (null: the cores it may run on, shared among
     ``--workers`` processes). On the CPU they compute the tasks of a meta-batch (and of an
@@ -210,9 +222,9 @@ class TrainConfig:
 
     def validate(self, at: str = "train") -> None:
         for name in ("iterations", "meta_batch", "val_every", "val_tasks", "checkpoint_every"):
-            _at_least(f"{at}.{name}", getattr(self, name), 1)
-        _at_least(f"{at}.threads", self.threads, 1)
-        _learning_rate(f"{at}.meta_lr", self.meta_lr)
+            at_least(f"{at}.{name}", getattr(self, name), 1)
+        at_least(f"{at}.threads", self.threads, 1)
+        learning_rate(f"{at}.meta_lr", self.meta_lr)
 
 
 @dataclass
@@ -229,8 +241,8 @@ class EvalConfig:
     learners trained with different query sizes (MetaMix) are evaluated on the same tasks."""
 
     def validate(self, at: str = "eval") -> None:
-        _at_least(f"{at}.tasks", self.tasks, 1)
-        _at_least(f"{at}.queries", self.queries, 1)
+        at_least(f"{at}.tasks", self.tasks, 1)
+        at_least(f"{at}.queries", self.queries, 1)
 
 
 @dataclass
@@ -256,9 +268,9 @@ class MamlppConfig:
     """Meta-iterations per epoch (the unit of msl_epochs and first_order_epochs)."""
 
     def validate(self, at: str = "mamlpp") -> None:
-        _at_least(f"{at}.msl_epochs", self.msl_epochs, 1)
-        _at_least(f"{at}.epoch_iterations", self.epoch_iterations, 1)
-        _at_least(f"{at}.first_order_epochs", self.first_order_epochs, 0)
+        at_least(f"{at}.msl_epochs", self.msl_epochs, 1)
+        at_least(f"{at}.epoch_iterations", self.epoch_iterations, 1)
+        at_least(f"{at}.first_order_epochs", self.first_order_epochs, 0)
         if not (math.isfinite(self.min_meta_lr) and self.min_meta_lr >= 0):
             raise UserError(f"{at}.min_meta_lr must be >= 0 and finite, got {self.min_meta_lr}")
 
@@ -278,9 +290,9 @@ class MetaMixConfig:
     outer loss), labels unchanged."""
 
     def validate(self, at: str = "metamix") -> None:
-        _positive(f"{at}.alpha", self.alpha)
-        _positive(f"{at}.beta", self.beta)
-        _at_least(f"{at}.channel_shuffle_from", self.channel_shuffle_from, 0)
+        positive(f"{at}.alpha", self.alpha)
+        positive(f"{at}.beta", self.beta)
+        at_least(f"{at}.channel_shuffle_from", self.channel_shuffle_from, 0)
 
 
 @dataclass
@@ -299,14 +311,15 @@ class PruneConfig:
     output_rate_factor: float = 0.5
     """The output layer is pruned at rate × this factor (LTH convention: half)."""
     targets: list[float] | None = None
-    """Densities (fractions of prunable weights, e.g. [0.5, 0.2, 0.1]) at which the methods
-    other than IMP itself (controls, one-shot, gradual pruning, RigL, …) are compared; each maps
-    to the IMP level whose density is nearest. null: every level."""
+    """Densities (fractions of prunable weights, e.g. [0.5, 0.2, 0.1]) at which the controls
+    and every method other than IMP itself are compared; each maps to the IMP level whose
+    density is nearest. null: every level."""
     structure: Literal["unstructured", "filters"] = "unstructured"
     """'unstructured' removes single weights; 'filters' removes `rate` of the remaining output
     filters of every conv layer by L2 norm (layerwise only; the output layer loses just the
     columns of removed filters), so the ticket exports as a smaller dense network that
-    fine-tunes faster. Methods other than lottery, dense and random need 'unstructured'."""
+    fine-tunes faster. Only the methods that say so take 'filters' (sparsemeta run refuses the
+    others)."""
 
     def rewind_step(self) -> int | None:
         return int(self.rewind.split(":", 1)[1]) if self.rewind.startswith("step:") else None
@@ -316,9 +329,13 @@ class PruneConfig:
             return self.levels
         return math.ceil(math.log(0.05) / math.log(1.0 - self.rate))
 
+    def rule(self) -> MagnitudeRule:
+        """One magnitude-pruning round as this section sets it (rate, scope, output layer)."""
+        return MagnitudeRule(self.rate, self.scope, self.output_rate_factor)
+
     def validate(self, at: str = "prune") -> None:
-        _open_unit(f"{at}.rate", self.rate)
-        _at_least(f"{at}.levels", self.levels, 0)
+        open_unit(f"{at}.rate", self.rate)
+        at_least(f"{at}.levels", self.levels, 0)
         if not 0.0 <= self.output_rate_factor * self.rate < 1.0:
             raise UserError(
                 f"{at}.output_rate_factor × {at}.rate must be in [0, 1), got "
@@ -328,85 +345,47 @@ class PruneConfig:
             raise UserError(f"{at}.scope=global needs {at}.structure=unstructured: filter norms "
                             "of layers with different fan-in are not comparable")
         for i, target in enumerate(self.targets or []):
-            _open_unit(f"{at}.targets[{i}]", target)
+            open_unit(f"{at}.targets[{i}]", target)
         if self.targets is not None and not self.targets:
             raise UserError(f"{at}.targets is empty; give densities like [0.5, 0.2] or null")
+        if self.targets and len(set(self.targets)) < len(self.targets):
+            twice = next(t for t in self.targets if self.targets.count(t) > 1)
+            raise UserError(f"{at}.targets has {twice} twice; give each density once")
+        if self.targets and self.levels == 0:
+            raise UserError(f"{at}.targets needs pruning levels to map to; {at}.levels is 0")
         if not re.fullmatch(r"init|none|step:[1-9][0-9]*", self.rewind):
             raise UserError(
                 f"{at}.rewind must be init, none or step:K (K >= 1), got {self.rewind!r}")
 
 
-@dataclass
-class L1Config:
-    """L1-regularised meta-training (the 2019 sparse-MAML baseline), then magnitude threshold."""
-
-    lambda_: float = 1e-4
-    """Penalty λ·Σ|θ| on the prunable weights, added to the mean outer loss (key ``l1.lambda``)."""
-    finetune_iterations: int = 30
-    """Masked meta-fine-tuning after thresholding to each density (0: evaluate as is only)."""
-
-    def validate(self, at: str = "l1") -> None:
-        _at_least(f"{at}.lambda", self.lambda_, 0)
-        _at_least(f"{at}.finetune_iterations", self.finetune_iterations, 0)
+#: config sections owned by other layers — a sparsity method's settings — by name, in the
+#: order they were added (``add_section``: the method registry adds its methods' sections)
+_SECTIONS: dict[str, type] = {}
 
 
-@dataclass
-class RiglConfig:
-    """RigL dynamic sparse meta-training at a fixed density (Evci et al., 2020)."""
-
-    distribution: Literal["erk", "uniform"] = "erk"
-    """Density per layer: Erdős–Rényi-Kernel ('erk': larger layers sparser) or the same for
-    every layer."""
-    drop_fraction: float = 0.3
-    """f₀: fraction of active weights dropped (and regrown) at the first update; cosine decay."""
-    update_every: int = 100
-    """ΔT: outer steps between mask updates."""
-    end_fraction: float = 0.75
-    """T_end as a fraction of train.iterations: no mask updates after it."""
-
-    def validate(self, at: str = "rigl") -> None:
-        _open_unit(f"{at}.drop_fraction", self.drop_fraction)
-        _open_unit(f"{at}.end_fraction", self.end_fraction, closed_high=True)
-        _at_least(f"{at}.update_every", self.update_every, 1)
+def add_section(name: str, cls: type) -> None:
+    """Give every config built from now on a section ``name`` of type ``cls`` (a dataclass of
+    typed fields with defaults, docstrings and ``validate(at)``, like the sections here)."""
+    core = {_key(f.name) for f in dataclasses.fields(Config) if f.name != "sections"}
+    if name in core or not dataclasses.is_dataclass(cls):
+        raise ValueError(f"config section '{name}' clashes with a core key or is not a dataclass")
+    _SECTIONS[name] = cls
 
 
-@dataclass
-class EarlyBirdConfig:
-    """Early-bird tickets: stop a level once the next level's magnitude mask stops changing."""
-
-    epsilon: float = 0.02
-    """Normalised Hamming distance below which two successive masks count as the same."""
-    every: int = 5
-    """Outer steps between mask snapshots."""
-    window: int = 5
-    """The last ``window`` distances must all be below epsilon."""
-
-    def validate(self, at: str = "earlybird") -> None:
-        _open_unit(f"{at}.epsilon", self.epsilon)
-        _at_least(f"{at}.every", self.every, 1)
-        _at_least(f"{at}.window", self.window, 1)
+def remove_section(name: str) -> None:
+    _SECTIONS.pop(name, None)
 
 
-@dataclass
-class GmpConfig:
-    """Gradual magnitude pruning inside one meta-training (Zhu & Gupta, 2017): the density falls
-    from 1 to the target on a cubic schedule, d(t) = d_f + (1 − d_f)(1 − (t − t₀)/(t₁ − t₀))³."""
+def _load_sections() -> None:
+    """Import the modules that add sections (``sparsemeta.SECTION_PROVIDERS``), once: on first
+    use, not at import, so importing this layer never imports the layers above it."""
+    for name in SECTION_PROVIDERS:
+        importlib.import_module(name)
 
-    start_fraction: float = 0.1
-    """t₀ as a fraction of train.iterations: the first pruning step."""
-    end_fraction: float = 0.5
-    """t₁ as a fraction of train.iterations: the target density is reached; the rest of the run
-    recovers at it (only weights from t₁ on may become the run's chosen model)."""
-    every: int = 10
-    """Δt: outer steps between pruning steps."""
 
-    def validate(self, at: str = "gmp") -> None:
-        _open_unit(f"{at}.start_fraction", self.start_fraction)
-        _open_unit(f"{at}.end_fraction", self.end_fraction, closed_high=True)
-        if self.end_fraction <= self.start_fraction:
-            raise UserError(f"{at}.end_fraction must be > {at}.start_fraction, got "
-                            f"{self.end_fraction} <= {self.start_fraction}")
-        _at_least(f"{at}.every", self.every, 1)
+def _new_sections() -> dict[str, Any]:
+    _load_sections()
+    return {name: cls() for name, cls in _SECTIONS.items()}
 
 
 @dataclass
@@ -423,24 +402,36 @@ class Config:
     mamlpp: MamlppConfig = field(default_factory=MamlppConfig)
     metamix: MetaMixConfig = field(default_factory=MetaMixConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
-    l1: L1Config = field(default_factory=L1Config)
-    rigl: RiglConfig = field(default_factory=RiglConfig)
-    earlybird: EarlyBirdConfig = field(default_factory=EarlyBirdConfig)
-    gmp: GmpConfig = field(default_factory=GmpConfig)
+    sections: dict[str, Any] = field(default_factory=_new_sections)
+    """Sections added by ``add_section`` (written at the top level, like the ones above)."""
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
 
+    def section(self, name: str) -> Any:
+        """A section added by ``add_section`` (a sparsity method's settings)."""
+        return self.sections[name]
+
+    def data_spec(self) -> DataSpec:
+        """What the data layer loads: the ``data`` section without the task shape."""
+        d = self.data
+        return DataSpec(d.name, d.root, d.image_size, d.seed, d.split, d.split_file,
+                        d.val_fraction, d.test_fraction, d.channels, d.augment)
+
+    def task_spec(self) -> TaskSpec:
+        """The episodes of this run: task shape, evaluation queries and the task seed."""
+        d = self.data
+        return TaskSpec(d.ways, d.shots, d.queries, self.eval.queries, self.seed, d.rotations,
+                        d.shift)
+
     def validate(self) -> Config:
         """Check value ranges that types alone cannot express; raise UserError naming the key."""
         _check_finite(self, "")
-        _at_least("seed", self.seed, 0)
-        _at_most("seed", self.seed, MAX_SEED, " (a 32-bit seed)")
-        for f in dataclasses.fields(self):
-            section = getattr(self, f.name)
-            if dataclasses.is_dataclass(section):
-                _check_finite(section, f"{f.name}.")
-                section.validate(_key(f.name))
+        at_least("seed", self.seed, 0)
+        at_most("seed", self.seed, MAX_SEED, " (a 32-bit seed)")
+        for key, section in _sections_of(self):
+            _check_finite(section, f"{key}.")
+            section.validate(key)
         self._validate_across_sections()
         return self
 
@@ -459,23 +450,11 @@ class Config:
         if self.mamlpp.min_meta_lr > self.train.meta_lr:
             raise UserError(f"mamlpp.min_meta_lr must be <= train.meta_lr "
                             f"({self.train.meta_lr}), got {self.mamlpp.min_meta_lr}")
-        self._validate_core()
         k = self.prune.rewind_step()
         if k is not None and k > self.train.iterations:
             raise UserError(
                 f"prune.rewind={self.prune.rewind} is past train.iterations={self.train.iterations}"
             )
-
-    def _validate_core(self) -> None:
-        """``train.grouped=true`` only where the grouped core computes what the loop does."""
-        if not self.train.grouped:
-            return
-        if self.train.vmap:
-            raise UserError("train.grouped and train.vmap are two batched cores; set one of them")
-        if self.meta.bn == "running" or self.meta.mix == "metamix":
-            what = "meta.bn=running" if self.meta.bn == "running" else "meta.mix=metamix"
-            raise UserError(f"train.grouped=true cannot compute {what} (it updates or mixes "
-                            f"inside one task's forward); use train.grouped=null or false")
 
 
 def _key(field_name: str) -> str:
@@ -484,12 +463,20 @@ def _key(field_name: str) -> str:
     return base if field_name.endswith("_") and keyword.iskeyword(base) else field_name
 
 
+def _fields(obj: Any) -> list[tuple[str, Any]]:
+    """(key, value) of an object's config keys: its fields, and for a ``Config`` the added
+    sections after them (its ``sections`` field is not itself a key)."""
+    out = [(_key(f.name), getattr(obj, f.name)) for f in dataclasses.fields(obj)
+           if not (isinstance(obj, Config) and f.name == "sections")]
+    return out + (list(obj.sections.items()) if isinstance(obj, Config) else [])
+
+
+def _sections_of(cfg: Config) -> list[tuple[str, Any]]:
+    return [(k, v) for k, v in _fields(cfg) if dataclasses.is_dataclass(v)]
+
+
 def _to_dict(obj: Any) -> dict[str, Any]:
-    return {
-        _key(f.name): _to_dict(v) if dataclasses.is_dataclass(v) else v
-        for f in dataclasses.fields(obj)
-        for v in [getattr(obj, f.name)]
-    }
+    return {k: _to_dict(v) if dataclasses.is_dataclass(v) else v for k, v in _fields(obj)}
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -509,15 +496,15 @@ def _as_float(key: str, value: Any) -> float:
     """A number, or any string Python's ``float()`` reads (YAML 1.1 reads ``1e-3`` as a
     string); finite only."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise UserError(f"{key} must be a number, got {value!r}")
+        raise UserError(f"{key} must be a number, got {short(value)}")
     try:
         number = float(value)
     except ValueError:
-        raise UserError(f"{key} must be a number (e.g. 0.001 or 1e-3), got {value!r}") from None
+        raise UserError(f"{key} must be a number (e.g. 0.001 or 1e-3), got {short(value)}") from None
     except OverflowError:  # an int too large for a float
         number = math.inf
     if not math.isfinite(number):
-        raise UserError(f"{key} must be a finite number, got {value!r}")
+        raise UserError(f"{key} must be a finite number, got {short(value)}")
     return number
 
 
@@ -529,7 +516,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         choices = get_args(tp)
         if value not in choices:
             raise UserError(
-                f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}"
+                f"{key} must be one of {', '.join(map(str, choices))}; got {short(value)}"
             )
         return value
     if origin in (typing.Union, types.UnionType):
@@ -544,42 +531,63 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 return _coerce(key, value, arg)
             except UserError as exc:
                 errors.append(str(exc))
-        raise UserError(errors[0] if errors else f"{key}: invalid value {value!r}")
+        raise UserError(errors[0] if errors else f"{key}: invalid value {short(value)}")
     if origin is list:
         if not isinstance(value, list):
-            raise UserError(f"{key} must be a list (e.g. [0.5, 0.2]), got {value!r}")
+            raise UserError(f"{key} must be a list (e.g. [0.5, 0.2]), got {short(value)}")
         (item,) = get_args(tp)
         return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise UserError(f"{key} must be true or false, got {value!r}")
+        raise UserError(f"{key} must be true or false, got {short(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         raise UserError(
-            f"{key} must be an integer (a whole number like 1000; not 1e3 or 2.0), got {value!r}")
+            f"{key} must be an integer (a whole number like 1000; not 1e3 or 2.0), got {short(value)}")
     if tp is float:
         return _as_float(key, value)
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise UserError(f"{key} must be a string, got {value!r}")
+        raise UserError(f"{key} must be a string, got {short(value)}")
     raise TypeError(f"unsupported config annotation {tp!r} for {key}")
+
+
+#: keys of older versions, read from saved configs (``upgrade_saved``) and, in user input,
+#: refused with the key that replaced them
+RENAMED = {"train.vmap": "train.engine=vmap",
+           "train.grouped": "train.engine (true → grouped, false → loop, null → auto)"}
+
+
+def upgrade_saved(data: Any) -> Any:
+    """A resolved config as an older sparsemeta saved it (a run directory's ``config.yaml``),
+    in today's keys: ``train.vmap``/``train.grouped`` become ``train.engine``."""
+    train = data.get("train") if isinstance(data, dict) else None
+    if not isinstance(train, dict) or not {"vmap", "grouped"} & set(train):
+        return data
+    train = dict(train)
+    vmap, grouped = train.pop("vmap", False), train.pop("grouped", None)
+    train["engine"] = "vmap" if vmap else {True: "grouped", False: "loop"}.get(grouped, "auto")
+    return {**data, "train": train}
 
 
 def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
     """Merge a nested dict into a dataclass instance, type-checking each leaf."""
     if not isinstance(data, dict):
-        raise UserError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+        raise UserError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {short(data)}")
     hints = typing.get_type_hints(type(obj))
-    names = {_key(f.name): f.name for f in dataclasses.fields(obj)}
+    names = {k: f.name for k, f in ((_key(f.name), f) for f in dataclasses.fields(obj))
+             if not (isinstance(obj, Config) and f.name == "sections")}
+    added = obj.sections if isinstance(obj, Config) else {}
     for name, value in data.items():
-        key = f"{prefix}{name}"
+        key = f"{prefix}{name}" if isinstance(name, str) else f"{prefix}{short(name)}"
+        if name in added:
+            _apply(added[name], value, prefix=f"{key}.")
+            continue
         if name not in names:
-            raise UserError(
-                f"unknown config key '{key}'; valid keys here: {', '.join(sorted(names))}"
-            )
+            raise UserError(_unknown_key(key, name, value, [*names, *added]))
         attr = names[name]
         tp = hints[attr]
         if _is_dataclass_type(tp):
@@ -588,18 +596,24 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
             setattr(obj, attr, _coerce(key, value, tp))
 
 
+def _unknown_key(key: Any, name: Any, value: Any, known: list[str]) -> str:
+    """The one line for a key no section has: a renamed key's new name, or a look-alike,
+    dotted or misspelt key pointed out (``safeio.check_key``), then the valid keys there."""
+    if isinstance(key, str) and key in RENAMED:
+        return f"config key '{key}' is now {RENAMED[key]}; rename it"
+    hint = check_key(name, known, value=value) if isinstance(name, str) else None
+    return (f"unknown config key {short(key)}" + (f"; {hint}" if hint else "")
+            + f"; valid keys here: {', '.join(sorted(known))}")
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
-        raise UserError(f"--set expects key=value (e.g. train.iterations=200), got '{item}'")
+        raise UserError(f"--set expects key=value (e.g. train.iterations=200), got {short(item)}")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key:
-        raise UserError(f"--set expects key=value, got '{item}'")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
+        raise UserError(f"--set expects key=value, got {short(item)}")
+    return key.split("."), parse_value(raw, where=f"the --set value of {short(key)}")
 
 
 # -- the documentation of every key, read from the field docstrings ---------------------------
@@ -658,13 +672,13 @@ def config_keys(cls: type = Config) -> list[KeyDoc]:
 
     def walk(obj: Any, prefix: str) -> None:
         hints, docs = typing.get_type_hints(type(obj)), _field_docs(type(obj))
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
+        attrs = {_key(f.name): f.name for f in dataclasses.fields(obj)}
+        for key, value in _fields(obj):
             if dataclasses.is_dataclass(value):
-                walk(value, f"{prefix}{_key(f.name)}.")
+                walk(value, f"{prefix}{key}.")
             else:
-                out.append(KeyDoc(f"{prefix}{_key(f.name)}", _type_name(hints[f.name]), value,
-                                  docs.get(f.name, "")))
+                out.append(KeyDoc(f"{prefix}{key}", _type_name(hints[attrs[key]]), value,
+                                  docs.get(attrs[key], "")))
 
     walk(cls(), "")
     return out
@@ -679,6 +693,21 @@ def _show(value: Any) -> str:
     return repr(value) if isinstance(value, str) and not value else str(value)
 
 
+#: a type cell wider than this wraps at its '|' and ' ' (a long list of choices would otherwise
+#: squeeze the doc column of its whole section)
+TYPE_WIDTH = 16
+
+
+def _wrap_type(text: str) -> list[str]:
+    parts = re.findall(r"[^| ]+[| ]?", text)
+    lines = [""]
+    for part in parts:
+        if lines[-1] and len(lines[-1] + part.rstrip()) > TYPE_WIDTH:
+            lines.append("")
+        lines[-1] += part
+    return [line.rstrip() for line in lines]
+
+
 def format_keys(keys: list[KeyDoc], width: int = 100) -> str:
     """An aligned text table (key, type, default, doc), one block per section; docs wrap in
     their column, at least 30 characters wide."""
@@ -687,15 +716,18 @@ def format_keys(keys: list[KeyDoc], width: int = 100) -> str:
         sections.setdefault(k.section, []).append(k)
     blocks = []
     for section, rows in sections.items():
-        cells = [(k.key, k.type, _show(k.default)) for k in rows]
-        widths = [max(len(c[i]) for c in cells) for i in range(3)]
+        types = [_wrap_type(k.type) for k in rows]
+        cells = [(k.key, t[0], _show(k.default)) for k, t in zip(rows, types)]
+        widths = [max(len(c[0]) for c in cells), max(len(x) for t in types for x in t),
+                  max(len(c[2]) for c in cells)]
         indent = 2 + sum(widths) + 3 * 2
         lines = [f"[{section}]" if section else "[top level]"]
-        for k, row in zip(rows, cells):
+        for k, row, typ in zip(rows, cells, types):
             doc = textwrap.wrap(k.doc, max(30, width - indent), break_on_hyphens=False) or [""]
-            left = "  ".join(c.ljust(w) for c, w in zip(row, widths))
-            lines.append(f"  {left}  {doc[0]}".rstrip())
-            lines += [" " * indent + more for more in doc[1:]]
+            for i in range(max(len(doc), len(typ))):
+                cols = row if i == 0 else ("", typ[i] if i < len(typ) else "", "")
+                left = "  ".join(c.ljust(w) for c, w in zip(cols, widths))
+                lines.append(f"  {left}  {doc[i] if i < len(doc) else ''}".rstrip())
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
@@ -709,60 +741,12 @@ def preset_names() -> list[str]:
     )
 
 
-def _read_config_file(path: Path) -> str:
-    """The text of a user's config file; any reason it cannot be read is one UserError line."""
-    where = f"config file '{path}'"
-    if path.is_dir():
-        raise UserError(f"{where} is a directory; give the path of a YAML file")
-    if not path.exists():
-        raise UserError(f"{where} does not exist; check the path")
-    if not path.is_file():
-        raise UserError(f"{where} is not a regular file; give the path of a YAML file")
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"{where} cannot be read ({exc.strerror or exc}); check its "
-                        "permissions") from None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{where} is not UTF-8 text (byte {raw[exc.start]:#04x} at offset "
-                        f"{exc.start}); save it as UTF-8") from None
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """Where and what, on one line: 'line 3, column 7: expected ...'."""
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc)
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    return " ".join(f"{where}{problem}".split())
-
-
-class UniqueKeyLoader(yaml.SafeLoader):
-    """Safe YAML that refuses a key given twice in one mapping (plain YAML keeps the last one
-    silently, so a repeated section would quietly drop the first)."""
-
-
-def _unique_mapping(loader: UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
-    seen = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
-        seen.add(key)
-    return loader.construct_mapping(node, deep)
-
-
-UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
-
-
 def read_preset(name_or_path: str) -> dict[str, Any]:
     """A preset is a packaged YAML name (``glyphs-quick``) or a path to a YAML file."""
     path = Path(name_or_path)
-    if name_or_path.endswith((".yaml", ".yml")) or path.exists():
+    if name_or_path.endswith((".yaml", ".yml")) or os.path.lexists(path):
         where = f"config file '{name_or_path}'"
-        text = _read_config_file(path)
+        text = read_text(path, limit=MAX_CONFIG_BYTES, what=where)
     else:
         res = resources.files("sparsemeta.configs") / f"{name_or_path}.yaml"
         if not res.is_file():
@@ -772,10 +756,7 @@ def read_preset(name_or_path: str) -> dict[str, Any]:
             )
         where = f"preset '{name_or_path}'"
         text = res.read_text(encoding="utf-8")
-    try:
-        data = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        raise UserError(f"{where} is not valid YAML ({_yaml_problem(exc)}); fix it") from None
+    data = load_yaml(text, where=where)
     if data is None:
         raise UserError(f"{where} is empty (no settings); write the keys to change, e.g. "
                         "'train: {iterations: 200}', or use a preset")
@@ -785,15 +766,25 @@ def read_preset(name_or_path: str) -> dict[str, Any]:
     return data
 
 
-def experiment_defaults(preset: str) -> dict[str, str]:
-    """A preset's optional ``experiment:`` block (methods, seeds, controls, workers) as CLI
-    strings: defaults of the ``run`` command's flags."""
+#: keys of a preset's ``experiment:`` block: the defaults of ``sparsemeta run``'s flags
+EXPERIMENT_KEYS = ("methods", "seeds", "controls", "workers")
+
+
+def experiment_defaults(preset: str) -> dict[str, Any]:
+    """A preset's optional ``experiment:`` block (methods, seeds, controls: lists; workers: an
+    int), as written there: the defaults of the ``run`` command's flags."""
     block = read_preset(preset).get("experiment") or {}
-    if not isinstance(block, dict) or set(block) - {"methods", "seeds", "controls", "workers"}:
-        raise UserError(f"preset '{preset}': 'experiment' may hold only methods, seeds, "
-                        "controls, workers")
-    return {k: (",".join(map(str, v)) or "none") if isinstance(v, list) else str(v)
-            for k, v in block.items()}
+    if not isinstance(block, dict) or set(block) - set(EXPERIMENT_KEYS):
+        raise UserError(f"preset '{preset}': 'experiment' may hold only "
+                        f"{', '.join(EXPERIMENT_KEYS)}")
+    for key, value in block.items():
+        ok = (isinstance(value, int) and not isinstance(value, bool) if key == "workers"
+              else isinstance(value, list))
+        if not ok:
+            what = "an integer like 2" if key == "workers" else "a list like [a, b]"
+            raise UserError(f"preset '{preset}': experiment.{key} must be {what}, got "
+                            f"{short(value)}")
+    return block
 
 
 def _nest(path: list[str], value: Any) -> dict[str, Any]:
@@ -827,4 +818,4 @@ def config_from_dict(data: dict[str, Any], cls: type = Config, source: str = "sa
     if not isinstance(data, dict):
         what = "nothing (an empty file?)" if data is None else f"a {type(data).__name__}"
         raise UserError(f"{source} must be a mapping of config sections, got {what}")
-    return build_config(data, cls=cls)
+    return build_config(upgrade_saved(data), cls=cls)

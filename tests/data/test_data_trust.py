@@ -24,7 +24,7 @@ from sparsemeta.data.miniimagenet import load_miniimagenet
 from sparsemeta.data.preview import check_out, contact_sheet, supported_suffixes
 from sparsemeta.foundations.atomic import temp_path
 from tests.data import fixtures as fx
-from tests.data.test_real_datasets import make_cfg, one_line_error
+from tests.data.test_real_datasets import make_spec, one_line_error
 
 SRC = str(Path(cache_mod.__file__).parents[2])
 ROOT = os.geteuid() == 0 if hasattr(os, "geteuid") else False
@@ -78,7 +78,7 @@ def test_folder_of_16bit_pngs_loads_as_scaled_grey(tmp_path):
         (tmp_path / c).mkdir()
         for i in range(2):
             px = _grey16(tmp_path / c / f"{i}.png")
-    data = load_folder(make_cfg("folder", tmp_path, image_size=16, ways=1, shots=1))
+    data = load_folder(make_spec("folder", tmp_path, image_size=16, ways=1, shots=1))
     assert data.images.shape == (6, 1, 16, 16)
     assert np.array_equal(data.images[0, 0], np.rint(px / 257).astype(np.uint8))
 
@@ -129,14 +129,14 @@ def restore_modes():
 def test_permission_denied_on_a_class_folder_names_it(tmp_path, monkeypatch):
     fx.write_folder(tmp_path, ["a", "b", "c"], per_class=2)
     _deny(monkeypatch, tmp_path / "b", "scandir")
-    one_line_error(lambda: load_folder(make_cfg("folder", tmp_path, ways=1, shots=1)),
+    one_line_error(lambda: load_folder(make_spec("folder", tmp_path, ways=1, shots=1)),
                    f"permission denied reading directory '{tmp_path / 'b'}'")
 
 
 def test_permission_denied_on_the_mini_imagenet_image_folder_names_it(tmp_path, monkeypatch):
     fx.write_mini_csv(tmp_path, fx.mini_images(fx.mini_wnids((1, 1, 1)), per_class=1, size=8))
     _deny(monkeypatch, tmp_path / "images", "scandir")
-    one_line_error(lambda: load_miniimagenet(make_cfg("miniimagenet", tmp_path, image_size=8)),
+    one_line_error(lambda: load_miniimagenet(make_spec("miniimagenet", tmp_path, image_size=8)),
                    f"permission denied reading directory '{tmp_path / 'images'}'")
 
 
@@ -144,7 +144,7 @@ def test_permission_denied_on_an_image_names_it(tmp_path, monkeypatch):
     fx.write_folder(tmp_path, ["a", "b", "c"], per_class=2)
     victim = tmp_path / "c" / "img_001.png"
     _deny(monkeypatch, victim, "open")
-    one_line_error(lambda: load_folder(make_cfg("folder", tmp_path, ways=1, shots=1)),
+    one_line_error(lambda: load_folder(make_spec("folder", tmp_path, ways=1, shots=1)),
                    f"permission denied reading image '{victim}'")
     one_line_error(lambda: decode_image(victim, DecodeSpec(8, 3)),
                    f"permission denied reading image '{victim}'")
@@ -152,7 +152,7 @@ def test_permission_denied_on_an_image_names_it(tmp_path, monkeypatch):
 
 def test_a_file_that_vanishes_after_the_scan_is_named(tmp_path):
     fx.write_folder(tmp_path, ["a", "b", "c"], per_class=2)
-    cfg = make_cfg("folder", tmp_path, ways=1, shots=1)
+    cfg = make_spec("folder", tmp_path, ways=1, shots=1)
     layout = scan_folder(cfg)
     gone = tmp_path / "b" / "img_000.png"
     gone.unlink()
@@ -168,7 +168,7 @@ def test_a_class_in_two_split_pickles_is_refused(tmp_path):
     data = fx.mini_images({"train": ["n01", "n02"], "val": ["n02", "n03"], "test": ["n04"]},
                           per_class=2, size=8)
     fx.write_mini_pickles(tmp_path, data)
-    one_line_error(lambda: load_miniimagenet(make_cfg("miniimagenet", tmp_path, image_size=8)),
+    one_line_error(lambda: load_miniimagenet(make_spec("miniimagenet", tmp_path, image_size=8)),
                    "class 'n02' is in both the train and the val pickle")
 
 
@@ -182,7 +182,7 @@ def test_preview_refuses_an_unwritable_suffix_before_any_work(tmp_path):
     one_line_error(lambda: check_out(tmp_path / "sheet"), "no suffix")
     assert check_out(tmp_path / "A.JPG") == tmp_path / "A.JPG"
     fx.write_folder(tmp_path / "d", ["a", "b", "c"], per_class=2, size=(8, 8))
-    data = load_folder(make_cfg("folder", tmp_path / "d", image_size=8, ways=1, shots=1))
+    data = load_folder(make_spec("folder", tmp_path / "d", image_size=8, ways=1, shots=1))
     for suffix in (".png", ".jpg", ".pdf"):
         contact_sheet(data, "train", tmp_path / f"sheet{suffix}")
         assert (tmp_path / f"sheet{suffix}").stat().st_size > 0

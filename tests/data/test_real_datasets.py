@@ -23,7 +23,8 @@ from sparsemeta.data.folder import load_folder
 from sparsemeta.data.info import info
 from sparsemeta.data.miniimagenet import crop_flip, load_miniimagenet, ravi_split
 from sparsemeta.data.omniglot import load_omniglot, scan_omniglot
-from sparsemeta.data.tasks import TaskSampler
+from sparsemeta.data.spec import DataSpec
+from sparsemeta.data.tasks import TaskSampler, check_tasks
 from sparsemeta.foundations.errors import UserError
 from tests.data import fixtures as fx
 
@@ -40,6 +41,11 @@ def make_cfg(name: str, root, **data) -> Config:
     for k, v in data.items():
         setattr(cfg.data, k, v)
     return cfg
+
+
+def make_spec(name: str, root, **data) -> DataSpec:
+    """``make_cfg``'s data spec: what a loader takes."""
+    return make_cfg(name, root, **data).data_spec()
 
 
 def one_line_error(fn, *match: str) -> str:
@@ -74,7 +80,7 @@ def cache_files(private_cache) -> list[Path]:
 
 
 def test_omniglot_layout_counts_pixels_and_memmap(omni_root):
-    data = load_omniglot(make_cfg("omniglot", omni_root))
+    data = load_omniglot(make_spec("omniglot", omni_root))
     assert data.counts() == OMNI_COUNTS
     assert isinstance(data.images, np.memmap) and data.images.dtype == np.uint8
     assert data.images.shape == (1800, 1, 28, 28)
@@ -91,22 +97,22 @@ def test_omniglot_layout_counts_pixels_and_memmap(omni_root):
 
 
 def test_omniglot_splits_are_seeded_disjoint_and_deterministic(omni_root):
-    a = scan_omniglot(make_cfg("omniglot", omni_root)).splits
-    b = scan_omniglot(make_cfg("omniglot", omni_root)).splits
-    c = scan_omniglot(make_cfg("omniglot", omni_root, seed=1)).splits
+    a = scan_omniglot(make_spec("omniglot", omni_root)).splits
+    b = scan_omniglot(make_spec("omniglot", omni_root)).splits
+    c = scan_omniglot(make_spec("omniglot", omni_root, seed=1)).splits
     assert a == b and a != c
     ids = [i for s in a.values() for i in s]
     assert len(ids) == len(set(ids)) == 90
 
 
 def test_omniglot_background_split(omni_root):
-    layout = scan_omniglot(make_cfg("omniglot", omni_root, split="background"))
+    layout = scan_omniglot(make_spec("omniglot", omni_root, split="background"))
     names = [n for n, _ in layout.classes]
     part = {s: {names[i].split("/")[0] for i in idx} for s, idx in layout.splits.items()}
     assert part == {"train": {"images_background"}, "val": {"images_background"},
                     "test": {"images_evaluation"}}
     assert {s: len(i) for s, i in layout.splits.items()} == {"train": 39, "val": 6, "test": 45}
-    one_line_error(lambda: scan_omniglot(make_cfg("omniglot", omni_root, split="bogus")),
+    one_line_error(lambda: scan_omniglot(make_spec("omniglot", omni_root, split="bogus")),
                    "data.split must be one of maml, background")
 
 
@@ -122,7 +128,7 @@ def test_omniglot_tasks_draw_from_the_memmap_with_rotations(omni_root):
     """Each label of a task is one train class turned by one multiple of 90°: every image of the
     label equals np.rot90(the class's stored image, k) for the same class and k, and k ≠ 0
     happens (rotations on) or never happens (rotations off)."""
-    data = load_omniglot(make_cfg("omniglot", omni_root))
+    data = load_omniglot(make_spec("omniglot", omni_root))
     train = data.classes["train"]
     where: dict[bytes, set[tuple[int, int]]] = {}  # image bytes → {(class, k)}
     for c, idx in enumerate(train):
@@ -158,7 +164,7 @@ def test_omniglot_tasks_draw_from_the_memmap_with_rotations(omni_root):
 
 def test_cache_is_reused_then_invalidated_by_root_and_content(omni_root, tmp_path, private_cache,
                                                               monkeypatch):
-    cfg = make_cfg("omniglot", omni_root)
+    cfg = make_spec("omniglot", omni_root)
     first = load_omniglot(cfg)
     assert len(cache_files(private_cache)) == 1
     # second load: memory-mapped, nothing decoded
@@ -173,22 +179,22 @@ def test_cache_is_reused_then_invalidated_by_root_and_content(omni_root, tmp_pat
     shutil.copytree(omni_root, other)
     victim = other / sorted(n for n, _ in scan_omniglot(cfg).classes)[0]
     shutil.rmtree(victim)
-    moved = load_omniglot(make_cfg("omniglot", other))
+    moved = load_omniglot(make_spec("omniglot", other))
     assert len(moved.images) == 1780 and len(cache_files(private_cache)) == 2
     # another image size: another cache
-    assert load_omniglot(make_cfg("omniglot", other, image_size=20)).images.shape[-1] == 20
+    assert load_omniglot(make_spec("omniglot", other, image_size=20)).images.shape[-1] == 20
     assert len(cache_files(private_cache)) == 3
     # a changed file in the tree: rebuilt, the stale cache of that root removed
     png = next(other.rglob("*.png"))
     fx.omniglot_character(999, 0).save(png)
     os.utime(png, ns=(1, 1))
-    rebuilt = load_omniglot(make_cfg("omniglot", other))
+    rebuilt = load_omniglot(make_spec("omniglot", other))
     assert len(cache_files(private_cache)) == 3
     assert not np.array_equal(np.asarray(rebuilt.images), np.asarray(moved.images))
 
 
 def test_truncated_cache_is_detected_and_rebuilt(omni_root, private_cache):
-    cfg = make_cfg("omniglot", omni_root)
+    cfg = make_spec("omniglot", omni_root)
     good = np.asarray(load_omniglot(cfg).images).copy()
     npy = cache_files(private_cache)[0]
     with open(npy, "r+b") as f:
@@ -221,13 +227,14 @@ def test_parallel_decode_equals_serial(omni_root, tmp_path, monkeypatch):
 
 def test_info_reports_counts_and_cache_state(omni_root):
     cfg = make_cfg("omniglot", omni_root)
-    text = info(cfg)
+    text = info(cfg.data_spec(), cfg.task_spec())
     assert "not built yet" in text and "1,800" in text
     assert "  train        61     1,220  20" in text and "  test         23       460  20" in text
     assert "differs from the published set" in text and "fit every split" in text
-    load_omniglot(cfg)
-    assert "decoded/omniglot-" in info(cfg)
-    assert "do NOT fit" in info(make_cfg("omniglot", omni_root, ways=10))
+    load_omniglot(cfg.data_spec())
+    assert "decoded/omniglot-" in info(cfg.data_spec(), cfg.task_spec())
+    more = make_cfg("omniglot", omni_root, ways=10)
+    assert "do NOT fit" in info(more.data_spec(), more.task_spec())
 
 
 # --------------------------------------------------------------------------- mini-ImageNet
@@ -249,7 +256,7 @@ def test_miniimagenet_csv_pickle_and_class_folders_give_the_same_data(tmp_path, 
     fx.write_mini_pickles(tmp_path / "pkl5", mini_data, protocol=5,
                           val_name="mini-imagenet-cache-validation.pkl")
     fx.write_mini_dirs(tmp_path / "dirs", mini_data)
-    loaded = {k: load_miniimagenet(make_cfg("miniimagenet", tmp_path / k, image_size=84))
+    loaded = {k: load_miniimagenet(make_spec("miniimagenet", tmp_path / k, image_size=84))
               for k in ("csv", "pkl", "pkl5", "dirs")}
     ref = loaded["csv"]
     assert ref.counts() == {"train": (6, 24), "val": (5, 20), "test": (5, 20)}
@@ -264,7 +271,7 @@ def test_miniimagenet_csv_pickle_and_class_folders_give_the_same_data(tmp_path, 
             assert np.array_equal(got[key], expect[key]), (k, key)
         assert isinstance(data.images, np.memmap)
     # second pickle load comes from the cache
-    again = load_miniimagenet(make_cfg("miniimagenet", tmp_path / "pkl", image_size=84))
+    again = load_miniimagenet(make_spec("miniimagenet", tmp_path / "pkl", image_size=84))
     assert isinstance(again.images, np.memmap) and again.counts() == ref.counts()
 
 
@@ -274,24 +281,25 @@ def test_miniimagenet_images_without_csv_use_the_packaged_ravi_split(tmp_path):
     assert len({w for v in ravi.values() for w in v}) == 100
     data = fx.mini_images(ravi, per_class=2, size=16)
     fx.write_mini_csv(tmp_path, data, csv=False)
-    loaded = load_miniimagenet(make_cfg("miniimagenet", tmp_path, image_size=16))
+    loaded = load_miniimagenet(make_spec("miniimagenet", tmp_path, image_size=16))
     assert loaded.counts() == {"train": (64, 128), "val": (16, 32), "test": (20, 40)}
     assert loaded.class_names["val"] == sorted(ravi["val"])
-    text = info(make_cfg("miniimagenet", tmp_path, image_size=16))
+    mini = make_cfg("miniimagenet", tmp_path, image_size=16)
+    text = info(mini.data_spec(), mini.task_spec())
     assert "packaged Ravi & Larochelle split" in text and "differs from the published" in text
     # a missing class is named
     for p in (tmp_path / "images").glob(f"{ravi['test'][3]}*"):
         p.unlink()
-    one_line_error(lambda: load_miniimagenet(make_cfg("miniimagenet", tmp_path, image_size=16)),
+    one_line_error(lambda: load_miniimagenet(make_spec("miniimagenet", tmp_path, image_size=16)),
                    f"no images of class {ravi['test'][3]}")
 
 
 def test_miniimagenet_resizes_and_augments(tmp_path, mini_data):
     fx.write_mini_pickles(tmp_path, mini_data)
-    data = load_miniimagenet(make_cfg("miniimagenet", tmp_path, image_size=32))
+    data = load_miniimagenet(make_spec("miniimagenet", tmp_path, image_size=32))
     assert data.images.shape == (64, 3, 32, 32)
     assert data.augment is not None and data.augment.keywords == {"padding": 3}
-    assert load_miniimagenet(make_cfg("miniimagenet", tmp_path, image_size=32,
+    assert load_miniimagenet(make_spec("miniimagenet", tmp_path, image_size=32,
                                       augment=False)).augment is None
     batch = np.asarray(data.images[:10])
     out = data.augment(batch, np.random.default_rng(0))
@@ -310,12 +318,12 @@ def test_folder_seeded_split_grayscale_and_rgb(tmp_path):
     names = [f"class_{i:02d}" for i in range(10)]
     fx.write_folder(tmp_path / "grey", names, per_class=5, mode="L", ext=".jpg")
     fx.write_folder(tmp_path / "rgb", names, per_class=5, mode="RGB", ext=".PNG")
-    grey = load_folder(make_cfg("folder", tmp_path / "grey", image_size=16, ways=2))
-    rgb = load_folder(make_cfg("folder", tmp_path / "rgb", image_size=16, ways=2))
+    grey = load_folder(make_spec("folder", tmp_path / "grey", image_size=16, ways=2))
+    rgb = load_folder(make_spec("folder", tmp_path / "rgb", image_size=16, ways=2))
     assert grey.images.shape == (50, 1, 16, 16) and rgb.images.shape == (50, 3, 16, 16)
     assert grey.counts() == {"train": (6, 30), "val": (2, 10), "test": (2, 10)}
     assert grey.class_names == rgb.class_names  # same seed and names → same split
-    other = load_folder(make_cfg("folder", tmp_path / "rgb", image_size=16, ways=2, seed=5))
+    other = load_folder(make_spec("folder", tmp_path / "rgb", image_size=16, ways=2, seed=5))
     assert other.class_names != rgb.class_names
     assert len(rgb.mean) == 3 and all(0 < s < 1 for s in rgb.std)
     # normalisation statistics are those of the decoded pixels, per channel, on the 0..1 scale
@@ -324,7 +332,7 @@ def test_folder_seeded_split_grayscale_and_rgb(tmp_path):
         assert np.allclose(data.mean, x.mean(axis=(0, 2, 3)), atol=1e-5)
         assert np.allclose(data.std, x.std(axis=(0, 2, 3)), atol=1e-5)
     assert len(set(rgb.mean)) == 3  # the channels differ in these images
-    forced = load_folder(make_cfg("folder", tmp_path / "rgb", image_size=16, ways=2, channels=1))
+    forced = load_folder(make_spec("folder", tmp_path / "rgb", image_size=16, ways=2, channels=1))
     assert forced.images.shape[1] == 1
     rgb.check_disjoint()
 
@@ -334,12 +342,12 @@ def test_folder_split_file(tmp_path):
     fx.write_folder(tmp_path, names, per_class=3)
     split = {"train": ["c0", "c1", "c2", "c3", "c4"], "val": ["c5"], "test": ["c6", "c7"]}
     (tmp_path / "splits.json").write_text(__import__("json").dumps(split))
-    data = load_folder(make_cfg("folder", tmp_path, image_size=16, ways=1, shots=1,
+    data = load_folder(make_spec("folder", tmp_path, image_size=16, ways=1, shots=1,
                                 rotations=False))
     assert data.class_names == {"train": split["train"], "val": ["c5"], "test": ["c6", "c7"]}
     other = tmp_path.parent / f"{tmp_path.name}-split.json"
     other.write_text('{"train": ["c0", "c1"], "val": ["c2"], "test": ["c3"]}')
-    data = load_folder(make_cfg("folder", tmp_path, image_size=16, ways=1, split_file=str(other)))
+    data = load_folder(make_spec("folder", tmp_path, image_size=16, ways=1, split_file=str(other)))
     assert data.counts() == {"train": (2, 6), "val": (1, 3), "test": (1, 3)}
 
 
@@ -347,42 +355,42 @@ def test_folder_split_file(tmp_path):
 
 
 def test_missing_root_errors(tmp_path):
-    one_line_error(lambda: load_omniglot(make_cfg("omniglot", None)), "data.root is not set",
+    one_line_error(lambda: load_omniglot(make_spec("omniglot", None)), "data.root is not set",
                    "--root DIR")
-    one_line_error(lambda: load_miniimagenet(make_cfg("miniimagenet", tmp_path / "nope")),
+    one_line_error(lambda: load_miniimagenet(make_spec("miniimagenet", tmp_path / "nope")),
                    "does not exist")
     (tmp_path / "file").write_text("x")
-    one_line_error(lambda: load_folder(make_cfg("folder", tmp_path / "file")), "is a file")
+    one_line_error(lambda: load_folder(make_spec("folder", tmp_path / "file")), "is a file")
 
 
 def test_wrong_layout_names_the_expected_directory(tmp_path):
     fx.write_omniglot(tmp_path, (2,), (), drawers=2)
     (tmp_path / "images_evaluation").mkdir()
-    one_line_error(lambda: load_omniglot(make_cfg("omniglot", tmp_path)),
+    one_line_error(lambda: load_omniglot(make_spec("omniglot", tmp_path)),
                    f"'{tmp_path / 'images_evaluation'}' has no ALPHABET/characterNN/*.png")
     shutil.rmtree(tmp_path / "images_evaluation")
-    one_line_error(lambda: load_omniglot(make_cfg("omniglot", tmp_path)),
+    one_line_error(lambda: load_omniglot(make_spec("omniglot", tmp_path)),
                    f"expected directory '{tmp_path / 'images_evaluation'}'",
                    "sparsemeta data download omniglot")
     (tmp_path / "images_evaluation.zip").write_bytes(b"PK")
-    one_line_error(lambda: load_omniglot(make_cfg("omniglot", tmp_path)),
+    one_line_error(lambda: load_omniglot(make_spec("omniglot", tmp_path)),
                    "found only 'images_evaluation.zip'")
     nested = tmp_path / "images_evaluation" / "images_evaluation" / "A" / "character01"
     nested.mkdir(parents=True)
     fx.omniglot_character(0, 0).save(nested / "x.png")
-    one_line_error(lambda: load_omniglot(make_cfg("omniglot", tmp_path)), "one level too deep")
-    one_line_error(lambda: load_miniimagenet(make_cfg("miniimagenet", tmp_path)),
+    one_line_error(lambda: load_omniglot(make_spec("omniglot", tmp_path)), "one level too deep")
+    one_line_error(lambda: load_miniimagenet(make_spec("miniimagenet", tmp_path)),
                    "is not a mini-ImageNet directory: expected images/ with train.csv")
     empty = tmp_path / "empty"
     empty.mkdir()
     fx.write_folder(empty / "loose", [], 0)
     (empty / "a.png").write_bytes(b"")
-    one_line_error(lambda: load_folder(make_cfg("folder", empty)),
+    one_line_error(lambda: load_folder(make_spec("folder", empty)),
                    "has no class folders with images", "own sub-folder")
 
 
 def test_miniimagenet_file_errors(tmp_path, mini_data):
-    cfg = make_cfg("miniimagenet", tmp_path, image_size=84)
+    cfg = make_spec("miniimagenet", tmp_path, image_size=84)
     paths = fx.write_mini_pickles(tmp_path, mini_data)
     blob = paths["train"].read_bytes()
     paths["train"].write_text("<!DOCTYPE html><html><body>Quota exceeded</body></html>")
@@ -398,7 +406,7 @@ def test_miniimagenet_file_errors(tmp_path, mini_data):
     # CSV layout: a listed image missing, a bad header, a missing CSV
     csv_root = tmp_path / "csv"
     fx.write_mini_csv(csv_root, mini_data)
-    ccfg = make_cfg("miniimagenet", csv_root, image_size=84)
+    ccfg = make_spec("miniimagenet", csv_root, image_size=84)
     victim = sorted((csv_root / "images").iterdir())[0]
     jpeg = victim.read_bytes()
     victim.unlink()
@@ -414,26 +422,31 @@ def test_corrupt_image_is_named(tmp_path):
     fx.write_folder(tmp_path, ["a", "b", "c"], per_class=3)
     bad = tmp_path / "b" / "img_001.png"
     bad.write_bytes(bad.read_bytes()[:40])
-    one_line_error(lambda: load_folder(make_cfg("folder", tmp_path, ways=1, shots=1)),
+    one_line_error(lambda: load_folder(make_spec("folder", tmp_path, ways=1, shots=1)),
                    f"cannot decode image '{bad}'", "replace or delete")
 
 
 def test_too_few_classes_or_images(tmp_path, omni_root):
+    """The one tasks-fit check (``check_tasks``), on what the loaders give."""
+    def fit(loader, name, root, **data) -> None:
+        cfg = make_cfg(name, root, **data)
+        check_tasks(loader(cfg.data_spec()), cfg.task_spec())
+
     fx.write_folder(tmp_path, [f"c{i}" for i in range(5)], per_class=4)
-    one_line_error(lambda: load_folder(make_cfg("folder", tmp_path, ways=2, rotations=False)),
+    one_line_error(lambda: fit(load_folder, "folder", tmp_path, ways=2, rotations=False),
                    "data.ways=2 but the val split of 'folder' has only 1 classes", "lower data.ways")
-    one_line_error(lambda: load_folder(make_cfg("folder", tmp_path, ways=1, shots=2, queries=3)),
+    one_line_error(lambda: fit(load_folder, "folder", tmp_path, ways=1, shots=2, queries=3),
                    "data.shots + data.queries = 5 but class", "has only 4 images",
                    "lower data.shots or data.queries")
-    one_line_error(lambda: load_omniglot(make_cfg("omniglot", omni_root, ways=7)),
+    one_line_error(lambda: fit(load_omniglot, "omniglot", omni_root, ways=7),
                    "data.ways=7 but the val split of 'omniglot' has only 6 classes")
-    one_line_error(lambda: load_omniglot(make_cfg("omniglot", omni_root, shots=10, queries=11)),
+    one_line_error(lambda: fit(load_omniglot, "omniglot", omni_root, shots=10, queries=11),
                    "data.shots + data.queries = 21", "has only 20 images")
 
 
 def test_folder_split_file_errors(tmp_path):
     fx.write_folder(tmp_path, ["a", "b", "c"], per_class=2)
-    cfg = make_cfg("folder", tmp_path, ways=1, shots=1)
+    cfg = make_spec("folder", tmp_path, ways=1, shots=1)
     (tmp_path / "splits.json").write_text("{not json")
     one_line_error(lambda: load_folder(cfg), "is not valid JSON")
     (tmp_path / "splits.json").write_text('{"train": ["a"], "val": ["zzz"], "test": ["c"]}')
@@ -442,7 +455,7 @@ def test_folder_split_file_errors(tmp_path):
     one_line_error(lambda: load_folder(cfg), "puts class 'b' in both train and val")
     (tmp_path / "splits.json").write_text('{"train": ["a", "b"], "test": ["c"]}')
     one_line_error(lambda: load_folder(cfg), "lists no 'val' classes")
-    one_line_error(lambda: load_folder(make_cfg("folder", tmp_path, split_file="nope.json")),
+    one_line_error(lambda: load_folder(make_spec("folder", tmp_path, split_file="nope.json")),
                    "data.split_file 'nope.json' does not exist")
     (tmp_path / "splits.json").unlink()
     one_line_error(lambda: build_config(overrides=["data.val_fraction=1.5"]),
@@ -496,7 +509,7 @@ def test_download_fetches_verifies_and_unpacks_from_file_urls(tmp_path, omni_roo
     log = io.StringIO()
     msg = download("omniglot", dest, sources=tuple(remotes), log=log)
     assert "ready" in msg and (dest / "images_background").is_dir()
-    assert load_omniglot(make_cfg("omniglot", dest)).counts() == OMNI_COUNTS
+    assert load_omniglot(make_spec("omniglot", dest)).counts() == OMNI_COUNTS
     assert not list(dest.glob(".*"))  # no temp files left
     # again: present, nothing fetched
     assert "(present)" in download("omniglot", dest, sources=tuple(remotes), log=log)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from sparsemeta.data.tasks import TaskSampler
+from sparsemeta.data.spec import TaskSpec
+from sparsemeta.data.tasks import TaskSampler, check_tasks
 from sparsemeta.foundations.errors import UserError
 from tests.conftest import make_data
 
@@ -111,12 +112,18 @@ def test_shift_augmentation_moves_content_within_bounds():
     assert offsets == {(dy, dx) for dy in range(-k, k + 1) for dx in range(-k, k + 1)}
 
 
-def test_too_many_ways_or_shots_is_a_user_error():
+def test_too_many_ways_or_shots_is_one_user_error_line_naming_the_keys():
     data = make_data()
     with pytest.raises(UserError, match="data.ways=7 but the val split"):
-        TaskSampler(data, "val", ways=7, shots=1, queries=1, seed=0)
+        check_tasks(data, TaskSpec(ways=7, shots=1, queries=1), ("val",))
     with pytest.raises(UserError, match="data.shots \\+ data.queries = 9"):
-        TaskSampler(data, "train", ways=2, shots=4, queries=5, seed=0)
+        check_tasks(data, TaskSpec(ways=2, shots=4, queries=5), ("train",))
+    # validation and test tasks take eval.queries where it is set, and the message says so
+    with pytest.raises(UserError, match="data.shots \\+ eval.queries = 9 .* of the val split"):
+        check_tasks(data, TaskSpec(ways=2, shots=1, queries=1, eval_queries=8))
+    check_tasks(data, TaskSpec(ways=2, shots=1, queries=1, eval_queries=2))  # fits
+    with pytest.raises(AssertionError):  # the sampler only asserts: the boundary checked it
+        TaskSampler(data, "val", ways=7, shots=1, queries=1, seed=0)
 
 
 def test_eval_queries_apply_to_validation_and_test_tasks_only():
@@ -125,6 +132,6 @@ def test_eval_queries_apply_to_validation_and_test_tasks_only():
 
     cfg = build_config(overrides=["data.queries=1", "eval.queries=3"])
     data = make_data()
-    assert sampler_for(cfg, data, "train").task(0).query_x.shape[0] == 5 * 1
-    assert sampler_for(cfg, data, "val").task(0).query_x.shape[0] == 5 * 3
-    assert sampler_for(cfg, data, "test").task(0).query_x.shape[0] == 5 * 3
+    assert sampler_for(cfg.task_spec(), data, "train").task(0).query_x.shape[0] == 5 * 1
+    assert sampler_for(cfg.task_spec(), data, "val").task(0).query_x.shape[0] == 5 * 3
+    assert sampler_for(cfg.task_spec(), data, "test").task(0).query_x.shape[0] == 5 * 3

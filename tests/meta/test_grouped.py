@@ -9,7 +9,8 @@ import torch
 
 from sparsemeta.data.tasks import Task
 from sparsemeta.meta.core import MetaLearner
-from sparsemeta.meta.grouped import Grouped, engine, unsupported
+from sparsemeta.meta.engine import Engine
+from sparsemeta.meta.grouped import Grouped, unsupported
 from sparsemeta.models.conv4 import Conv4, Pass, forward_tasks
 from tests.meta.tiny import SIZE, WAYS, tiny_tasks
 
@@ -145,15 +146,14 @@ def test_forward_tasks_is_each_tasks_own_forward():
         assert torch.allclose(out[t], own, rtol=1e-12, atol=1e-12)
 
 
-def test_refuses_what_it_cannot_compute():
+def test_says_what_it_cannot_compute_and_asserts_it_is_not_asked_to():
+    assert "running" in unsupported("running", metamix=False)
+    assert "MetaMix" in unsupported("transductive", metamix=True)
+    assert unsupported("support", metamix=False) is None
     running = MetaLearner(Conv4(1, WAYS, SIZE, filters=4, bn_running=True), inner_lr=0.3,
                           inner_steps=1, bn="running")
-    assert "running" in unsupported(running)
-    with pytest.raises(ValueError, match="grouped core cannot run this learner: meta.bn=running"):
+    with pytest.raises(AssertionError):  # refused at the boundary (meta.engine), asserted here
         Grouped(running)
-    mixed = MetaLearner(_model(), inner_lr=0.3, inner_steps=1, mix=(2.0, 2.0))
-    with pytest.raises(ValueError, match="MetaMix"):
-        Grouped(mixed)
     learner = MetaLearner(_model(), inner_lr=0.3, inner_steps=1)
     tasks = _tasks(2)
     odd = Task(tasks[1].support_x[:-1], tasks[1].support_y[:-1], tasks[1].query_x,
@@ -163,8 +163,13 @@ def test_refuses_what_it_cannot_compute():
                                             [tasks[0], odd])
 
 
-def test_engine_takes_the_loop_on_the_cpu_unless_asked():
+def test_the_engine_routes_meta_batches_and_evaluation_to_its_core():
     learner = MetaLearner(_model(), inner_lr=0.3, inner_steps=1)
-    assert engine(learner, None) is learner
-    assert engine(learner, False) is learner
-    assert isinstance(engine(learner, True), Grouped)
+    params, tasks = dict(learner.model.named_parameters()), _tasks(2)
+    loop, grouped = (_grads(lambda p, t, core=core: Engine(core).meta_gradient_step(learner, p, t),
+                            learner, tasks)[0] for core in ("loop", "grouped"))
+    assert torch.allclose(grouped, loop, rtol=1e-10, atol=1e-12)
+    rows = {core: list(Engine(core).evaluate_tasks(learner, params, lambda i: tasks[i], range(2),
+                                                   2)) for core in ("loop", "grouped")}
+    assert [r[0] for r in rows["grouped"]] == [0, 1]
+    assert rows["grouped"][1][1] == pytest.approx(rows["loop"][1][1], abs=1e-12)

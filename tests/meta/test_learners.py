@@ -11,13 +11,14 @@ from sparsemeta.config import build_config
 from sparsemeta.data.tasks import Task, sampler_for
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.meta.core import MetaLearner
+from sparsemeta.meta.engine import Engine
 from sparsemeta.meta.learners import build_learner
 from sparsemeta.meta.mamlpp import msl_weights, schedule
 from sparsemeta.models.conv4 import Conv4, Mix, Pass, Shuffle
 from sparsemeta.sparsity.masks import full_mask
 from sparsemeta.sparsity.prune import magnitude_prune
 from sparsemeta.training.evaluate import evaluate
-from sparsemeta.training.loop import train
+from sparsemeta.training.loop import train_config as train
 from tests.conftest import make_data
 
 
@@ -33,14 +34,14 @@ def _task(index: int = 0, shots: int = 2, queries: int = 2,
 def _shuffling_learner() -> tuple[Conv4, MetaLearner]:
     torch.manual_seed(0)
     model = Conv4(1, 3, 16, filters=12).double()
-    return model, MetaLearner(model, inner_lr=0.1, inner_steps=1, mix=(2.0, 2.0), mix_seed=3)
+    return model, MetaLearner(model, inner_lr=0.1, inner_steps=1, metamix=(2.0, 2.0), metamix_seed=3)
 
 
 @pytest.mark.parametrize("rule", ["lslr", "metasgd"])
 def test_learned_inner_rates_receive_gradients_and_change(rule):
     torch.manual_seed(0)
     learner = MetaLearner(Conv4(1, 3, 16, filters=4), inner_lr=0.1, inner_steps=2,
-                          lr_rule=rule, eval_steps=3)
+                          lr_rule=rule, eval_inner_steps=3)
     before = {k: v.detach().clone() for k, v in learner.rates.items()}
     shape = (3,) if rule == "lslr" else learner.model.head.weight.shape
     assert learner.rates["head-weight"].shape == shape
@@ -59,7 +60,7 @@ def test_learned_inner_rates_receive_gradients_and_change(rule):
     state = learner.state_dict()
     assert "inner_lr.head.weight" in state
     other = MetaLearner(Conv4(1, 3, 16, filters=4), inner_lr=0.1, inner_steps=2, lr_rule=rule,
-                        eval_steps=3)
+                        eval_inner_steps=3)
     other.load_state_dict(state)
     assert torch.equal(other.rates["head-weight"], learner.rates["head-weight"])
 
@@ -144,7 +145,7 @@ def test_schedule_switches_derivative_order_and_msl_at_the_configured_epochs():
 def test_metamix_loss_equals_the_formula_on_a_hand_built_case():
     torch.manual_seed(0)
     model = Conv4(1, 3, 16, filters=4).double()
-    learner = MetaLearner(model, inner_lr=0.1, inner_steps=1, mix=(2.0, 2.0), mix_seed=7)
+    learner = MetaLearner(model, inner_lr=0.1, inner_steps=1, metamix=(2.0, 2.0), metamix_seed=7)
     task = _task(index=11, dtype=torch.float64)
     params = dict(model.named_parameters())
     loss, _ = learner._query_loss(params, task, 1)
@@ -275,8 +276,9 @@ def test_every_learner_trains_with_a_mask_that_stays_exact(tmp_path, extra):
     def evaluation(with_mask):
         fresh = build_learner(cfg, data.channels, mask if with_mask else None)
         fresh.load_state_dict(best)
-        return evaluate(fresh, dict(fresh.model.named_parameters()),
-                        sampler_for(cfg, data, "test"), cfg.eval.tasks, cfg.meta.eval_inner_steps)
+        return evaluate(Engine(), fresh, dict(fresh.model.named_parameters()),
+                        sampler_for(cfg.task_spec(), data, "test"), cfg.eval.tasks,
+                        cfg.meta.eval_inner_steps)
 
     assert evaluation(True) == ev
     unmasked = evaluation(False).per_step[-1]["loss"]

@@ -16,11 +16,13 @@ from sparsemeta.data.tasks import Task, sampler_for
 from sparsemeta.foundations import runtime
 from sparsemeta.meta import parallel
 from sparsemeta.meta.core import MetaLearner, channels_last
+from sparsemeta.meta.engine import Engine
 from sparsemeta.meta.learners import build_learner
 from sparsemeta.models.conv4 import Conv4
 from sparsemeta.sparsity.masks import full_mask
 from sparsemeta.sparsity.prune import magnitude_prune
 from sparsemeta.training.evaluate import evaluate
+from sparsemeta.training.setup import prepare
 from tests.conftest import make_data
 
 
@@ -45,7 +47,7 @@ def _learner(variant: str, dtype: torch.dtype) -> MetaLearner:
     elif variant == "metasgd":
         kwargs.update(lr_rule="metasgd", first_order=True)
     elif variant == "metamix":
-        kwargs.update(mix=(2.0, 2.0), mix_seed=3)
+        kwargs.update(metamix=(2.0, 2.0), metamix_seed=3)
     elif variant in ("running", "support"):
         kwargs.update(bn=variant)
     elif variant == "head":
@@ -152,13 +154,13 @@ def test_evaluation_is_the_same_for_any_thread_count_and_matches_the_old_loop(bn
     learner = build_learner(cfg, data.channels)
     if bn == "running":  # statistics that are not the initial ones
         learner.meta_gradient_step(dict(learner.model.named_parameters()),
-                                   [sampler_for(cfg, data, "train").task(i) for i in range(3)])
+                                   [sampler_for(cfg.task_spec(), data, "train").task(i) for i in range(3)])
     params = dict(learner.model.named_parameters())
-    sampler = sampler_for(cfg, data, "test")
+    sampler = sampler_for(cfg.task_spec(), data, "test")
     results = []
     for threads in (1, 2, 3):
         learner.threads = threads
-        results.append(evaluate(learner, params, sampler, 24, 3))
+        results.append(evaluate(Engine(threads=threads), learner, params, sampler, 24, 3))
     assert results[0] == results[1] == results[2]
     # the old evaluation: task after task on this thread, NCHW
     learner.channels_last = False
@@ -172,10 +174,19 @@ def test_evaluation_is_the_same_for_any_thread_count_and_matches_the_old_loop(bn
                        rtol=1e-5, atol=0)
 
 
-def test_train_threads_reach_the_learner():
-    assert build_learner(_cfg(["train.threads=3"]), 1).threads == 3
-    auto = build_learner(_cfg([]), 1).threads
+def test_train_threads_reach_the_learner_through_the_engine():
+    data = make_data()
+    setup = prepare(_cfg(["train.threads=3"]), data)
+    assert setup.engine.threads == 3
+    assert build_learner(setup.cfg, 1, threads=setup.engine.threads).threads == 3
+    auto = prepare(_cfg([]), data).engine.threads
     assert 1 <= auto <= min(runtime.cores(), runtime.MAX_AUTO_THREADS)
+    before = torch.get_num_threads()  # a runner's process with one core's share
+    torch.set_num_threads(1)
+    try:
+        assert prepare(_cfg([]), data).in_this_process().engine.threads == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_ordered_map_keeps_order_and_raises_at_the_failing_item():

@@ -11,12 +11,13 @@ from torch.func import functional_call
 
 from sparsemeta.data.tasks import Task
 from sparsemeta.experiments.methods import rigl as rigl_method
-from sparsemeta.experiments.methods.earlybird import EarlyBirdHooks
+from sparsemeta.experiments.methods.earlybird import EarlyBirdHooks, EarlyBirdSettings
 from sparsemeta.experiments.methods.l1 import L1Hooks
 from sparsemeta.experiments.methods.rigl import RigLHooks
 from sparsemeta.meta.core import MetaLearner
 from sparsemeta.models.conv4 import Conv4
 from sparsemeta.sparsity.masks import density, full_mask
+from sparsemeta.sparsity.prune import MagnitudeRule
 from sparsemeta.sparsity.rigl import (
     drop_and_grow,
     drop_fraction,
@@ -164,8 +165,8 @@ def test_l1_term_gradient_is_lambda_times_sign_on_prunable_weights_only():
 def test_early_bird_fires_when_the_last_distances_fall_below_epsilon_and_not_before():
     model = _model()
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
-    hook = EarlyBirdHooks(rate=0.2, scope="layerwise", output_rate_factor=0.5, epsilon=0.01,
-                          every=1, window=3)
+    hook = EarlyBirdHooks(MagnitudeRule(0.2, "layerwise", 0.5),
+                          EarlyBirdSettings(epsilon=0.01, every=1, window=3))
     gen = torch.Generator().manual_seed(0)
     fired = []
     for step in range(1, 13):
@@ -178,7 +179,8 @@ def test_early_bird_fires_when_the_last_distances_fall_below_epsilon_and_not_bef
     assert fired.index(True) == 8  # step 9: the last 3 distances (steps 7, 8, 9) are zero
     assert not any(fired[:8])
     state = hook.state_dict()
-    again = EarlyBirdHooks(0.2, "layerwise", 0.5, 0.01, 1, 3)
+    again = EarlyBirdHooks(MagnitudeRule(0.2, "layerwise", 0.5),
+                           EarlyBirdSettings(epsilon=0.01, every=1, window=3))
     again.load_state_dict(state)
     assert again.fired() and again.distances == hook.distances
     assert full_mask(params).keys() == state["previous"].keys()

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from sparsemeta.config import build_config
-from sparsemeta.experiments.methods.base import check_targets
+from sparsemeta.experiments.methods.base import ImpPlan
 from sparsemeta.experiments.report import write_report
 from sparsemeta.experiments.runner import run_experiment
 from sparsemeta.foundations.errors import UserError
+from sparsemeta.meta.learners import model_spec
 from sparsemeta.models.conv4 import build_model
 from sparsemeta.sparsity.flops import TaskShape, forward_macs, train_task_macs
 from sparsemeta.sparsity.masks import load_mask
@@ -58,7 +59,7 @@ def test_oneshot_prunes_the_dense_model_once_to_imps_counts_and_rewinds(experime
         path = level_dir(experiment, 0, level, "oneshot")
         mask = load_mask(path / "mask.pt")
         assert _counts(mask) == _counts(ticket)
-        expected = top_magnitude_mask(dense.weights(), _counts(ticket))
+        expected = top_magnitude_mask(dense.trained_weights(), _counts(ticket))
         assert all(torch.equal(mask[k], expected[k]) for k in mask)
         init, theta0 = RunDir(path).weights("init.pt"), dense.weights("init.pt")
         assert all(torch.equal(init[k], theta0[k]) for k in theta0)
@@ -71,7 +72,7 @@ def test_oneshot_prunes_the_dense_model_once_to_imps_counts_and_rewinds(experime
 def test_early_bird_at_the_target_stops_the_search_when_every_mask_has_settled(experiment):
     search = RunDir(level_dir(experiment, 0, 0, "eb_target_search"))
     result = search.result()
-    state = search.hooks_state()
+    state = search.checkpoint().hooks
     assert set(state["drawn"]) == {1, 3}
     assert result.iterations_run == max(state["drawn_at"].values()) < ITERATIONS
     for level in (1, 3):
@@ -98,7 +99,7 @@ def test_gradual_pruning_shrinks_on_the_cubic_schedule_and_ends_at_imps_counts(e
 
 def test_every_run_records_its_macs_at_its_densities(experiment):
     cfg = build_config(overrides=OVERRIDES)
-    model = build_model(cfg, 1)
+    model = build_model(model_spec(cfg, 1))
     sizes = {k: p.numel() for k, p in model.named_parameters() if k in model.positions}
     shape = TaskShape(support=5, query=10, inner_steps=1)
     path = level_dir(experiment, 0, 3, "ticket")
@@ -134,4 +135,4 @@ def test_report_charges_each_model_its_derivation_relative_to_imp(experiment):
 def test_a_target_below_the_last_level_is_refused_naming_the_key():
     cfg = build_config(overrides=[*OVERRIDES, "prune.targets=[0.05]"])
     with pytest.raises(UserError, match=r"prune.targets has 0.05.*raise prune.levels"):
-        check_targets(cfg, 1)
+        ImpPlan.of(cfg, 1)

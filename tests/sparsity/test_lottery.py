@@ -11,13 +11,14 @@ import torch
 from sparsemeta.config import build_config
 from sparsemeta.experiments.export import export_run
 from sparsemeta.experiments.methods import METHODS
-from sparsemeta.experiments.methods.base import SeedRun
+from sparsemeta.experiments.methods.base import ImpPlan, SeedRun
 from sparsemeta.experiments.report import write_report
 from sparsemeta.experiments.runner import parse_controls, parse_seeds, run_experiment, run_lottery
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.meta.core import MetaLearner
 from sparsemeta.sparsity.masks import density, load_mask
 from sparsemeta.training.rundir import level_dir
+from sparsemeta.training.setup import prepare
 from tests.conftest import make_data
 
 OVERRIDES = ["device=cpu", "data.image_size=16", "model.filters=8", "train.iterations=4",
@@ -139,10 +140,11 @@ def test_controls_go_to_the_pool_and_unstarted_ones_are_trained_here(tmp_path, e
     """The chain never waits for the pool (it trains in this process); the controls are handed
     to the pool in level order, and at the end this process trains those the pool has not
     started — so the experiment completes, equal to the one-process run."""
-    cfg = build_config(overrides=OVERRIDES + ["prune.rewind=step:2"])
+    cfg, data = build_config(overrides=OVERRIDES + ["prune.rewind=step:2"]), make_data()
     pool, done = HeldPool(), []
-    s = SeedRun(cfg, tmp_path, 0, make_data(), lambda name, result, seconds: done.append(name),
-                False, ["reinit", "random"], pool=pool)
+    s = SeedRun(prepare(cfg, data), ImpPlan.of(cfg, data.channels), tmp_path, 0, data,
+                lambda name, result, seconds: done.append(name), False, ["reinit", "random"],
+                pool=pool)
     METHODS["lottery"].run(s)
     assert pool.paths == [str(level_dir(tmp_path, 0, level, branch))
                           for level in (1, 2) for branch in ("reinit", "random")]

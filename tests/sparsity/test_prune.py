@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sparsemeta.config import build_config
+from sparsemeta.meta.learners import model_spec
 from sparsemeta.models.conv4 import Conv4, build_model
 from sparsemeta.sparsity.masks import density, full_mask, hamming, layer_densities, nonzeros
 from sparsemeta.sparsity.prune import (
@@ -161,6 +162,6 @@ def test_clearing_removed_filters_zeroes_their_bias_and_batch_norm_only():
 def test_masks_cover_conv_and_linear_weights_but_never_per_step_batch_norm():
     cfg = build_config(overrides=["meta.algorithm=mamlpp", "mamlpp.per_step_bn=true",
                                   "meta.inner_steps=3", "model.filters=8"])
-    params = dict(build_model(cfg, 1).named_parameters())
+    params = dict(build_model(model_spec(cfg, 1)).named_parameters())
     assert params["blocks.0.bn.weight"].shape == (4, 8)  # one BN slot per step (0..3)
     assert list(full_mask(params)) == [f"blocks.{i}.conv.weight" for i in range(4)] + ["head.weight"]

@@ -13,6 +13,7 @@ from sparsemeta.experiments.report import write_report
 from sparsemeta.experiments.runner import run_experiment, run_lottery
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.meta.core import MetaLearner
+from sparsemeta.meta.learners import model_spec
 from sparsemeta.models.conv4 import build_model
 from sparsemeta.sparsity.masks import load_mask
 from sparsemeta.sparsity.prune import kept_filters
@@ -76,7 +77,7 @@ def test_removed_filters_stay_removed_and_output_exactly_zero_through_training(e
             keep = kept_filters(mask)["blocks.0.conv.weight"]
             assert torch.count_nonzero(step2["blocks.0.bn.bias"][~keep]) > 0
 
-        model = build_model(cfg, data.channels)
+        model = build_model(model_spec(cfg, data.channels))
         model.load_state_dict(state)
         learner = MetaLearner(model, inner_lr=cfg.meta.inner_lr, inner_steps=1, mask=mask)
         outputs: list[torch.Tensor] = []
@@ -105,7 +106,7 @@ def test_exports_compact_to_the_kept_filters_and_report_has_bytes(experiment, tm
         run = level_dir(experiment, 0, level)
         result = export_run(run, tmp_path / f"l{level}.smz")
         model = smz.load(tmp_path / f"l{level}.smz")
-        assert model.manifest["architecture"]["layer_filters"] == [filters] * 4
+        assert list(model.manifest.architecture.layer_filters) == [filters] * 4
         assert all(m.all() for m in model.masks.values())  # a dense, smaller network
         assert result["compacted"] == (level > 0)
         assert result["bytes"] == export_bytes(run) == (tmp_path / f"l{level}.smz").stat().st_size

@@ -18,7 +18,7 @@ One process builds a given cache at a time: the build runs under an exclusive lo
 line naming the builder's pid, waits, and then memory-maps what the first one built. Before a
 build, temporary files left by killed builders are removed (``atomic.remove_stale_temps``).
 
-This module also holds the checks every real loader shares (``require_root``, ``check_tasks``).
+This module also holds the root check every real loader shares (``require_root``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from sparsemeta.data.base import SPLITS, FewShotData, cache_dir
+from sparsemeta.data.base import FewShotData, cache_dir
 from sparsemeta.foundations.atomic import (
     atomic_write_text,
     remove_stale_temps,
@@ -45,7 +45,10 @@ from sparsemeta.foundations.atomic import (
 )
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.foundations.lock import exclusive
+from sparsemeta.foundations.safeio import read_json
 
+#: a cache's .json holds its key, signature, shape and statistics: a few hundred bytes
+MAX_META_BYTES = 1 << 20
 #: Bump when the decoded bytes change for the same inputs (invalidates every cache).
 CACHE_VERSION = 1
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
@@ -57,14 +60,13 @@ _CHUNK = 500
 # --------------------------------------------------------------------------- shared checks
 
 
-def require_root(cfg, name: str, expected: str) -> Path:  # noqa: ANN001
-    """``cfg.data.root`` as an existing directory, or a one-line UserError saying what to do."""
-    root = cfg.data.root
+def require_root(root: str | None, name: str, expected: str) -> Path:
+    """``data.root`` as an existing directory, or a one-line UserError saying what to do."""
     if not root:
         raise UserError(
-            f"data.root is not set for '{name}'; set it with --set data.root=DIR (or --root DIR "
-            f"for 'sparsemeta data …') "
-            f"(a directory with {expected})"
+            f"data.root is not set for '{name}'; set data.root to a directory with {expected} "
+            f"(--set data.root=DIR, --root DIR for 'sparsemeta data …', or for a saved run in its "
+            f"config.yaml)"
         )
     path = Path(root).expanduser()
     try:
@@ -93,7 +95,7 @@ def unreadable(path: str | os.PathLike, exc: OSError, what: str = "") -> UserErr
     return UserError(f"cannot read {what}'{path}' ({reason})")
 
 
-def _scan(directory: Path, keep) -> list[Path]:  # noqa: ANN001
+def _scan(directory: Path, keep: Callable[[os.DirEntry], bool]) -> list[Path]:
     try:
         with os.scandir(directory) as it:
             return sorted(Path(e.path) for e in it if not e.name.startswith(".") and keep(e))
@@ -109,33 +111,6 @@ def list_images(directory: Path) -> list[Path]:
 def list_dirs(directory: Path) -> list[Path]:
     """Visible sub-directories of ``directory``, sorted by name."""
     return _scan(directory, lambda e: e.is_dir())
-
-
-def check_tasks(data: FewShotData, cfg) -> FewShotData:  # noqa: ANN001
-    """Fail before training if a split cannot give ``ways``-way ``shots+queries`` tasks."""
-    ways = cfg.data.ways
-    need = cfg.data.shots + cfg.data.queries
-    for split in SPLITS:
-        per_class = data.classes.get(split, [])
-        rotations = 4 if split == "train" and cfg.data.rotations else 1
-        n = len(per_class) * rotations
-        if n < ways:
-            extra = " (counting rotations as classes)" if rotations > 1 else ""
-            raise UserError(
-                f"data.ways={ways} but the {split} split of '{data.name}' has only {n} "
-                f"classes{extra}; lower data.ways or use a data set with more classes"
-            )
-        counts = [len(idx) for idx in per_class]
-        j = int(np.argmin(counts))
-        if counts[j] < need:
-            names = data.class_names.get(split) or []
-            which = f"class '{names[j]}'" if j < len(names) else "a class"
-            raise UserError(
-                f"data.shots + data.queries = {need} but {which} of the {split} split of "
-                f"'{data.name}' has only {counts[j]} images; lower data.shots or data.queries "
-                f"(or add images)"
-            )
-    return data
 
 
 # --------------------------------------------------------------------------- layouts
@@ -359,7 +334,7 @@ def cache_paths(kind: str, key: dict, signature: str, directory: Path | None = N
 def _try_load(npy: Path, meta: Path, key: dict, signature: str) -> tuple[np.ndarray, dict] | None:
     """The memory-mapped cache and its info, or None when missing, partial, corrupt or foreign."""
     try:
-        info = json.loads(meta.read_text())
+        info = read_json(meta, what=f"cache file '{meta}'", limit=MAX_META_BYTES)
         if info.get("key") != json.loads(json.dumps(key)) or info.get("signature") != signature:
             return None
         images = np.load(npy, mmap_mode="r")

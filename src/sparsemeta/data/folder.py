@@ -16,22 +16,21 @@ cache is built.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from sparsemeta.data.base import SPLITS, FewShotData
 from sparsemeta.data.cache import (
     Layout,
-    check_tasks,
     list_dirs,
     list_images,
     load_layout,
     require_root,
     to_fewshot,
-    unreadable,
 )
+from sparsemeta.data.spec import DataSpec
 from sparsemeta.foundations import streams
 from sparsemeta.foundations.errors import UserError
+from sparsemeta.foundations.safeio import read_json
 
 EXPECTED = "one folder per class: ROOT/CLASS_NAME/*.png|jpg|jpeg"
 SPLIT_FILE = "splits.json"
@@ -53,8 +52,8 @@ def seeded_split(n: int, seed: int, val_fraction: float, test_fraction: float) -
             "train": sorted(order[n_val + n_test:].tolist())}
 
 
-def _split_path(cfg, root: Path) -> Path | None:  # noqa: ANN001
-    given = cfg.data.split_file
+def _split_path(spec: DataSpec, root: Path) -> Path | None:
+    given = spec.split_file
     if not given:
         default = root / SPLIT_FILE
         return default if default.is_file() else None
@@ -68,12 +67,7 @@ def _split_path(cfg, root: Path) -> Path | None:  # noqa: ANN001
 
 def read_split_file(path: Path, names: list[str]) -> dict[str, list[int]]:
     """Class indices per split from a JSON ``{split: [class names]}`` file."""
-    try:
-        raw = json.loads(path.read_text())
-    except OSError as exc:
-        raise unreadable(path, exc, "split file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"split file '{path}' is not valid JSON ({str(exc).splitlines()[0]})") from None
+    raw = read_json(path, what=f"split file '{path}'")
     if not isinstance(raw, dict) or set(raw) - set(SPLITS) or not all(
             isinstance(v, list) and all(isinstance(c, str) for c in v) for v in raw.values()):
         raise UserError(f"split file '{path}' must be a JSON object mapping train, val and test to "
@@ -97,9 +91,9 @@ def read_split_file(path: Path, names: list[str]) -> dict[str, list[int]]:
     return out
 
 
-def scan_folder(cfg) -> Layout:  # noqa: ANN001
+def scan_folder(spec: DataSpec) -> Layout:
     """Check the layout, list every class folder and split the classes (no decoding)."""
-    root = require_root(cfg, "folder", EXPECTED)
+    root = require_root(spec.root, "folder", EXPECTED)
     classes = []
     for d in list_dirs(root):
         files = list_images(d)
@@ -111,33 +105,26 @@ def scan_folder(cfg) -> Layout:  # noqa: ANN001
                 f"sub-folder" if loose else f"expected {EXPECTED}")
         raise UserError(f"'{root}' has no class folders with images; {hint}")
     names = [n for n, _ in classes]
-    split_path = _split_path(cfg, root)
-    seed = cfg.data.seed
+    split_path = _split_path(spec, root)
+    seed = spec.seed
     if split_path is not None:
         splits = read_split_file(split_path, names)
         desc = f"class folders in '{root}', split from '{split_path}'"
     else:
-        vf = cfg.data.val_fraction
-        tf = cfg.data.test_fraction
+        vf, tf = spec.val_fraction, spec.test_fraction
         splits = seeded_split(len(classes), seed, vf, tf)
         desc = f"class folders in '{root}', seeded split by class (data.seed={seed}, val {vf}, test {tf})"
     return Layout("folder", root, desc, classes, splits)
 
 
-def decode_args(cfg) -> dict:  # noqa: ANN001
+def decode_args(spec: DataSpec) -> dict:
     """How folder images are decoded (also the cache identity)."""
-    channels = cfg.data.channels
-    if channels not in (None, 1, 3):
-        raise UserError(f"data.channels must be 1 or 3 (or unset to infer), got {channels!r}")
-    return {"size": cfg.data.image_size, "channels": channels, "exif": True, "stats": True}
+    assert spec.channels in (None, 1, 3), spec.channels  # checked with the config
+    return {"size": spec.image_size, "channels": spec.channels, "exif": True, "stats": True}
 
 
-def load_folder_unchecked(cfg) -> FewShotData:  # noqa: ANN001
-    layout = scan_folder(cfg)
-    images, per_class, info = load_layout(layout, "folder", **decode_args(cfg))
-    return to_fewshot(layout, images, per_class, mean=tuple(info["mean"]), std=tuple(info["std"]))
-
-
-def load_folder(cfg) -> FewShotData:  # noqa: ANN001
+def load_folder(spec: DataSpec) -> FewShotData:
     """Registry loader: the user's class folders as FewShotData (memory-mapped uint8)."""
-    return check_tasks(load_folder_unchecked(cfg), cfg)
+    layout = scan_folder(spec)
+    images, per_class, info = load_layout(layout, "folder", **decode_args(spec))
+    return to_fewshot(layout, images, per_class, mean=tuple(info["mean"]), std=tuple(info["std"]))

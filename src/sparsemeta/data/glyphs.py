@@ -33,11 +33,14 @@ from PIL import Image, ImageDraw
 
 from sparsemeta.foundations.atomic import atomic_write, remove_stale_temps
 from sparsemeta.foundations.lock import exclusive
+from sparsemeta.foundations.safeio import read_json
 
 __all__ = ["VERSION", "GlyphSpec", "generate", "load_or_generate", "pixel_nn_accuracy"]
 
 #: Bump whenever the generator's output changes for an unchanged spec (invalidates caches).
 VERSION = 1
+#: the glyph cache's .json: its key and the alphabet of each class (tens of KB)
+MAX_META_BYTES = 16 << 20
 
 # RNG domain tags: keep alphabet-style, character and drawer streams independent.
 _TAG_ALPHABET, _TAG_CHARACTER, _TAG_DRAWER = 1, 2, 3
@@ -443,7 +446,7 @@ def _try_load(spec: GlyphSpec, npy: Path, meta: Path) -> tuple[np.ndarray, np.nd
     n = spec.image_size
     expected = (spec.num_classes, spec.drawers, n, n)
     try:
-        info = json.loads(meta.read_text())
+        info = read_json(meta, what=f"cache file '{meta}'", limit=MAX_META_BYTES)
         alphabet_of_class = np.asarray(info["alphabet_of_class"], dtype=np.int64)
         images = np.load(npy, mmap_mode="r")
     except Exception:  # any unreadable/corrupt file just means "regenerate"

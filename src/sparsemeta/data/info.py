@@ -11,7 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from sparsemeta.data.base import SPLITS, FewShotData
-from sparsemeta.data.cache import Layout, check_tasks, layout_cache
+from sparsemeta.data.cache import Layout, layout_cache
+from sparsemeta.data.spec import DataSpec, TaskSpec
+from sparsemeta.data.tasks import check_tasks
 from sparsemeta.foundations.errors import UserError
 
 #: the preset a ``data`` command should start from for each data set (image size, ways, ...)
@@ -33,34 +35,34 @@ def preset_for(name: str) -> str:
     return PRESETS.get(name, "glyphs-quick")
 
 
-def split_counts(cfg) -> tuple[str, dict[str, list[int]], list[str]]:  # noqa: ANN001
+def split_counts(spec: DataSpec) -> tuple[str, dict[str, list[int]], list[str]]:
     """(description, images per class for each split, notes) of the configured data set."""
-    name = cfg.data.name
+    name = spec.name
     notes: list[str] = []
     if name == "glyphs":
         from sparsemeta.data.registry import load_glyphs
 
-        data = load_glyphs(cfg)
+        data = load_glyphs(spec)
         return "generated glyph set", _from_data(data), notes
     if name == "omniglot":
         from sparsemeta.data import omniglot as mod
 
-        source = mod.scan_omniglot(cfg)
+        source = mod.scan_omniglot(spec)
     elif name == "folder":
         from sparsemeta.data import folder as mod
 
-        source = mod.scan_folder(cfg)
+        source = mod.scan_folder(spec)
     elif name == "miniimagenet":
         from sparsemeta.data import miniimagenet as mod
 
-        source = mod.scan_miniimagenet(cfg)
+        source = mod.scan_miniimagenet(spec)
         if isinstance(source, mod.PickleSource):
-            data = mod.load_miniimagenet_unchecked(cfg)
+            data = mod.load_miniimagenet(spec)
             return source.description, _from_data(data), ["cache: built (memory-mapped)"]
     else:
         raise UserError(f"unknown data set '{name}'; choose one of {', '.join(sorted(PRESETS))}")
     assert isinstance(source, Layout)
-    cache = layout_cache(source, name, **mod.decode_args(cfg))
+    cache = layout_cache(source, name, **mod.decode_args(spec))
     total = sum(len(files) for _, files in source.classes)
     notes.append(f"cache: {cache}" if cache else
                  f"cache: not built yet (the first load decodes {total:,} images once)")
@@ -78,10 +80,10 @@ def _fmt_per_class(counts: list[int]) -> str:
     return f"{lo}" if lo == hi else f"{lo}–{hi}"
 
 
-def info(cfg) -> str:  # noqa: ANN001
+def info(spec: DataSpec, tasks: TaskSpec) -> str:
     """A multi-line report of the configured data set (raises UserError on layout problems)."""
-    name = cfg.data.name
-    desc, per_split, notes = split_counts(cfg)
+    name = spec.name
+    desc, per_split, notes = split_counts(spec)
     lines = [f"{name}: {desc}", f"  {'split':<6} {'classes':>8} {'images':>9}  per class"]
     for s in SPLITS:
         c = per_split.get(s, [])
@@ -95,10 +97,9 @@ def info(cfg) -> str:  # noqa: ANN001
         name, np.empty((0, 1, 1, 1), np.uint8),
         {s: [np.arange(n) for n in per_split.get(s, [])] for s in SPLITS},
     )
-    d = cfg.data
-    task = f"{d.ways}-way {d.shots}-shot {d.queries}-query tasks"
+    task = f"{tasks.ways}-way {tasks.shots}-shot {tasks.queries}-query tasks"
     try:
-        check_tasks(shape, cfg)
+        check_tasks(shape, tasks)
         notes.append(f"tasks: {task} fit every split")
     except UserError as exc:
         notes.append(f"tasks: {task} {DO_NOT_FIT}: {exc}")

@@ -40,7 +40,6 @@ from PIL import Image
 from sparsemeta.data.base import SPLITS, FewShotData
 from sparsemeta.data.cache import (
     Layout,
-    check_tasks,
     decoded_dir,
     file_signature,
     list_dirs,
@@ -51,6 +50,7 @@ from sparsemeta.data.cache import (
     to_fewshot,
     unreadable,
 )
+from sparsemeta.data.spec import DataSpec
 from sparsemeta.foundations.errors import UserError
 
 try:  # numpy >= 2
@@ -247,9 +247,9 @@ def _find_pickles(root: Path) -> dict[str, Path]:
     return found
 
 
-def scan_miniimagenet(cfg) -> Layout | PickleSource:  # noqa: ANN001
+def scan_miniimagenet(spec: DataSpec) -> Layout | PickleSource:
     """Detect the form under data.root and list it (no decoding, no unpickling)."""
-    root = require_root(cfg, "miniimagenet", EXPECTED)
+    root = require_root(spec.root, "miniimagenet", EXPECTED)
     images_dir = root / "images"
     if images_dir.is_dir():
         csvs = [root / f"{s}.csv" for s in SPLITS]
@@ -598,25 +598,22 @@ def _load_pickles(src: PickleSource, size: int) -> tuple[Layout, np.ndarray, lis
 # --------------------------------------------------------------------------- loader
 
 
-def decode_args(cfg) -> dict:  # noqa: ANN001
+def decode_args(spec: DataSpec) -> dict:
     """How image files are decoded (also the cache identity): RGB, resized."""
-    return {"size": cfg.data.image_size, "channels": 3}
+    return {"size": spec.image_size, "channels": 3}
 
 
-def load_miniimagenet_unchecked(cfg) -> FewShotData:  # noqa: ANN001
-    source = scan_miniimagenet(cfg)
-    size = cfg.data.image_size
+def load_miniimagenet(spec: DataSpec) -> FewShotData:
+    """Registry loader: mini-ImageNet as FewShotData (memory-mapped uint8, 3×84×84)."""
+    source = scan_miniimagenet(spec)
+    size = spec.image_size
     if isinstance(source, PickleSource):
         layout, images, per_class = _load_pickles(source, size)
     else:
         layout = source
-        images, per_class, _ = load_layout(layout, "miniimagenet", **decode_args(cfg))
+        images, per_class, _ = load_layout(layout, "miniimagenet", **decode_args(spec))
     data = to_fewshot(layout, images, per_class, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    if cfg.data.augment:
+    if spec.augment:
         data.augment = partial(crop_flip, padding=max(1, round(8 * size / 84)))
     return data
 
-
-def load_miniimagenet(cfg) -> FewShotData:  # noqa: ANN001
-    """Registry loader: mini-ImageNet as FewShotData (memory-mapped uint8, 3×84×84)."""
-    return check_tasks(load_miniimagenet_unchecked(cfg), cfg)

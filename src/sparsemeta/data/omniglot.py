@@ -30,13 +30,13 @@ import numpy as np
 from sparsemeta.data.base import FewShotData
 from sparsemeta.data.cache import (
     Layout,
-    check_tasks,
     list_dirs,
     list_images,
     load_layout,
     require_root,
     to_fewshot,
 )
+from sparsemeta.data.spec import DataSpec
 from sparsemeta.foundations.errors import UserError
 
 PARTS = ("images_background", "images_evaluation")
@@ -100,9 +100,9 @@ def split_characters(names: list[str], mode: str, seed: int) -> dict[str, list[i
             "test": sorted(np.asarray(test).tolist())}
 
 
-def scan_omniglot(cfg) -> Layout:  # noqa: ANN001
+def scan_omniglot(spec: DataSpec) -> Layout:
     """Check the layout and list every character (no decoding)."""
-    root = require_root(cfg, "omniglot", EXPECTED)
+    root = require_root(spec.root, "omniglot", EXPECTED)
     base = _base(root)
     classes: list[tuple[str, list[Path]]] = []
     for part in PARTS:
@@ -120,24 +120,19 @@ def scan_omniglot(cfg) -> Layout:  # noqa: ANN001
                 f"at the folder containing {PARTS[0]}/ and {PARTS[1]}/"
             )
         classes += _characters(d, root)
-    mode = cfg.data.split
-    seed = cfg.data.seed
+    mode, seed = spec.split, spec.seed
     splits = split_characters([c for c, _ in classes], mode, seed)
     desc = f"original Omniglot layout in '{base}', {mode} split (data.seed={seed})"
     return Layout("omniglot", base, desc, classes, splits)
 
 
-def decode_args(cfg) -> dict:  # noqa: ANN001
+def decode_args(spec: DataSpec) -> dict:
     """How Omniglot files are decoded (also the cache identity): grey, inverted, resized."""
-    return {"size": cfg.data.image_size, "channels": 1, "invert": True}
+    return {"size": spec.image_size, "channels": 1, "invert": True}
 
 
-def load_omniglot_unchecked(cfg) -> FewShotData:  # noqa: ANN001
-    layout = scan_omniglot(cfg)
-    images, per_class, _ = load_layout(layout, "omniglot", **decode_args(cfg))
-    return to_fewshot(layout, images, per_class, mean=(0.0,), std=(1.0,))
-
-
-def load_omniglot(cfg) -> FewShotData:  # noqa: ANN001
+def load_omniglot(spec: DataSpec) -> FewShotData:
     """Registry loader: Omniglot as FewShotData (memory-mapped uint8, ink 255 on 0)."""
-    return check_tasks(load_omniglot_unchecked(cfg), cfg)
+    layout = scan_omniglot(spec)
+    images, per_class, _ = load_layout(layout, "omniglot", **decode_args(spec))
+    return to_fewshot(layout, images, per_class, mean=(0.0,), std=(1.0,))

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from sparsemeta.data.base import SPLITS, FewShotData
+from sparsemeta.data.spec import TaskSpec
 from sparsemeta.foundations.errors import UserError
 
 
@@ -58,18 +59,9 @@ class TaskSampler:
         self.shift = shift
         self.augment = augment
         self.per_class = data.classes[split]
-        n_classes = len(self.per_class) * self.rotations
-        if ways > n_classes:
-            raise UserError(
-                f"data.ways={ways} but the {split} split of '{data.name}' has only {n_classes} "
-                f"classes; lower data.ways"
-            )
-        fewest = min(len(idx) for idx in self.per_class)
-        if shots + queries > fewest:
-            raise UserError(
-                f"data.shots + data.queries = {shots + queries} but some {split} class of "
-                f"'{data.name}' has only {fewest} images; lower data.shots or data.queries"
-            )
+        # checked at the boundary (``check_tasks``); an inner layer only asserts
+        assert ways <= len(self.per_class) * self.rotations, f"{ways} ways from {split}"
+        assert shots + queries <= min(len(idx) for idx in self.per_class), f"{split} too small"
         self._mean = torch.tensor(data.mean, dtype=torch.float32).view(1, -1, 1, 1)
         self._std = torch.tensor(data.std, dtype=torch.float32).view(1, -1, 1, 1)
 
@@ -121,18 +113,43 @@ class TaskSampler:
         return out
 
 
-def sampler_for(cfg, data: FewShotData, split: str) -> TaskSampler:  # noqa: ANN001
-    """The sampler a config implies: augmentation only on meta-train, never on val/test."""
+def sampler_for(spec: TaskSpec, data: FewShotData, split: str) -> TaskSampler:
+    """The sampler of ``split``: augmentation only on meta-train, never on val/test."""
     train = split == "train"
-    queries = cfg.data.queries if train or cfg.eval.queries is None else cfg.eval.queries
     return TaskSampler(
         data,
         split,
-        ways=cfg.data.ways,
-        shots=cfg.data.shots,
-        queries=queries,
-        seed=cfg.seed,
-        rotations=cfg.data.rotations and train,
-        shift=cfg.data.shift if train else 0,
+        ways=spec.ways,
+        shots=spec.shots,
+        queries=spec.queries_in(split),
+        seed=spec.seed,
+        rotations=spec.rotations and train,
+        shift=spec.shift if train else 0,
         augment=data.augment if train else None,
     )
+
+
+def check_tasks(data: FewShotData, spec: TaskSpec, splits: tuple[str, ...] = SPLITS) -> None:
+    """The one check that ``spec``'s tasks can be drawn from each of ``splits``: enough classes
+    for the ways, enough images in every class for shots + queries. A one-line UserError
+    naming the split, the class and the keys to change."""
+    for split in splits:
+        per_class = data.classes.get(split, [])
+        rotations = spec.rotations_in(split)
+        n = len(per_class) * rotations
+        if n < spec.ways:
+            extra = " (counting rotations as classes)" if rotations > 1 else ""
+            raise UserError(
+                f"data.ways={spec.ways} but the {split} split of '{data.name}' has only {n} "
+                f"classes{extra}; lower data.ways or use a data set with more classes")
+        need = spec.shots + spec.queries_in(split)
+        counts = [len(idx) for idx in per_class]
+        j = int(np.argmin(counts))
+        if counts[j] < need:
+            names = data.class_names.get(split) or []
+            which = f"class '{names[j]}'" if j < len(names) else "a class"
+            key = spec.queries_key(split)
+            raise UserError(
+                f"data.shots + {key} = {need} but {which} of the {split} split of "
+                f"'{data.name}' has only {counts[j]} images; lower data.shots or {key} "
+                f"(or add images)")

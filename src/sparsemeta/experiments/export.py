@@ -33,13 +33,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from sparsemeta.config import Config
+from sparsemeta.data.spec import DataSpec
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.foundations.stats import mean_ci95
 from sparsemeta.meta.core import MetaLearner
+from sparsemeta.meta.learners import lr_rule
 from sparsemeta.models.conv4 import BatchNorm, Conv4
 from sparsemeta.training import rundir
 from sparsemeta.training.rundir import RunDir, load_run_config
 from sparsemeta_edge import smz
+from sparsemeta_edge.manifest import Architecture, InputSpec, Manifest, Source
 from sparsemeta_edge.nn import block_names, param_shapes, running_names
 
 #: data sets whose loaders do not normalise (mean 0, std 1 on images / 255)
@@ -50,18 +54,18 @@ Stats = tuple[list[float] | None, list[float] | None, str]
 _STATS: dict[str, Stats] = {}
 
 
-def _input_stats(cfg, channels: int) -> Stats:  # noqa: ANN001
+def _input_stats(spec: DataSpec, channels: int) -> Stats:
     """The per-channel normalisation meta-training used, so the device feeds the same inputs."""
-    if cfg.data.name in _UNNORMALISED:
-        return [0.0] * channels, [1.0] * channels, cfg.data.name
-    key = json.dumps(dataclasses.asdict(cfg.data), sort_keys=True)
+    if spec.name in _UNNORMALISED:
+        return [0.0] * channels, [1.0] * channels, spec.name
+    key = json.dumps(dataclasses.asdict(spec), sort_keys=True)
     if key not in _STATS:
         try:  # folder / mini-ImageNet: statistics come from the (cached) data set
             from sparsemeta.data.registry import load_data
 
-            data = load_data(cfg)
+            data = load_data(spec)
             _STATS[key] = ([float(m) for m in data.mean], [float(s) for s in data.std],
-                           cfg.data.name)
+                           spec.name)
         except Exception:  # data not on this machine: the runtime falls back to local statistics
             return None, None, "unknown"
     return _STATS[key]
@@ -71,17 +75,16 @@ Arrays = dict[str, np.ndarray]
 _RATES = "inner_lr."  # MetaLearner.state_dict's prefix of learned inner learning rates
 
 
-def _lr_rule(cfg, params: Arrays, rates: Arrays, run: Path) -> str:  # noqa: ANN001
-    """The inner learning-rate rule ``best.pt`` holds (``MetaLearner.lr_rule``), checked: no
-    learned rates — ``scalar``; Meta-SGD — α shaped like each parameter; else MAML++'s LSLR —
-    one rate per inner step of each parameter."""
-    if not rates:
-        return "scalar"
-    rule = "metasgd" if cfg.meta.algorithm == "metasgd" else "lslr"
+def _lr_rule(cfg: Config, params: Arrays, rates: Arrays, run: Path) -> str:
+    """The inner learning-rate rule of the run's learner — as the learner decided it
+    (``meta.learners.lr_rule``) — checked against the learned rates ``best.pt`` holds: none
+    for ``scalar``; Meta-SGD's α shaped like each parameter; MAML++'s LSLR one rate per inner
+    step of each parameter."""
+    rule = lr_rule(cfg)
     trained = {k: v for k, v in params.items() if not k.endswith(("running_mean", "running_var"))}
-    ok = rates.keys() == trained.keys() and all(
+    ok = (not rates if rule == "scalar" else rates.keys() == trained.keys() and all(
         rates[k].shape == v.shape if rule == "metasgd" else rates[k].ndim == 1
-        for k, v in trained.items())
+        for k, v in trained.items()))
     if not ok:
         raise UserError(f"'{run}/best.pt' has learned inner learning rates that do not fit "
                         f"meta.algorithm={cfg.meta.algorithm} ({rule}); is the run intact?")
@@ -93,6 +96,7 @@ def _numpy_state(run: Path) -> tuple[Arrays, Arrays, Arrays]:
     rates (by parameter name; Meta-SGD's α of pruned weights zeroed too) of a run directory's
     chosen model: the best-on-validation weights with the mask they were evaluated with."""
     chosen = RunDir(run).chosen_model()
+    chosen.check(chosen.state, run)  # the mask names layers of these weights (their shapes: below)
     state, mask = chosen.state, chosen.mask or {}
     params, masks, rates = {}, {}, {}
     for name, value in state.items():
@@ -148,7 +152,7 @@ def compact(params: Arrays, masks: Arrays, alpha: Arrays | None = None
     return params, masks, alpha
 
 
-def _export_parts(run: Path) -> tuple[dict[str, Any], Arrays, Arrays, Arrays, dict[str, Any]]:
+def _export_parts(run: Path) -> tuple[Manifest, Arrays, Arrays, Arrays, dict[str, Any]]:
     """Manifest, state, masks and learned rates of a run's ``.smz`` (what ``smz.encode``
     takes), plus facts for the caller: the dense fp32 size (learned rates included) and
     prunable weights of the meta-trained Conv4."""
@@ -166,43 +170,43 @@ def _export_parts(run: Path) -> tuple[dict[str, Any], Arrays, Arrays, Arrays, di
         raise UserError(f"'{run}/best.pt' does not match its config.yaml's Conv4 "
                         f"({cfg.model.filters} filters, {cfg.data.image_size} px, "
                         f"meta.bn={cfg.meta.bn}); is the run intact?")
-    lr_rule = _lr_rule(cfg, params, rates, run)
+    rule = _lr_rule(cfg, params, rates, run)
     facts = {"dense_fp32_bytes": 4 * sum(v.size for v in [*params.values(), *rates.values()]),
              "prunable": sum(v.size for k, v in params.items() if smz.is_prunable(k, v.shape))}
     if cfg.prune.structure == "filters" and masks:
         try:
-            if lr_rule == "metasgd":  # α is cut like its weight; per-step rates are per tensor
+            if rule == "metasgd":  # α is cut like its weight; per-step rates are per tensor
                 params, masks, rates = compact(params, masks, rates)
             else:
                 params, masks, _ = compact(params, masks)
         except ValueError as exc:
             raise UserError(f"'{run}': {exc}; was mask.pt changed after training?") from None
     layer_filters = [int(params[block_names(i)[0]].shape[0]) for i in range(4)]
-    mean, std, stats_source = _input_stats(cfg, channels)
+    mean, std, stats_source = _input_stats(cfg.data_spec(), channels)
     ev = RunDir(run).result().evaluation if RunDir(run).finished else None
-    manifest = {
-        "architecture": {"name": cfg.model.name, "in_channels": channels,
-                         "image_size": cfg.data.image_size, "filters": filters,
-                         "layer_filters": layer_filters, "downsample": cfg.model.downsample,
-                         "ways": ways},
-        "algorithm": cfg.meta.algorithm,
-        "lr_rule": lr_rule,
-        "first_order": cfg.meta.first_order,
-        "bn": cfg.meta.bn,
-        "bn_steps": bn_steps,
-        "inner_lr": cfg.meta.inner_lr,
-        "inner_steps": cfg.meta.eval_inner_steps,
-        "train_inner_steps": cfg.meta.inner_steps,
-        "shots": cfg.data.shots,
-        "input": {"size": cfg.data.image_size, "channels": channels, "mean": mean, "std": std,
-                  "invert": cfg.data.name == "omniglot", "stats_source": stats_source},
-        "class_names": None,
+    manifest = Manifest(
+        architecture=Architecture(in_channels=channels, image_size=cfg.data.image_size,
+                                  filters=filters, layer_filters=tuple(layer_filters),
+                                  downsample=cfg.model.downsample, ways=ways, name=cfg.model.name),
+        algorithm=cfg.meta.algorithm,
+        lr_rule=rule,
+        first_order=cfg.meta.first_order,
+        bn=cfg.meta.bn,
+        bn_steps=bn_steps,
+        inner_lr=cfg.meta.inner_lr,
+        inner_steps=cfg.meta.inner_steps,
+        eval_inner_steps=cfg.meta.eval_inner_steps,
+        shots=cfg.data.shots,
+        input=InputSpec(size=cfg.data.image_size, channels=channels,
+                        mean=None if mean is None else tuple(mean),
+                        std=None if std is None else tuple(std),
+                        invert=cfg.data.name == "omniglot", stats_source=stats_source),
         # seed/level/method only: the manifest stays small (size bound), and a model exports
         # to the same bytes wherever its experiment directory lives
-        "source": {"run": "/".join(run.resolve().parts[-3:]), "data": cfg.data.name,
-                   "test_accuracy": ev.accuracy if ev else None,
-                   "test_ci95": ev.ci95 if ev else None},
-    }
+        source=Source(run="/".join(run.resolve().parts[-3:]), data=cfg.data.name,
+                      test_accuracy=ev.accuracy if ev else None,
+                      test_ci95=ev.ci95 if ev else None),
+    )
     return manifest, params, masks, rates, {**facts, "normalisation": stats_source}
 
 
@@ -237,16 +241,15 @@ def export_run(run_dir: str | Path, out_path: str | Path, fp16: bool = False,
         raise UserError(f"'{run}': {exc}") from None
     model = smz.load(out)
     dense = facts["dense_fp32_bytes"]
-    arch = manifest["architecture"]
+    m = model.manifest
     return {
         "path": str(out), "bytes": nbytes, "dense_fp32_bytes": dense, "ratio": nbytes / dense,
         "bound_bytes": smz.size_bound(model),
-        "density": model.manifest["nonzeros"] / facts["prunable"],
-        "nonzeros": model.manifest["nonzeros"], "values_dtype": model.manifest["values_dtype"],
-        "layer_filters": arch["layer_filters"],
-        "compacted": arch["layer_filters"] != [arch["filters"]] * 4,
-        "algorithm": manifest["algorithm"], "lr_rule": manifest["lr_rule"],
-        "bn": manifest["bn"], "bn_steps": manifest["bn_steps"],
+        "density": m.nonzeros / facts["prunable"],
+        "nonzeros": m.nonzeros, "values_dtype": m.values_dtype,
+        "layer_filters": list(m.architecture.layer_filters),
+        "compacted": m.architecture.compacted,
+        "algorithm": m.algorithm, "lr_rule": m.lr_rule, "bn": m.bn, "bn_steps": m.bn_steps,
         "normalisation": facts["normalisation"], "run": str(run),
     }
 
@@ -255,11 +258,10 @@ def torch_model(model: smz.SmzModel) -> tuple[Conv4, dict[str, torch.Tensor]]:
     """The PyTorch Conv4 of a loaded ``.smz`` (at the file's, possibly compacted, widths, with
     its per-step and running batch norm, in its dtype) and its mask: to adapt or time an export
     with ``MetaLearner`` (whose learned rates are ``model.rates``)."""
-    a, p = model.manifest["architecture"], model.params
-    net = Conv4(a["in_channels"], p["head.weight"].shape[0], a["image_size"], a["filters"],
-                a["downsample"])
-    channels = a["in_channels"]
-    steps, running = model.manifest.get("bn_steps", 1), running_names(0)[0] in p
+    a, p = model.manifest.architecture, model.params
+    net = Conv4(a.in_channels, p["head.weight"].shape[0], a.image_size, a.filters, a.downsample)
+    channels = a.in_channels
+    steps, running = model.manifest.bn_steps, running_names(0)[0] in p
     for i, block in enumerate(net.blocks):  # a compacted file's widths, per layer
         width = p[block_names(i)[0]].shape[0]
         block.conv = nn.Conv2d(channels, width, 3, stride=block.conv.stride, padding=1)
@@ -276,9 +278,11 @@ def torch_learner(model: smz.SmzModel) -> MetaLearner:
     policy, inner learning-rate rule and learned rates (in the file's dtype), as meta-trained."""
     net, mask = torch_model(model)
     m = model.manifest
-    learner = MetaLearner(net, inner_lr=m["inner_lr"], inner_steps=m["train_inner_steps"],
-                          bn=m["bn"], mask=mask, lr_rule=m.get("lr_rule", "scalar"),
-                          eval_steps=m["inner_steps"])
+    # files before version 5 written by hand may not record meta-training's steps: the
+    # adaptation steps stand in (they only size a learner that is not trained further)
+    train_steps = m.eval_inner_steps if m.inner_steps is None else m.inner_steps
+    learner = MetaLearner(net, inner_lr=m.inner_lr, inner_steps=train_steps, bn=m.bn, mask=mask,
+                          lr_rule=m.lr_rule, eval_inner_steps=m.eval_inner_steps)
     learner.rates.to(net.head.weight.dtype)
     learner.load_state_dict({**net.state_dict(), **{f"{_RATES}{k}": torch.from_numpy(v.copy())
                                                     for k, v in model.rates.items()}})

@@ -84,6 +84,15 @@ def _exported_bytes(run: Path) -> int | None:
         return None
 
 
+def _val_curve(metrics: Path) -> list[list[float]]:
+    """(iteration, validation accuracy) of a run's metrics file (none if it has none)."""
+    if not metrics.exists():
+        return []
+    return [[m["iteration"], float(m["accuracy"])] for m in read_metrics(metrics)
+            if m.get("split") == "val" and isinstance(m.get("accuracy"), (int, float))
+            and not isinstance(m.get("accuracy"), bool)]
+
+
 def collect(roots: list[Path]) -> list[dict]:
     """One record per finished run directory ``seed_S/level_LL/<branch>`` under ``roots``
     (search runs that only find masks are counted for compute, not reported as models)."""
@@ -114,9 +123,7 @@ def collect(roots: list[Path]) -> list[dict]:
                     "exported_bytes": _exported_bytes(path),
                 })
                 if level == 0:  # how far the dense model got: has the budget converged?
-                    record["val_curve"] = [[m["iteration"], m["accuracy"]] for m in
-                                           read_metrics(path / rundir.METRICS)
-                                           if m.get("split") == "val"]
+                    record["val_curve"] = _val_curve(path / rundir.METRICS)
             records.append(record)
     return [r for r in _with_costs(records) if r.pop("model")]
 

@@ -34,56 +34,81 @@ import multiprocessing
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from sparsemeta.config import Config, config_from_dict
+from sparsemeta.config import MAX_SEED, Config
 from sparsemeta.data.base import FewShotData
 from sparsemeta.data.registry import load_data
 from sparsemeta.experiments.methods import METHODS
-from sparsemeta.experiments.methods.base import SeedRun, check_targets, start_background
+from sparsemeta.experiments.methods.base import ImpPlan, SeedRun, start_background
 from sparsemeta.experiments.methods.lottery import CONTROLS
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.foundations.lock import exclusive
 from sparsemeta.foundations.runtime import cores, start_child
-from sparsemeta.training.loop import check_tasks_fit
+from sparsemeta.foundations.safeio import short
 from sparsemeta.training.rundir import LOCK, RunResult, bind_experiment, make_dir
+from sparsemeta.training.setup import Setup, prepare
 
 
-def _parse_list(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
+def _check_list(items: list, allowed: tuple[str, ...], flag: str) -> list[str]:
+    """``items`` (from a flag or a preset's list) if every one is ``allowed``; duplicates
+    dropped, order kept."""
+    bad = [c for c in items if c not in allowed]
+    if bad:
+        raise UserError(f"unknown {flag[2:].rstrip('s')} {short(bad[0])}; {flag} takes a comma "
+                        f"list of {', '.join(allowed)}" + (" (or none)" if flag == "--controls"
+                                                           else ""))
+    return list(dict.fromkeys(items))
+
+
+def _split(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
+    """A comma list given on the command line."""
     if text == "none":
         return []
     if not text.strip(",").strip():
         raise UserError(f"{flag} is empty; give a comma list of {', '.join(allowed)}"
                         + (" or none" if flag == "--controls" else ""))
-    items = [c.strip() for c in text.split(",") if c.strip()]
-    bad = [c for c in items if c not in allowed]
-    if bad:
-        raise UserError(f"unknown {flag[2:].rstrip('s')} '{bad[0]}'; {flag} takes a comma list of "
-                        f"{', '.join(allowed)}" + (" (or none)" if flag == "--controls" else ""))
-    return list(dict.fromkeys(items))
+    return [c.strip() for c in text.split(",") if c.strip()]
 
 
-def parse_controls(text: str | None) -> list[str]:
-    return _parse_list("none" if text is None else text, CONTROLS, "--controls")
+def check_controls(items: list) -> list[str]:
+    return _check_list(items, CONTROLS, "--controls")
 
 
-def parse_methods(text: str) -> list[str]:
-    methods = _parse_list(text, tuple(METHODS), "--method")
+def check_methods(items: list) -> list[str]:
+    methods = _check_list(items, tuple(METHODS), "--method")
     if not methods:
         raise UserError(f"--method needs at least one of {', '.join(METHODS)}")
     return methods
+
+
+def check_seeds(items: list, unique: bool = True) -> list[int]:
+    """Seeds as torch, NumPy and Optuna take them: integers in [0, 2³² − 1] (``unique``: each
+    once, in order)."""
+    if not isinstance(items, list) or not items or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED for s in items):
+        raise UserError(f"--seeds takes integers from 0 to {MAX_SEED} (32-bit), got "
+                        f"{short(items)}")
+    return list(dict.fromkeys(items)) if unique else items
+
+
+def parse_controls(text: str | None) -> list[str]:
+    return check_controls(_split("none" if text is None else text, CONTROLS, "--controls"))
+
+
+def parse_methods(text: str) -> list[str]:
+    return check_methods(_split(text, tuple(METHODS), "--method"))
 
 
 def parse_seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise UserError(f"--seeds takes a comma list of integers, got '{text}'") from None
-    if not seeds or any(s < 0 for s in seeds):
-        raise UserError(f"--seeds takes non-negative integers, got '{text}'")
-    return list(dict.fromkeys(seeds))
+        raise UserError(f"--seeds takes a comma list of integers, got {short(text)}") from None
+    return check_seeds(seeds)
 
 
 def selected(methods: list[str], controls: list[str]) -> list[str]:
@@ -120,8 +145,23 @@ class RunCounter:
               f"— elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min", file=sys.stderr)
 
 
-def run_seed(cfg: Config, root: Path, seed: int, methods: list[str], controls: list[str],
-             data: FewShotData, counter: RunCounter, progress: bool, background: int = 0) -> None:
+@dataclass(frozen=True)
+class Experiment:
+    """What one experiment runs: its checked setup and IMP plan, methods, seeds, controls."""
+
+    setup: Setup
+    plan: ImpPlan
+    methods: list[str]
+    seeds: list[int]
+    controls: list[str]
+
+    def runs(self) -> int:
+        """Meta-training runs of all seeds."""
+        return len(self.seeds) * planned_runs(self.setup.cfg, self.methods, self.controls)
+
+
+def run_seed(exp: Experiment, root: Path, seed: int, data: FewShotData, counter: RunCounter,
+             progress: bool, background: int = 0) -> None:
     """Every method of one seed, in this process; ``background`` more processes (with this
     process's thread count) train the runs nothing waits for — each method's are finished
     before the next method starts, so a method may read any earlier method's files."""
@@ -130,8 +170,9 @@ def run_seed(cfg: Config, root: Path, seed: int, methods: list[str], controls: l
                                 initargs=(torch.get_num_threads(), data))
             if background else None)
     try:
-        s = SeedRun(cfg, root, seed, data, counter, progress, controls, pool=pool)
-        for name in selected(methods, controls):
+        s = SeedRun(exp.setup.in_this_process(), exp.plan, root, seed, data, counter, progress,
+                    exp.controls, pool=pool)
+        for name in selected(exp.methods, exp.controls):
             METHODS[name].run(s)
             s.join()
     finally:
@@ -139,33 +180,40 @@ def run_seed(cfg: Config, root: Path, seed: int, methods: list[str], controls: l
             pool.shutdown(cancel_futures=True)
 
 
-def _seed_worker(cfg_dict: dict, root: str, seed: int, methods: list[str], controls: list[str],
-                 threads: int, background: int, data: FewShotData) -> None:
+def _seed_worker(exp: Experiment, root: str, seed: int, threads: int, background: int,
+                 data: FewShotData) -> None:
     """One seed in its own process (spawned): the experiment's data set and the start-up of
     every training child (``runtime.start_child``: threads, allocator, ends with its parent)."""
     start_child(threads)
-    cfg = config_from_dict(cfg_dict)
-    counter = RunCounter(planned_runs(cfg, methods, controls), progress=True)
-    run_seed(cfg, Path(root), seed, methods, controls, data, counter, progress=False,
-             background=background)
+    counter = RunCounter(exp.runs() // len(exp.seeds), progress=True)
+    run_seed(exp, Path(root), seed, data, counter, progress=False, background=background)
 
 
-def check_experiment(cfg: Config, methods: list[str], data: FewShotData) -> None:
+def check_experiment(setup: Setup, methods: list[str], seeds: list[int], controls: list[str],
+                     channels: int) -> Experiment:
     """Refuse what cannot run — before the experiment directory is made, so a corrected
-    command can reuse the same --out."""
+    command can reuse the same --out — and plan it (IMP's counts and target levels, once)."""
     unsupported = [m for m in methods if not METHODS[m].structured]
-    if cfg.prune.structure == "filters" and unsupported:
+    if setup.cfg.prune.structure == "filters" and unsupported:
         structured = [m for m in METHODS if METHODS[m].structured]
         raise UserError(f"--method {unsupported[0]} needs prune.structure=unstructured; with "
                         f"filters use {', '.join(structured)}")
-    check_tasks_fit(cfg, data)
-    check_targets(cfg, data.channels)
+    return Experiment(setup, ImpPlan.of(setup.cfg, channels), methods, seeds, controls)
 
 
 def run_experiment(cfg: Config, out: str | Path, methods: list[str], seeds: list[int],
                    controls: list[str], progress: bool = True,
                    data: FewShotData | None = None, workers: int = 1) -> Path:
-    """Run (or resume, or skip) every method of every seed.
+    """Run (or resume, or skip) every method of every seed of a bare config: the data loaded
+    if not given, the config checked against it (the boundary), then ``run_checked``."""
+    data = data if data is not None else load_data(cfg.data_spec())
+    exp = check_experiment(prepare(cfg, data), methods, seeds, controls, data.channels)
+    return run_checked(exp, out, data, progress, workers)
+
+
+def run_checked(exp: Experiment, out: str | Path, data: FewShotData, progress: bool = True,
+                workers: int = 1) -> Path:
+    """Run (or resume, or skip) a checked experiment.
 
     ``workers > 1`` trains in that many processes, each with cores/workers threads: seeds in
     parallel, and within a seed the runs nothing waits for (the lottery controls beside the
@@ -173,38 +221,36 @@ def run_experiment(cfg: Config, out: str | Path, methods: list[str], seeds: list
     processes out-run one 2-thread process (1.25× measured on 2 cores, the default preset's
     runs), and on a GPU box small Conv4 runs leave the device mostly idle.
     """
-    data = data if data is not None else load_data(cfg)
-    check_experiment(cfg, methods, data)
     root = make_dir(out)
     with exclusive(root / LOCK, f"experiment '{root}'", wait=False):
-        bind_experiment(root, cfg, methods, seeds, controls)
-        _run_seeds(cfg, root, methods, seeds, controls, progress, data, workers)
+        bind_experiment(root, exp.setup.cfg, exp.methods, exp.seeds, exp.controls)
+        _run_seeds(exp, root, progress, data, workers)
     return root
 
 
-def _run_seeds(cfg: Config, root: Path, methods: list[str], seeds: list[int], controls: list[str],
-               progress: bool, data: FewShotData, workers: int) -> None:
+def _run_seeds(exp: Experiment, root: Path, progress: bool, data: FewShotData,
+               workers: int) -> None:
     """``workers`` training processes in all: one per seed (up to the number of seeds), the rest
     shared out as background processes of each seed; every process gets cores/workers
     threads (results do not depend on the split)."""
-    seed_procs = max(1, min(workers, len(seeds)))
+    seed_procs = max(1, min(workers, len(exp.seeds)))
     background = max(1, workers) // seed_procs - 1
     threads = max(1, cores() // max(1, workers))
     if seed_procs == 1:
-        counter = RunCounter(len(seeds) * planned_runs(cfg, methods, controls), progress)
+        counter = RunCounter(exp.runs(), progress)
         kept = torch.get_num_threads()
         if background:
             torch.set_num_threads(threads)
         try:
-            for seed in seeds:
-                run_seed(cfg, root, seed, methods, controls, data, counter, progress, background)
+            for seed in exp.seeds:
+                run_seed(exp, root, seed, data, counter, progress, background)
         finally:
             torch.set_num_threads(kept)
         return
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=seed_procs, mp_context=ctx) as pool:
-        futures = [pool.submit(_seed_worker, cfg.to_dict(), str(root), seed, methods, controls,
-                               threads, background, data) for seed in seeds]
+        futures = [pool.submit(_seed_worker, exp, str(root), seed, threads, background, data)
+                   for seed in exp.seeds]
         for future in futures:
             future.result()
 

@@ -28,6 +28,7 @@ import json
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from sparsemeta.foundations.atomic import atomic_write_text
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.foundations.io import write_json
 from sparsemeta.foundations.lock import exclusive
+from sparsemeta.foundations.safeio import read_yaml, short
 from sparsemeta.training import rundir
 from sparsemeta.training.rundir import LOCK, make_dir
 
@@ -77,45 +79,48 @@ def _slug(text: str) -> str:
 
 def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
     """Read and validate a sweep file, building every experiment's config before any runs."""
-    from sparsemeta.experiments.runner import parse_controls, parse_methods
+    from sparsemeta.experiments.runner import (
+        check_controls,
+        check_methods,
+        check_seeds,
+        parse_controls,
+    )
 
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"sweep file '{path}' does not exist")
-    try:
-        spec = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"sweep file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+    spec = read_yaml(path, what=f"sweep file '{path}'") or {}
     if not isinstance(spec, dict):
         raise UserError(f"sweep file '{path}' must be a mapping with a 'grid'")
-    unknown = sorted(set(spec) - SWEEP_KEYS)
+    unknown = sorted(map(str, set(spec) - SWEEP_KEYS))
     if unknown:
-        raise UserError(f"unknown sweep key '{unknown[0]}' in '{path}' (known: {', '.join(sorted(SWEEP_KEYS))})")
+        raise UserError(f"unknown sweep key {short(unknown[0])} in '{path}' (known: "
+                        f"{', '.join(sorted(SWEEP_KEYS))})")
     grid = spec.get("grid")
     if not isinstance(grid, dict) or not grid:
         raise UserError(f"sweep file '{path}' needs a 'grid' mapping, e.g. grid: {{seeds: [0, 1]}}")
     for key, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise UserError(f"grid.{key} must be a non-empty list, got {values!r}")
+        if not isinstance(key, str) or not isinstance(values, list) or not values:
+            raise UserError(f"grid.{short(key)} must be a non-empty list, got {short(values)}")
     fixed = spec.get("set") or {}
-    if not isinstance(fixed, dict):
-        raise UserError(f"'set' must be a mapping of config keys to values, got {fixed!r}")
+    if not isinstance(fixed, dict) or not all(isinstance(k, str) for k in fixed):
+        raise UserError(f"'set' must be a mapping of config keys to values, got {short(fixed)}")
     ray = spec.get("ray") or {}
     if not isinstance(ray, dict) or set(ray) - RAY_KEYS:
-        raise UserError(f"'ray' takes only {', '.join(sorted(RAY_KEYS))}, got {ray!r}")
+        raise UserError(f"'ray' takes only {', '.join(sorted(RAY_KEYS))}, got {short(ray)}")
     for key, value in ray.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
                 key == "cpus_per_task" and value == 0):
-            raise UserError(f"ray.{key} must be a number (cpus > 0, gpus >= 0), got {value!r}")
+            raise UserError(f"ray.{key} must be a number (cpus > 0, gpus >= 0), got {short(value)}")
     controls = spec.get("controls", ["reinit", "random"])
-    if isinstance(controls, list):
-        controls = ",".join(map(str, controls)) or "none"
-    controls = parse_controls(str(controls))
-    methods = parse_methods(",".join(str(m) for m in grid.get("methods", ["lottery"])))
-    seeds = grid.get("seeds", [0])
-    if not all(isinstance(s, int) and s >= 0 for s in seeds):
-        raise UserError(f"grid.seeds takes non-negative integers, got {seeds!r}")
-    config = str(spec.get("config", "glyphs-lottery"))
+    if not isinstance(controls, (str, list, type(None))):
+        raise UserError(f"'controls' must be a list like [reinit, random] or none, got "
+                        f"{short(controls)}")
+    controls = (parse_controls(controls) if isinstance(controls, str)
+                else check_controls(controls or []))
+    methods = check_methods(grid.get("methods", ["lottery"]))
+    seeds = check_seeds(grid.get("seeds", [0]), unique=False)  # a repeat is refused below
+    config = spec.get("config", "glyphs-lottery")
+    if not isinstance(config, str):
+        raise UserError(f"'config' must be a preset name or a YAML path, got {short(config)}")
     if Path(config).is_file():  # a YAML path: absolute, so Ray workers anywhere find it
         config = str(Path(config).resolve())
     base = [f"{k}={_value_text(v)}" for k, v in fixed.items()]
@@ -218,7 +223,7 @@ def _prepare_data(sweep: Sweep) -> None:
         cfg = build_config(sweep.config, list(exp.overrides))
         key = json.dumps(cfg.to_dict()["data"], sort_keys=True)
         if key not in done:
-            load_data(cfg)
+            load_data(cfg.data_spec())
             done.add(key)
 
 
@@ -265,7 +270,8 @@ def _run_sweep(sweep: Sweep, out: Path, engine: str, address: str | None) -> str
     return _report(sweep)
 
 
-def _run_on_ray(sweep: Sweep, todo: list[Experiment], address: str | None, finished) -> None:  # noqa: ANN001
+def _run_on_ray(sweep: Sweep, todo: list[Experiment], address: str | None,
+                finished: Callable[[int, dict], None]) -> None:
     import ray
 
     started = not ray.is_initialized()  # a caller's own Ray session is left running

@@ -14,44 +14,47 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from sparsemeta.config import Config, build_config
 from sparsemeta.experiments.methods import METHODS
+from sparsemeta.experiments.methods.base import Param
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.foundations.io import write_json
 from sparsemeta.foundations.lock import exclusive
+from sparsemeta.foundations.safeio import short
 from sparsemeta.training import rundir
 from sparsemeta.training.loop import Diverged
 from sparsemeta.training.rundir import LOCK, make_dir
 
-
-@dataclass(frozen=True)
-class Param:
-    key: str
-    low: float
-    high: float
-    log: bool
-
-
+#: tuning ranges of the shared keys; each method adds its own settings' (``Method.search``)
 PARAMS = {
     "inner_lr": Param("meta.inner_lr", 0.01, 1.0, True),
     "meta_lr": Param("train.meta_lr", 1e-4, 1e-2, True),
-    "l1_lambda": Param("l1.lambda", 1e-6, 1e-2, True),
     "metamix_alpha": Param("metamix.alpha", 0.2, 5.0, True),
     "metamix_beta": Param("metamix.beta", 0.2, 5.0, True),
     "prune_rate": Param("prune.rate", 0.1, 0.5, False),
-    "rigl_drop_fraction": Param("rigl.drop_fraction", 0.1, 0.6, False),
-    "rigl_end_fraction": Param("rigl.end_fraction", 0.5, 0.95, False),
-    "gmp_end_fraction": Param("gmp.end_fraction", 0.3, 0.8, False),
 }
 
 
+def own_params(method: str) -> dict[str, Param]:
+    """A method's own tuning parameters, named ``<method>_<setting>``."""
+    return {f"{method}_{name}": p for name, p in METHODS[method].search.items()}
+
+
+def params() -> dict[str, Param]:
+    """Every tuning parameter: the shared ones and every registered method's own."""
+    out = dict(PARAMS)
+    for method in METHODS:
+        out.update(own_params(method))
+    return out
+
+
 def default_params(cfg: Config, method: str) -> list[str]:
-    """What a fair search varies for ``method``: the learning rates always, plus the method's
-    own knobs (λ, prune rate, RigL's and gradual pruning's schedules) and MetaMix's Beta parameters when MetaMix is on."""
-    names = ["inner_lr", "meta_lr", *METHODS[method].tune_params]
+    """What a fair search varies for ``method``: the learning rates always, the shared knobs it
+    names (e.g. the prune rate), its own settings' ranges, and MetaMix's Beta parameters when
+    MetaMix is on."""
+    names = ["inner_lr", "meta_lr", *METHODS[method].tune_params, *own_params(method)]
     if cfg.meta.mix == "metamix":
         names += ["metamix_alpha", "metamix_beta"]
     return names
@@ -61,9 +64,10 @@ def parse_params(text: str | None, cfg: Config, method: str) -> list[str]:
     if not text:
         return default_params(cfg, method)
     names = [n.strip() for n in text.split(",") if n.strip()]
+    known = params()
     for n in names:
-        if n not in PARAMS:
-            raise UserError(f"unknown tuning parameter '{n}' (known: {', '.join(PARAMS)})")
+        if n not in known:
+            raise UserError(f"unknown tuning parameter {short(n)} (known: {', '.join(known)})")
     return names
 
 
@@ -161,10 +165,12 @@ def _objective(config: str, base: list[str], names: list[str], method: str, out:
     from sparsemeta.experiments.report import collect, summarize
     from sparsemeta.experiments.runner import run_experiment
 
+    known = params()
+
     def objective(trial) -> float:  # noqa: ANN001 - optuna.Trial
-        values = {n: trial.suggest_float(n, PARAMS[n].low, PARAMS[n].high, log=PARAMS[n].log)
+        values = {n: trial.suggest_float(n, known[n].low, known[n].high, log=known[n].log)
                   for n in names}
-        trial_over = base + [f"{PARAMS[n].key}={v!r}" for n, v in values.items()]
+        trial_over = base + [f"{known[n].key}={v!r}" for n, v in values.items()]
         run_dir = _trial_dir(out, trial_over)
         trial.set_user_attr("run_dir", str(run_dir))
         try:
@@ -193,7 +199,7 @@ def _best(optuna, study, out: Path, method: str, config: str, overrides: list[st
     best = study.best_trial
     result = {"method": method, "config": config, "overrides": overrides,
               "trials": len(complete), "best_value": best.value, "best_params": best.params,
-              "best_set": [f"{PARAMS[n].key}={v!r}" for n, v in best.params.items()],
+              "best_set": [f"{params()[n].key}={v!r}" for n, v in best.params.items()],
               "best_run_dir": best.user_attrs.get("run_dir"),
               "density": best.user_attrs.get("density")}
     write_json(out / rundir.BEST_TRIAL, result)

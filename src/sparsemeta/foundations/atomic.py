@@ -70,16 +70,23 @@ def replace_durably(tmp: str | Path, path: str | Path) -> None:
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Write ``path`` through a temporary file beside it; an OS error names ``path`` (what the
+    user asked for), never the temporary name."""
     path = Path(path)
-    fd, tmp = create_temp(path)
+    try:
+        fd, tmp = create_temp(path)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename in (str(tmp), tmp):
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
         raise
     fsync_dir(path.parent)
 

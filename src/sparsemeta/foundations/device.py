@@ -11,5 +11,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda but no CUDA device is available; use --set device=cpu or auto")
+        raise UserError("device=cuda but no CUDA device is available; set device to cpu or auto "
+                        "(--set device=cpu; for a saved run, in its config.yaml)")
     return torch.device(name)

@@ -25,6 +25,8 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 def load_tensors(path: str | Path, device: torch.device | str = "cpu") -> Any:
     """A tensor file of ours (weights, masks, checkpoints) as data only, never code; a missing,
     truncated or foreign file is one UserError naming it."""
+    if Path(path).exists() and not Path(path).is_file():  # a device or fifo is never a tensor file
+        raise UserError(f"'{path}' is not a regular file; restore the run directory's file")
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except PermissionError:
@@ -43,6 +45,3 @@ def load_tensors(path: str | Path, device: torch.device | str = "cpu") -> Any:
 def write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
-
-def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())

@@ -32,7 +32,7 @@ def _check_supported(learner: MetaLearner, tasks: list[Task]) -> None:
         raise ValueError("vmap_meta_gradient_step needs at least one task")
     if learner.adapted != frozenset(k for k, _ in learner.model.named_parameters()):
         raise ValueError("train.vmap adapts every parameter (meta.adapt=all); use the loop")
-    if learner.step_weights is not None or learner.mix is not None or learner.bn == "running":
+    if learner.step_weights is not None or learner.metamix is not None or learner.bn == "running":
         raise ValueError("train.vmap supports the last-step outer loss without MetaMix and "
                          "batch statistics (meta.bn transductive or support); use the loop")
     first = tasks[0]

@@ -9,7 +9,7 @@ MAML, first-order MAML, MAML++, Meta-SGD and MetaMix are options of this one loo
 * inner learning rate: a scalar (MAML), per layer and step learned (MAML++'s LSLR), or per
   weight learned (Meta-SGD's α) — ``lr_rule``;
 * outer loss: last step only, or every step weighted (MAML++'s multi-step loss) —
-  ``step_weights``; query mixed with the support set at a random layer (MetaMix) — ``mix``,
+  ``step_weights``; query mixed with the support set at a random layer (MetaMix) — ``metamix``,
   with classes swapping a channel group at that layer, support and query (Channel Shuffle) —
   ``channel_shuffle``;
 * derivative order — ``first_order`` (the trainer anneals it for MAML++).
@@ -140,9 +140,9 @@ class MetaLearner:
         bn: str = "transductive",
         mask: Mask | None = None,
         lr_rule: str = "scalar",
-        eval_steps: int | None = None,
-        mix: tuple[float, float] | None = None,
-        mix_seed: int = 0,
+        eval_inner_steps: int | None = None,
+        metamix: tuple[float, float] | None = None,
+        metamix_seed: int = 0,
         adapt: str = "all",
         threads: int = 1,
     ) -> None:
@@ -157,8 +157,8 @@ class MetaLearner:
         self.bn = bn
         self.mask = mask
         self.lr_rule = lr_rule
-        self.mix = mix
-        self.mix_seed = mix_seed
+        self.metamix = metamix  # MetaMix's Beta(α, β) for the mixing weight; None: no mixing
+        self.metamix_seed = metamix_seed
         self.adapted = adapted_names(adapt, [k for k, _ in model.named_parameters()])
         self.step_weights: list[float] | None = None
         self.channel_shuffle = False  # MetaMix's Channel Shuffle (switched on by the trainer)
@@ -171,7 +171,7 @@ class MetaLearner:
         # NHWC convolutions for float32 on the CPU; None: where measured faster (see _layout)
         self.channels_last: bool | None = None
         self._copies: tuple[nn.Module, list[nn.Module]] | None = None
-        steps = max(inner_steps, eval_steps or inner_steps)
+        steps = max(inner_steps, eval_inner_steps or inner_steps)
         self.rates = nn.ParameterDict()
         for name, p in model.named_parameters():
             if lr_rule == "lslr":
@@ -269,7 +269,7 @@ class MetaLearner:
     def _shuffle_plan(self, task: Task) -> tuple[int, int, np.ndarray]:
         """(layer, channel group, class map) of this task's Channel Shuffle: the class map is
         one cycle through a random order of the classes, so every class borrows from another."""
-        rng = streams.rng(streams.CHANNEL_SHUFFLE_PLAN, self.mix_seed, task.index)
+        rng = streams.rng(streams.CHANNEL_SHUFFLE_PLAN, self.metamix_seed, task.index)
         order = rng.permutation(int(task.support_y.max()) + 1)
         classes = np.empty_like(order)
         classes[order] = np.roll(order, -1)
@@ -280,13 +280,13 @@ class MetaLearner:
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, logits) of the query after ``step`` steps, mixed with the support if MetaMix
         (and channel-shuffled at the mixing layer under ``plan``)."""
-        if self.mix is None:
+        if self.metamix is None:
             logits = self.query_logits(fast, task, step)
             return F.cross_entropy(logits, task.query_y), logits
         if task.query_x.shape[0] != task.support_x.shape[0]:
             raise ValueError("MetaMix needs as many query as support examples per class")
-        rng = streams.rng(streams.METAMIX_DRAW, self.mix_seed, task.index, step)
-        lam = float(rng.beta(*self.mix))
+        rng = streams.rng(streams.METAMIX_DRAW, self.metamix_seed, task.index, step)
+        lam = float(rng.beta(*self.metamix))
         perm = torch.as_tensor(rng.permutation(task.support_x.shape[0]),
                                device=task.support_x.device)
         layer = int(rng.integers(0, 5))  # the input or the output of one of the 4 blocks
@@ -329,7 +329,7 @@ class MetaLearner:
         """Query loss after adaptation (weighted over steps under the multi-step loss);
         differentiable w.r.t. ``params`` and the learned rates (second or first order)."""
         params, task = self._layout(params, task, second_order=not self.first_order)
-        plan = self._shuffle_plan(task) if self.channel_shuffle and self.mix else None
+        plan = self._shuffle_plan(task) if self.channel_shuffle and self.metamix else None
         support_shuffle = None
         if plan is not None:
             support_shuffle = Shuffle(layer=plan[0], group=plan[1],

@@ -31,14 +31,13 @@ from sparsemeta.sparsity.masks import apply_mask
 EVAL_GROUP = 16
 
 
-def unsupported(learner: MetaLearner) -> str | None:
-    """Why ``learner`` cannot run grouped (None: it can). Running statistics are updated task
-    by task in order and MetaMix mixes inside a single task's forward: both stay on the loop."""
-    if not isinstance(learner.model, Conv4):
-        return f"the model is a {type(learner.model).__name__}, not Conv4"
-    if learner.bn == "running":
+def unsupported(bn: str, metamix: bool) -> str | None:
+    """Why a learner with batch-norm policy ``bn`` (and MetaMix or not) cannot run grouped
+    (None: it can) — the one statement of it. Running statistics are updated task by task in
+    order and MetaMix mixes inside a single task's forward: both stay on the loop."""
+    if bn == "running":
         return "meta.bn=running updates running statistics task by task"
-    if learner.mix is not None:
+    if metamix:
         return "MetaMix mixes rows inside one task's forward"
     return None
 
@@ -74,9 +73,9 @@ class Grouped:
     """``learner``'s inner loop over stacked tasks (see the module doc)."""
 
     def __init__(self, learner: MetaLearner) -> None:
-        why = unsupported(learner)
-        if why is not None:
-            raise ValueError(f"the grouped core cannot run this learner: {why}")
+        # the engine is resolved (and refused) at the boundary: ``meta.engine.resolve_engine``
+        assert isinstance(learner.model, Conv4), type(learner.model).__name__
+        assert unsupported(learner.bn, learner.metamix is not None) is None
         self.learner = learner
 
     def logits(self, fast: Params, x: torch.Tensor, step: int,
@@ -155,12 +154,3 @@ class Grouped:
                                                             steps)):
                 yield i, accs, losses
 
-
-def engine(learner: MetaLearner, grouped: bool | None) -> MetaLearner | Grouped:
-    """What computes ``learner``'s tasks (``train.grouped``): the grouped core if asked, or —
-    for None — on CUDA where it can run the learner; else the learner's own loop."""
-    if grouped is None:
-        first = next(learner.model.parameters(), None)
-        grouped = (first is not None and first.device.type == "cuda"
-                   and unsupported(learner) is None)
-    return Grouped(learner) if grouped else learner

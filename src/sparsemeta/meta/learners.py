@@ -12,36 +12,56 @@ import torch
 
 from sparsemeta.config import Config
 from sparsemeta.foundations import streams
-from sparsemeta.foundations.runtime import resolve_threads
 from sparsemeta.meta.core import MetaLearner
 from sparsemeta.meta.mamlpp import schedule as mamlpp_schedule
-from sparsemeta.models.conv4 import build_model
+from sparsemeta.models.conv4 import Conv4, ModelSpec, build_model
 from sparsemeta.sparsity.masks import Mask
 
 #: meta.algorithm → the inner learning-rate rule of the core
 LR_RULE = {"maml": "scalar", "metasgd": "metasgd", "mamlpp": "lslr"}
 
 
-def build_learner(cfg: Config, in_channels: int, mask: Mask | None = None) -> MetaLearner:
-    """The learner ``cfg.meta`` names, with its training-time schedules attached."""
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, in_channels)
-    lr_rule = LR_RULE[cfg.meta.algorithm]
+def lr_rule(cfg: Config) -> str:
+    """The inner learning-rate rule of the learner ``cfg`` describes — decided here only (the
+    learner and the exported manifest both take it from here)."""
     if cfg.meta.algorithm == "mamlpp" and not cfg.mamlpp.lslr:
-        lr_rule = "scalar"
+        return "scalar"
+    return LR_RULE[cfg.meta.algorithm]
+
+
+def model_spec(cfg: Config, in_channels: int) -> ModelSpec:
+    """The backbone for ``cfg``: ``data``'s input size and ways, ``model``'s widths, and the
+    batch-norm slots the learner needs (MAML++'s per-step BN: one per adaptation step of
+    meta-training, 0..inner_steps; ``meta.bn=running``: running statistics)."""
+    per_step = cfg.meta.algorithm == "mamlpp" and cfg.mamlpp.per_step_bn
+    return ModelSpec(in_channels, cfg.data.ways, cfg.data.image_size, cfg.model.filters,
+                     cfg.model.downsample, cfg.meta.inner_steps + 1 if per_step else 1,
+                     cfg.meta.bn == "running")
+
+
+def initial_model(cfg: Config, in_channels: int) -> Conv4:
+    """θ₀ of ``cfg.seed``: the model initialised right after seeding torch's RNG."""
+    torch.manual_seed(cfg.seed)
+    return build_model(model_spec(cfg, in_channels))
+
+
+def build_learner(cfg: Config, in_channels: int, mask: Mask | None = None,
+                  threads: int = 1) -> MetaLearner:
+    """The learner ``cfg.meta`` names at θ₀ of ``cfg.seed``, with its training-time schedules
+    attached; ``threads``: the CPU task threads of its loop (``Engine.threads``)."""
     learner = MetaLearner(
-        model,
+        initial_model(cfg, in_channels),
         inner_lr=cfg.meta.inner_lr,
         inner_steps=cfg.meta.inner_steps,
         first_order=cfg.meta.first_order,
         bn=cfg.meta.bn,
         mask=mask,
-        lr_rule=lr_rule,
-        eval_steps=cfg.meta.eval_inner_steps,
-        mix=(cfg.metamix.alpha, cfg.metamix.beta) if cfg.meta.mix == "metamix" else None,
-        mix_seed=cfg.seed,
+        lr_rule=lr_rule(cfg),
+        eval_inner_steps=cfg.meta.eval_inner_steps,
+        metamix=(cfg.metamix.alpha, cfg.metamix.beta) if cfg.meta.mix == "metamix" else None,
+        metamix_seed=cfg.seed,
         adapt=cfg.meta.adapt,
-        threads=resolve_threads(cfg.train.threads),
+        threads=threads,
     )
     if cfg.metamix.channel_shuffle_from is not None:
         learner.schedules.append(ChannelShuffleSchedule(cfg.seed, cfg.metamix.channel_shuffle_from))

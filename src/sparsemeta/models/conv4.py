@@ -263,16 +263,23 @@ def forward_tasks(model: Conv4, params: Mapping[str, torch.Tensor], x: torch.Ten
                          params["head.weight"].transpose(1, 2))
 
 
-def build_model(cfg, in_channels: int) -> Conv4:  # noqa: ANN001 - Config, kept import-light
-    """The backbone named by ``cfg.model`` for ``cfg.data``'s input size and ways; MAML++'s
-    per-step BN gives one slot per adaptation step of meta-training (0..inner_steps)."""
-    per_step = cfg.meta.algorithm == "mamlpp" and cfg.mamlpp.per_step_bn
-    return Conv4(
-        in_channels=in_channels,
-        ways=cfg.data.ways,
-        image_size=cfg.data.image_size,
-        filters=cfg.model.filters,
-        downsample=cfg.model.downsample,
-        bn_steps=cfg.meta.inner_steps + 1 if per_step else 1,
-        bn_running=cfg.meta.bn == "running",
-    )
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the model layer needs to build a Conv4 — its own typed view, built from the
+    config in one place (``meta.learners.model_spec``: the learner decides the per-step slots)."""
+
+    in_channels: int
+    ways: int
+    image_size: int
+    filters: int = 64
+    downsample: str = "maxpool"
+    bn_steps: int = 1
+    """Batch-norm weight slots: 1, or one per adaptation step (MAML++'s per-step BN)."""
+    bn_running: bool = False
+    """Keep running batch-norm statistics (``meta.bn=running``)."""
+
+
+def build_model(spec: ModelSpec) -> Conv4:
+    """The Conv4 ``spec`` describes, freshly initialised from torch's global RNG."""
+    return Conv4(spec.in_channels, spec.ways, spec.image_size, spec.filters, spec.downsample,
+                 spec.bn_steps, spec.bn_running)

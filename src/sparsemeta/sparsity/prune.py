@@ -7,6 +7,7 @@ counts (``round(rate · remaining)`` weights removed), so tests can check densit
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -67,6 +68,29 @@ def magnitude_prune(
             new[k] = new[k] & ~drop[offset:offset + size].view_as(mask[k]).to(mask[k].device)
             offset += size
     return new
+
+
+@dataclass(frozen=True)
+class MagnitudeRule:
+    """One round of magnitude pruning as ``prune.{rate,scope,output_rate_factor}`` set it —
+    one value for the three numbers every magnitude-pruning method passes together."""
+
+    rate: float
+    scope: str = "layerwise"
+    output_rate_factor: float = 0.5
+
+    def apply(self, weights: Mapping[str, torch.Tensor], mask: Mask) -> Mask:
+        """``mask`` with one more round of pruning by the magnitudes of ``weights``."""
+        return magnitude_prune(weights, mask, self.rate, self.scope, self.output_rate_factor)
+
+    def counts(self, mask: Mask, levels: int) -> list[dict[str, int]]:
+        """Kept weights per layer after 0..``levels`` layerwise rounds from ``mask`` (exact:
+        what ``apply`` keeps with ``scope=layerwise``, whatever the weights)."""
+        rates = layer_rates(mask, self.rate, self.output_rate_factor)
+        counts = [{k: int(m.sum()) for k, m in mask.items()}]
+        for _ in range(levels):
+            counts.append({k: c - round(rates[k] * c) for k, c in counts[-1].items()})
+        return counts
 
 
 def random_mask_like(mask: Mask, generator: torch.Generator) -> Mask:

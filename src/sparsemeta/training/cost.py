@@ -70,7 +70,7 @@ def _task_shape(cfg: Config, learner: MetaLearner) -> TaskShape:
     """Rows and passes of one meta-training task under the learner's current schedule."""
     d = cfg.data
     support, query = d.ways * d.shots, d.ways * d.queries
-    if cfg.meta.bn == "support" or learner.mix is not None:
+    if cfg.meta.bn == "support" or learner.metamix is not None:
         query += support  # forwarded together with the support rows
     passes = 1 if learner.step_weights is None else len(learner.step_weights)
     return TaskShape(support=support, query=query, inner_steps=learner.inner_steps,

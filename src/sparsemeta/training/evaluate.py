@@ -15,32 +15,31 @@ from tqdm import tqdm
 from sparsemeta.data.tasks import TaskSampler
 from sparsemeta.foundations.stats import mean_ci95
 from sparsemeta.meta.core import MetaLearner
-from sparsemeta.meta.grouped import engine
+from sparsemeta.meta.engine import Engine
 from sparsemeta.training.distributed import group
 from sparsemeta.training.rundir import Evaluation
 
 
 def evaluate(
+    engine: Engine,
     learner: MetaLearner,
     params: Mapping[str, torch.Tensor],
     sampler: TaskSampler,
     tasks: int,
     steps: int,
-    device: torch.device | str = "cpu",
     progress: bool = False,
-    grouped: bool | None = False,
 ) -> Evaluation:
     """Adapt on each of ``tasks`` fixed tasks for ``steps`` steps; never writes ``params``.
-    On the CPU the tasks are built and adapted on the learner's task threads
-    (``learner.threads``; the results do not depend on it), or ``grouped`` several at once
-    (``train.grouped``: ``meta.grouped.engine``). In a distributed job each rank adapts on its
-    share and the results are gathered."""
+    The run's ``engine`` computes them (on the CPU the loop builds and adapts them on its task
+    threads — the results do not depend on how many — or the grouped core several at once). In
+    a distributed job each rank adapts on its share and the results are gathered."""
     g = group()
+    device = engine.device
     accs = np.zeros((tasks, steps + 1))
     losses = np.zeros((tasks, steps + 1))
     mine = g.share(tasks)
-    results = engine(learner, grouped).evaluate_tasks(
-        params, lambda i: sampler.task(i).to(device), mine, steps)
+    results = engine.evaluate_tasks(learner, params, lambda i: sampler.task(i).to(device), mine,
+                                    steps)
     for i, a, loss in tqdm(results, total=len(mine), desc=f"eval {sampler.split}",
                            disable=not progress, leave=False, unit="task"):
         accs[i], losses[i] = a, loss

@@ -13,7 +13,6 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +21,13 @@ from tqdm import tqdm
 
 from sparsemeta.config import Config
 from sparsemeta.data.base import FewShotData
-from sparsemeta.data.registry import load_data
 from sparsemeta.data.tasks import sampler_for
 from sparsemeta.foundations.atomic import remove_stale_temps
-from sparsemeta.foundations.device import resolve_device
 from sparsemeta.foundations.errors import UserError
-from sparsemeta.foundations.io import atomic_torch_save, load_tensors, read_json, write_json
+from sparsemeta.foundations.io import atomic_torch_save, load_tensors, write_json
 from sparsemeta.foundations.lock import exclusive
-from sparsemeta.meta.batched import vmap_meta_gradient_step
+from sparsemeta.foundations.safeio import read_json
 from sparsemeta.meta.core import MetaLearner
-from sparsemeta.meta.grouped import engine
 from sparsemeta.meta.learners import build_learner
 from sparsemeta.sparsity.masks import Mask, density, save_mask, zero_pruned_
 from sparsemeta.training import rundir
@@ -40,17 +36,17 @@ from sparsemeta.training.distributed import Group, group
 from sparsemeta.training.evaluate import evaluate
 from sparsemeta.training.hooks import StepContext, TrainHooks
 from sparsemeta.training.metrics import MetricsWriter, open_writers
-from sparsemeta.training.rundir import RunDir, RunResult
+from sparsemeta.training.rundir import Best, Checkpoint, RunDir, RunResult
+from sparsemeta.training.setup import Setup, prepare
 
 
 @dataclass
 class Session:
     """One run being trained: its directory, learner, optimiser and progress so far."""
 
-    cfg: Config
+    setup: Setup
     run: RunDir
     data: FewShotData
-    device: torch.device
     g: Group
     learner: MetaLearner
     mask: Mask | None
@@ -59,9 +55,18 @@ class Session:
     meter: ComputeMeter
     start: int = 0
     elapsed: float = 0.0
-    best: dict = field(default_factory=lambda: {"accuracy": -1.0, "iteration": 0})
+    best: Best = field(default_factory=Best)
     writers: list[MetricsWriter] = field(default_factory=list)
     stopped: bool = False  # the method stopped training early (saved: a resume does not go on)
+    checkpointed: int = 0  # the iteration of the last checkpoint on disk (0: none, θ₀)
+
+    @property
+    def cfg(self) -> Config:
+        return self.setup.cfg
+
+    @property
+    def device(self) -> torch.device:
+        return self.setup.device
 
     @property
     def params(self) -> dict[str, torch.Tensor]:
@@ -72,72 +77,70 @@ class Session:
             writer.write(record)
 
 
-def _prepare(run: RunDir, cfg: Config, channels: int, init: Mapping[str, torch.Tensor] | None,
-             mask: Mask | None) -> None:
-    """First use of a run directory: save the mask and θ₀ that a resume will read back."""
-    if run.file(rundir.INIT).exists():
-        if mask is not None:
-            run.prepare({}, mask)
-        return
-    learner = build_learner(cfg, channels)
-    if init is not None:
-        learner.load_state_dict(init)
-    run.prepare(learner.state_dict(), mask)
-
-
-def _restore(s: Session) -> None:
-    """Continue from the checkpoint: weights, optimiser, RNG, progress, hooks, current mask."""
-    ckpt = load_tensors(s.run.file(rundir.CHECKPOINT), s.device)
-    s.learner.load_state_dict(ckpt["model"])
-    s.optimizer.load_state_dict(ckpt["optimizer"])
-    torch.set_rng_state(ckpt["torch_rng"].cpu())
-    s.start, s.elapsed, s.best = ckpt["iteration"], ckpt["elapsed"], ckpt["best"]
-    s.hooks.load_state_dict(ckpt["hooks"])
-    s.meter.load_state_dict(ckpt.get("compute"))
-    s.stopped = bool(ckpt.get("stopped", False))
-    if s.mask is not None:  # a method may move the mask (RigL): the checkpoint's is current
-        for k, m in ckpt["mask"].items():
-            s.mask[k].copy_(m)
-
-
-def _open(cfg: Config, run: RunDir, data: FewShotData, g: Group, hooks: TrainHooks) -> Session:
-    """The session of a prepared run directory, restored from its checkpoint if it has one."""
-    device = resolve_device(cfg.device)
+def _open(setup: Setup, run: RunDir, data: FewShotData, g: Group, hooks: TrainHooks,
+          init: Mapping[str, torch.Tensor] | None, mask: Mask | None) -> Session:
+    """The session of a run directory: on first use it saves the mask and θ₀ (``init``, else
+    the config's seed's) that a resume reads back; then the learner starts from ``init.pt``,
+    or continues from the checkpoint if there is one."""
+    cfg, device = setup.cfg, setup.device
+    learner = build_learner(cfg, data.channels, threads=setup.engine.threads)
+    if g.main and not run.finished and not run.file(rundir.INIT).exists():
+        if init is not None:
+            learner.load_state_dict(init)
+        run.prepare(learner.state_dict(), mask)
+    elif g.main and mask is not None and not run.finished:
+        run.prepare({}, mask)
+    g.barrier()  # the other ranks read what rank 0 wrote
     mask = run.mask()
-    mask = {k: v.to(device) for k, v in mask.items()} if mask is not None else None
-    learner = build_learner(cfg, data.channels, mask)
+    learner.mask = {k: v.to(device) for k, v in mask.items()} if mask is not None else None
     learner.load_state_dict(load_tensors(run.file(rundir.INIT)))
     learner.to(device)
-    zero_pruned_(dict(learner.model.named_parameters()), mask)
+    zero_pruned_(dict(learner.model.named_parameters()), learner.mask)
     optimizer = torch.optim.Adam(learner.parameters(), lr=cfg.train.meta_lr)
-    s = Session(cfg, run, data, device, g, learner, mask, optimizer, hooks, meter_for(learner))
+    s = Session(setup, run, data, g, learner, learner.mask, optimizer, hooks,
+                meter_for(learner))
     if run.file(rundir.CHECKPOINT).exists():
         _restore(s)
     return s
 
 
+def _restore(s: Session) -> None:
+    """Continue from the checkpoint: weights, optimiser, RNG, progress, hooks, current mask."""
+    ckpt = s.run.checkpoint(s.device)
+    s.learner.load_state_dict(ckpt.model)
+    s.optimizer.load_state_dict(ckpt.optimizer)
+    torch.set_rng_state(ckpt.torch_rng.cpu())
+    s.start = s.checkpointed = ckpt.iteration
+    s.elapsed, s.best = ckpt.elapsed, ckpt.best
+    s.hooks.load_state_dict(ckpt.hooks)
+    s.meter.load_state_dict(ckpt.compute)
+    s.stopped = ckpt.stopped
+    if s.mask is not None:  # a method may move the mask (RigL): the checkpoint's is current
+        for k, m in ckpt.mask.items():
+            s.mask[k].copy_(m)
+
+
 def _checkpoint(s: Session, iteration: int) -> None:
     if s.g.main:
-        atomic_torch_save({
-            "iteration": iteration, "elapsed": s.elapsed, "best": s.best,
-            "model": s.learner.state_dict(), "optimizer": s.optimizer.state_dict(),
-            "torch_rng": torch.get_rng_state(), "hooks": s.hooks.state_dict(), "mask": s.mask,
-            "stopped": s.stopped, "compute": s.meter.state_dict(),
-        }, s.run.file(rundir.CHECKPOINT))
+        Checkpoint(iteration, s.elapsed, s.best, s.learner.state_dict(), s.optimizer.state_dict(),
+                   torch.get_rng_state(), s.hooks.state_dict(), s.mask, s.stopped,
+                   s.meter.state_dict()).save(s.run.file(rundir.CHECKPOINT))
+    s.checkpointed = iteration
 
 
 def _validate(s: Session, iteration: int, log: bool = True) -> None:
     """Score on the validation tasks; keep the weights (and their mask) if they are the best."""
     cfg = s.cfg
-    res = evaluate(s.learner, s.params, sampler_for(cfg, s.data, "val"), cfg.train.val_tasks,
-                   cfg.meta.eval_inner_steps, s.device, grouped=cfg.train.grouped)
+    res = evaluate(s.setup.engine, s.learner, s.params,
+                   sampler_for(cfg.task_spec(), s.data, "val"), cfg.train.val_tasks,
+                   cfg.meta.eval_inner_steps)
     s.meter.evaluation(cfg, s.mask, cfg.train.val_tasks)
     if log:
         s.log({"iteration": iteration, "split": "val", "loss": res.per_step[-1]["loss"],
                "accuracy": res.accuracy, "ci95": res.ci95,
                "per_step": [r["accuracy"] for r in res.per_step]})
-    if not log or (s.hooks.selectable(iteration) and res.accuracy > s.best["accuracy"]):
-        s.best = {"accuracy": res.accuracy, "ci95": res.ci95, "iteration": iteration}
+    if not log or (s.hooks.selectable(iteration) and res.accuracy > s.best.accuracy):
+        s.best = Best(res.accuracy, res.ci95, iteration)
         if s.g.main:
             atomic_torch_save(s.learner.state_dict(), s.run.file(rundir.BEST))
             if s.hooks.moves_mask:
@@ -163,12 +166,9 @@ def _outer_step(s: Session, it: int, tasks: list) -> tuple[float, float, StepCon
     cfg, g = s.cfg, s.g
     s.learner.begin_iteration(it, s.optimizer)
     s.optimizer.zero_grad(set_to_none=True)
-    step = engine(s.learner, cfg.train.grouped).meta_gradient_step
-    if cfg.train.vmap:
-        step = partial(vmap_meta_gradient_step, s.learner)
     mine = [tasks[b] for b in g.share(cfg.train.meta_batch)]
     params = s.params
-    loss, acc = step(params, mine)
+    loss, acc = s.setup.engine.meta_gradient_step(s.learner, params, mine)
     s.meter.train_step(cfg, s.learner, s.mask, cfg.train.meta_batch)
     if g.world > 1:
         loss, acc = _sum_meta_gradient(g, s.learner, loss, acc, len(mine), cfg.train.meta_batch,
@@ -206,11 +206,22 @@ def _check_finite(s: Session, iteration: int, loss: float) -> None:
         return
     record = {"iteration": iteration, "what": bad, "loss": loss if math.isfinite(loss) else str(loss),
               "meta_lr": s.optimizer.param_groups[0]["lr"], "inner_lr": s.cfg.meta.inner_lr,
-              "last_checkpoint": s.start if not s.run.file(rundir.CHECKPOINT).exists()
-              else int(load_tensors(s.run.file(rundir.CHECKPOINT))["iteration"])}
+              "last_checkpoint": s.checkpointed}
     if s.g.main:
         write_json(s.run.file(rundir.DIVERGED), record)
     raise Diverged(_diverged_line(s.run, record))
+
+
+def _diverged_record(run: RunDir) -> dict:
+    """``diverged.json`` as ``_check_finite`` wrote it (a damaged one: one line)."""
+    path = run.file(rundir.DIVERGED)
+    record = read_json(path, what=f"'{path}'")
+    ok = isinstance(record, dict) and isinstance(record.get("iteration"), int) and all(
+        isinstance(record.get(k), (int, float)) and not isinstance(record.get(k), bool)
+        for k in ("meta_lr", "inner_lr", "last_checkpoint")) and isinstance(record.get("what"), str)
+    if not ok:
+        raise UserError(f"'{path}' is damaged; delete it to retry the run")
+    return record
 
 
 def _diverged_line(run: RunDir, record: dict) -> str:
@@ -243,41 +254,38 @@ def _finish(s: Session, total: int, done: int, test: bool, progress: bool) -> Ru
             for k, m in chosen.mask.items():
                 s.mask[k].copy_(m.to(s.device))
         cfg = s.cfg
-        ev = evaluate(s.learner, s.params, sampler_for(cfg, s.data, cfg.eval.split),
-                      cfg.eval.tasks, cfg.meta.eval_inner_steps, s.device,
-                      progress=progress and g.main, grouped=cfg.train.grouped)
+        ev = evaluate(s.setup.engine, s.learner, s.params,
+                      sampler_for(cfg.task_spec(), s.data, cfg.eval.split), cfg.eval.tasks,
+                      cfg.meta.eval_inner_steps, progress=progress and g.main)
         s.meter.evaluation(cfg, s.mask, cfg.eval.tasks)
-        result = _summary(s, total, done, final_density, evaluation=ev, val_accuracy=s.best["accuracy"],
-                          val_ci95=s.best.get("ci95"), best_iteration=s.best["iteration"])
+        result = _summary(s, total, done, final_density, evaluation=ev,
+                          val_accuracy=s.best.accuracy, val_ci95=s.best.ci95,
+                          best_iteration=s.best.iteration)
     if g.main:
         s.run.write_result(result)
     g.barrier()
     return result
 
 
-def _begin(cfg: Config, out: str | Path, data: FewShotData, init: Mapping[str, torch.Tensor] | None,
-           mask: Mask | None) -> tuple[RunDir, Group]:
+def _begin(cfg: Config, out: str | Path) -> tuple[RunDir, Group]:
     g = group()
     run = RunDir(rundir.make_dir(out))
     if run.file(rundir.DIVERGED).exists() and not run.finished:
-        raise Diverged(_diverged_line(run, read_json(run.file(rundir.DIVERGED))) + "; this run "
+        raise Diverged(_diverged_line(run, _diverged_record(run)) + "; this run "
                        f"is not resumed: use another --out, or delete {rundir.DIVERGED} to retry")
     if g.main:
         remove_stale_temps(run.path)  # half-written files of a killed writer of this run
         rundir.bind_config(run.path, cfg)
-        if not run.finished:
-            _prepare(run, cfg, data.channels, init, mask)
-    g.barrier()  # the other ranks read what rank 0 wrote
     return run, g
 
 
 def _train(
-    cfg: Config,
-    out: str | Path,
+    setup: Setup,
+    out: Path,
+    data: FewShotData,
     *,
     init: Mapping[str, torch.Tensor] | None = None,
     mask: Mask | None = None,
-    data: FewShotData | None = None,
     snapshot_at: int | None = None,
     hooks: TrainHooks | None = None,
     iterations: int | None = None,
@@ -286,14 +294,15 @@ def _train(
     progress: bool = True,
 ) -> RunResult:
     """The loop of ``train`` (its run directory is locked by the caller)."""
-    data = data if data is not None else load_data(cfg)
+    cfg = setup.cfg
     total = cfg.train.iterations if iterations is None else iterations
-    run, g = _begin(cfg, out, data, init, mask)
+    run, g = _begin(cfg, out)
     if run.finished:
+        g.barrier()
         return run.result()
-    s = _open(cfg, run, data, g, hooks or TrainHooks())
+    s = _open(setup, run, data, g, hooks or TrainHooks(), init, mask)
     s.writers = open_writers(run.path if g.main else None, keep_until=s.start)
-    train_tasks = sampler_for(cfg, data, "train")
+    train_tasks = sampler_for(cfg.task_spec(), data, "train")
     bar = tqdm(total=total, initial=s.start, desc=desc, unit="it", dynamic_ncols=True,
                disable=not (progress and g.main), leave=False)
     t0, done = time.perf_counter() - s.elapsed, s.start
@@ -312,7 +321,7 @@ def _train(
             s.stopped = stop = s.hooks.should_stop(ctx)
             s.elapsed = time.perf_counter() - t0
             s.log({"iteration": done, "split": "train", "loss": loss, "accuracy": acc})
-            best_val = f"{s.best['accuracy']:.3f}" if s.best["accuracy"] >= 0 else "n/a"
+            best_val = f"{s.best.accuracy:.3f}" if s.best.found else "n/a"
             bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", best_val=best_val)
             bar.update(1)
             if snapshot_at is not None and done == snapshot_at and g.main:
@@ -330,19 +339,13 @@ def _train(
     return _finish(s, total, done, test, progress)
 
 
-def check_tasks_fit(cfg: Config, data: FewShotData) -> None:
-    """The configured tasks can be drawn from every split the run uses — checked before any
-    directory is made, so a corrected command can reuse the same --out."""
-    for split in ("train", "val", cfg.eval.split):
-        sampler_for(cfg, data, split)
-
-
-def train(cfg: Config, out: str | Path, **options: Any) -> RunResult:
+def train(setup: Setup, out: str | Path, data: FewShotData, **options: Any) -> RunResult:
     """Meta-train into ``out`` (resuming if it holds an unfinished run) and return its result.
 
-    Options: ``init``/``mask`` (saved on first use) set θ₀ and a fixed sparsity pattern;
-    ``data`` the loaded data set; ``snapshot_at=k`` keeps the weights after k iterations (late
-    rewinding); ``hooks`` is a sparsity method's part of the loop; ``iterations`` overrides
+    ``setup`` is the config checked against ``data`` (``training.setup.prepare``: nothing here
+    checks it again). Options: ``init``/``mask`` (saved on first use) set θ₀ and a fixed
+    sparsity pattern; ``snapshot_at=k`` keeps the weights after k iterations (late rewinding);
+    ``hooks`` is a sparsity method's part of the loop; ``iterations`` overrides
     ``train.iterations``; ``test=False`` skips the final evaluation (search runs); ``desc`` and
     ``progress`` the progress bar. One process writes a run directory (a second gets a one-line
     error naming the first); under ``torchrun`` each rank takes its share of every meta-batch,
@@ -350,14 +353,18 @@ def train(cfg: Config, out: str | Path, **options: Any) -> RunResult:
     stops being finite raises ``Diverged`` and keeps its last good checkpoint.
     """
     g = group()
-    if g.world > cfg.train.meta_batch:  # refused before anything is written
-        raise UserError(f"{g.world} processes but train.meta_batch={cfg.train.meta_batch}: every "
-                        f"process needs at least one task; raise train.meta_batch or use fewer")
-    data = options.pop("data", None)
-    data = data if data is not None else load_data(cfg)
-    check_tasks_fit(cfg, data)
     path = rundir.make_dir(out)
     lock = (exclusive(path / rundir.LOCK, f"run directory '{path}'", wait=False)
             if g.main else contextlib.nullcontext())
     with lock:
-        return _train(cfg, path, data=data, **options)
+        return _train(setup, path, data, **options)
+
+
+def train_config(cfg: Config, out: str | Path, data: FewShotData | None = None,
+                 **options: Any) -> RunResult:
+    """``train`` for a caller with a bare config (a library user, a test): loads the data if
+    not given and checks the config against it first (``prepare``: the boundary)."""
+    from sparsemeta.data.registry import load_data
+
+    data = data if data is not None else load_data(cfg.data_spec())
+    return train(prepare(cfg, data), out, data, **options)

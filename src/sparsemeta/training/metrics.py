@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sparsemeta.foundations.atomic import atomic_write_text
+from sparsemeta.foundations.errors import UserError
+from sparsemeta.foundations.safeio import load_json, read_bytes
 from sparsemeta.training.rundir import METRICS, TENSORBOARD
 
 
@@ -22,14 +24,19 @@ class MetricsWriter(Protocol):
     def close(self) -> None: ...
 
 
+#: a metrics file holds about 100 bytes per meta-iteration: this is ~2 million iterations
+MAX_METRICS_BYTES = 256 << 20
+
+
 def read_metrics(path: Path, keep_until: int | None = None) -> list[dict[str, Any]]:
     """The complete records of a metrics file (a torn or unparsable line is skipped), up to
     iteration ``keep_until`` if given."""
     records = []
-    for line in path.read_text(errors="replace").splitlines():
+    raw = read_bytes(path, limit=MAX_METRICS_BYTES, what=f"metrics file '{path}'")
+    for line in raw.decode("utf-8", errors="replace").splitlines():
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+            record = load_json(line, where="a metrics line")  # bounded depth, like every file
+        except UserError:
             continue
         if isinstance(record, dict) and isinstance(record.get("iteration"), int) and (
                 keep_until is None or record["iteration"] <= keep_until):

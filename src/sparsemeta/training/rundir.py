@@ -33,10 +33,11 @@ from typing import Any
 import torch
 import yaml
 
-from sparsemeta.config import Config, config_from_dict
+from sparsemeta.config import Config, config_from_dict, upgrade_saved
+from sparsemeta.foundations import safeio
 from sparsemeta.foundations.atomic import atomic_write_text
 from sparsemeta.foundations.errors import UserError
-from sparsemeta.foundations.io import atomic_torch_save, load_tensors, read_json, write_json
+from sparsemeta.foundations.io import atomic_torch_save, load_tensors, write_json
 from sparsemeta.sparsity.masks import Mask, load_mask, save_mask
 
 CONFIG = "config.yaml"
@@ -88,6 +89,28 @@ def finished_runs(root: Path) -> list[Path]:
 
 
 # -- typed results -----------------------------------------------------------------------------
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+#: a field's annotation → the check of a value read back from a file
+_CHECKS = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool), "float": _number,
+           "str": lambda v: isinstance(v, str), "list[dict[str, float]]": lambda v:
+           isinstance(v, list), "dict[str, int]": lambda v: isinstance(v, dict)}
+
+
+def _typed(d: Mapping[str, Any], name: str, annotation: str) -> Any:
+    """``d[name]`` if it has the type ``annotation`` names (``X | None``: may be absent or
+    null); else a KeyError or TypeError naming the field."""
+    optional = annotation.endswith(" | None")
+    if optional and d.get(name) is None:
+        return None
+    value = d[name]
+    if not _CHECKS[annotation.removesuffix(" | None")](value):
+        raise TypeError(f"{name} is {safeio.short(value)}, not {annotation}")
+    return value
+
+
 @dataclass(frozen=True)
 class Evaluation:
     """Accuracy after each adaptation step over fixed tasks of one split (mean, 95% CI)."""
@@ -105,7 +128,15 @@ class Evaluation:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Evaluation:
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+        """Read back ``to_dict``'s layout, every field checked for its type (a TypeError or
+        KeyError for a file that is not one)."""
+        out = cls(**{f.name: _typed(d, f.name, f.type) for f in dataclasses.fields(cls)})
+        rows = out.per_step
+        if len(rows) != out.steps + 1 or not all(
+                isinstance(r, dict) and all(_number(r.get(k)) for k in ("accuracy", "ci95", "loss"))
+                for r in rows):
+            raise TypeError("per_step must hold a row of numbers for every step")
+        return out
 
 
 @dataclass(frozen=True)
@@ -143,10 +174,82 @@ class RunResult:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RunResult:
+        """Read back ``to_dict``'s layout (keys added later may be absent: None), every field
+        checked for its type."""
         evaluation = Evaluation.from_dict(d) if d.get("split") else None
-        return cls(d["iterations"], d["iterations_run"], d["meta_batch"], d["meta_tasks"],
-                   d["train_seconds"], d["density"], evaluation, d.get("val_accuracy"),
-                   d.get("val_ci95"), d.get("best_iteration"), d.get("macs"))
+        values = {f.name: _typed(d, f.name, f.type) for f in dataclasses.fields(cls)
+                  if f.name != "evaluation"}
+        macs = values["macs"]
+        if macs is not None and not (isinstance(macs, dict) and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in macs.values())):
+            raise TypeError("macs must map names to integers")
+        return cls(evaluation=evaluation, **values)
+
+    def save(self, path: Path) -> None:
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: Path) -> RunResult:
+        """``eval.json``; a damaged one is one line saying how to redo it."""
+        try:
+            return cls.from_dict(safeio.read_json(path, what=f"'{path}'"))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # JSONDecodeError too
+            raise UserError(f"'{path}' is damaged ({type(exc).__name__}: {safeio.short(str(exc))})"
+                            "; delete it to re-run the final evaluation") from None
+
+
+@dataclass(frozen=True)
+class Best:
+    """The best validation so far: the weights of ``iteration`` are ``best.pt``."""
+
+    accuracy: float = -1.0
+    ci95: float | None = None
+    iteration: int = 0
+
+    @property
+    def found(self) -> bool:
+        return self.accuracy >= 0
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """``checkpoint.pt``: everything a resumed run continues from — weights, optimiser, torch's
+    RNG, progress, the best validation, the sparsity method's state and the current mask.
+    Written atomically; stored as a plain dict of tensors and numbers (read with
+    ``weights_only=True``: a copied run directory can never run code)."""
+
+    iteration: int
+    elapsed: float
+    best: Best
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    torch_rng: torch.Tensor
+    hooks: dict[str, Any]
+    mask: Mask | None
+    stopped: bool = False
+    """The method stopped training early (a resume does not go on)."""
+    compute: dict[str, int] | None = None
+    """``training.cost`` totals (absent from checkpoints written before compute was counted)."""
+
+    def save(self, path: Path) -> None:
+        atomic_torch_save({
+            "iteration": self.iteration, "elapsed": self.elapsed,
+            "best": {k: v for k, v in dataclasses.asdict(self.best).items() if v is not None},
+            "model": self.model, "optimizer": self.optimizer, "torch_rng": self.torch_rng,
+            "hooks": self.hooks, "mask": self.mask, "stopped": self.stopped,
+            "compute": self.compute}, path)
+
+    @classmethod
+    def load(cls, path: Path, device: torch.device | str = "cpu") -> Checkpoint:
+        obj = load_tensors(path, device)
+        try:
+            best = Best(**obj["best"])
+            return cls(int(obj["iteration"]), float(obj["elapsed"]), best, obj["model"],
+                       obj["optimizer"], obj["torch_rng"], obj["hooks"], obj["mask"],
+                       bool(obj.get("stopped", False)), obj.get("compute"))
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise UserError(f"'{path}' is not a sparsemeta checkpoint ({type(exc).__name__}: "
+                            f"{exc}); restore it, or delete it to restart the run") from None
 
 
 # -- configs -----------------------------------------------------------------------------------
@@ -182,13 +285,10 @@ def config_difference(old: dict, new: dict) -> str | None:
     return _diff(a, b)
 
 
-def read_yaml(path: Path) -> Any:
-    """A YAML file this package wrote; a damaged one is a user-level problem, in one line."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UserError(f"'{path}' is damaged ({type(exc).__name__}); restore it or use "
-                        "another --out") from None
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML file this package wrote — or a copied, damaged or hostile one: read with limits
+    (``safeio``), anything wrong one line."""
+    data = safeio.read_yaml(path, what=f"'{path}'")
     if not isinstance(data, dict):
         raise UserError(f"'{path}' is damaged (not a mapping); restore it or use another --out")
     return data
@@ -199,7 +299,7 @@ def bind_config(run_dir: Path, cfg: Config) -> None:
     path = run_dir / CONFIG
     new = cfg.to_dict()
     if path.exists():
-        d = config_difference(read_yaml(path), new)
+        d = config_difference(upgrade_saved(read_yaml(path)), new)
         if d:
             raise UserError(
                 f"'{run_dir}' holds a run with a different config ({d}); use another --out"
@@ -225,7 +325,7 @@ def bind_experiment(root: Path, cfg: Config, methods: list[str], seeds: list[int
     record = {"config": cfg.to_dict(), "methods": methods, "seeds": seeds, "controls": controls}
     if path.exists():
         old = read_yaml(path)
-        d = config_difference(old.get("config") or {}, cfg.to_dict())
+        d = config_difference(upgrade_saved(old.get("config") or {}), cfg.to_dict())
         if d:
             raise UserError(
                 f"'{root}' holds an experiment with a different config ({d}); use another --out"
@@ -244,6 +344,24 @@ class ChosenModel:
     state: dict[str, torch.Tensor]
     mask: Mask | None
 
+    def check(self, expected: Mapping[str, torch.Tensor], run: Path) -> None:
+        """Refuse, in one line, weights or a mask that do not fit the model ``expected`` (the
+        state the run's ``config.yaml`` builds): a copied, edited or mixed-up run directory
+        must not crash, nor be evaluated without its mask."""
+        want = {k: tuple(v.shape) for k, v in expected.items()}
+        got = {k: tuple(v.shape) for k, v in self.state.items()
+               if isinstance(v, torch.Tensor)}
+        if got != want:
+            key = next(k for k in [*want, *got] if want.get(k) != got.get(k))
+            raise UserError(f"'{run}/{BEST}' does not fit the model its {CONFIG} describes "
+                            f"({key}: {got.get(key, 'missing')} in the file, "
+                            f"{want.get(key, 'absent')} in the model); is the run intact?")
+        for key, m in (self.mask or {}).items():
+            if want.get(key) != tuple(m.shape) or m.dtype != torch.bool:
+                raise UserError(f"the mask of '{run}' names {safeio.short(key)}, which the "
+                                f"model its {CONFIG} describes does not have in that shape; "
+                                "is the run intact?")
+
 
 class RunDir:
     """One run directory: its files by role, never by a name spelled elsewhere."""
@@ -259,14 +377,10 @@ class RunDir:
         return self.file(EVAL).exists()
 
     def result(self) -> RunResult:
-        try:
-            return RunResult.from_dict(read_json(self.file(EVAL)))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # JSONDecodeError too
-            raise UserError(f"'{self.file(EVAL)}' is damaged ({type(exc).__name__}); delete it to "
-                            "re-run the final evaluation") from None
+        return RunResult.load(self.file(EVAL))
 
     def write_result(self, result: RunResult) -> None:
-        write_json(self.file(EVAL), result.to_dict())
+        result.save(self.file(EVAL))
 
     def prepare(self, initial_state: Mapping[str, torch.Tensor], mask: Mask | None) -> None:
         """First use: save the mask and θ₀ that a resume reads back (never overwritten)."""
@@ -278,14 +392,16 @@ class RunDir:
     def mask(self) -> Mask | None:
         return load_mask(self.file(MASK)) if self.file(MASK).exists() else None
 
-    def weights(self, name: str = CHECKPOINT) -> dict[str, torch.Tensor]:
-        """Model weights of a weights file or of the checkpoint (whose ``model`` entry)."""
-        obj = load_tensors(self.file(name))
-        return obj.get("model", obj)
+    def checkpoint(self, device: torch.device | str = "cpu") -> Checkpoint:
+        return Checkpoint.load(self.file(CHECKPOINT), device)
 
-    def hooks_state(self) -> dict:
-        """The sparsity method's state in the last checkpoint (what a search run found)."""
-        return load_tensors(self.file(CHECKPOINT))["hooks"]
+    def weights(self, name: str) -> dict[str, torch.Tensor]:
+        """A weights file of the run (``init.pt``, ``step_<k>.pt``, ``best.pt``)."""
+        return load_tensors(self.file(name))
+
+    def trained_weights(self) -> dict[str, torch.Tensor]:
+        """The weights where training stopped (the last checkpoint's)."""
+        return self.checkpoint().model
 
     def rewind_target(self, k: int | None) -> dict[str, torch.Tensor]:
         """The weights after k iterations (late rewinding) if saved, else θ₀."""

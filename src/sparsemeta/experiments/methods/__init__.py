@@ -1,14 +1,16 @@
 """The registry of sparsity methods: one module per method, each defining ``METHOD``.
 
 Adding a method is one new module in this package plus one line in ``_MODULES``; the runner,
-the report, ``tune`` and the CLI learn about it from ``METHODS`` alone. Order matters: it is the
-order in which an experiment runs the methods and the report lists their branches.
+the report, ``tune``, the config (a method's settings section) and the CLI learn about it from
+``METHODS`` alone. Order matters: it is the order in which an experiment runs the methods, the
+report lists their branches and a saved config lists their sections.
 """
 
 from __future__ import annotations
 
 import importlib
 
+from sparsemeta.config import add_section, remove_section
 from sparsemeta.experiments.methods.base import Branch, Method
 
 _MODULES = (
@@ -33,8 +35,16 @@ def register(method: Method) -> Method:
         if other is not None and other != branch:
             raise ValueError(f"branch '{branch.name}' of method '{method.name}' differs from "
                              "the registered branch of that name")
+    if method.settings is not None:
+        add_section(method.name, method.settings)
     METHODS[method.name] = method
     return method
+
+
+def unregister(name: str) -> None:
+    """Remove a method and its config section (configs built afterwards lack it)."""
+    METHODS.pop(name, None)
+    remove_section(name)
 
 
 def branches() -> dict[str, Branch]:

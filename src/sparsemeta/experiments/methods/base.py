@@ -19,25 +19,25 @@ from typing import Protocol
 
 import torch
 
-from sparsemeta.config import Config, config_from_dict
+from sparsemeta.config import Config
 from sparsemeta.data.base import FewShotData
 from sparsemeta.foundations import streams
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.foundations.runtime import start_child
+from sparsemeta.meta.learners import initial_model, model_spec
 from sparsemeta.models.conv4 import build_model
 from sparsemeta.sparsity.masks import Mask, full_mask, load_mask
 from sparsemeta.sparsity.prune import (
     clear_removed_filters,
     filter_counts,
     filter_prune,
-    layer_rates,
-    magnitude_prune,
     random_filter_mask_like,
     random_mask_like,
 )
 from sparsemeta.training import rundir
 from sparsemeta.training.loop import train
 from sparsemeta.training.rundir import RunDir, RunResult
+from sparsemeta.training.setup import Setup
 
 
 def all_levels(level: int) -> range:
@@ -48,6 +48,41 @@ def all_levels(level: int) -> range:
 def dense_level_only(level: int) -> range:
     """Compute rule of a model derived from one dense run: level 0 (for L ≥ 1)."""
     return range(min(level, 1))
+
+
+@dataclass(frozen=True)
+class Param:
+    """A tuning range of one config key (``sparsemeta tune``): uniform, or log-uniform."""
+
+    key: str
+    low: float
+    high: float
+    log: bool = False
+
+
+@dataclass(frozen=True)
+class ImpPlan:
+    """IMP's pruning plan for a config, the same for every seed (it depends on the shapes only):
+    the full mask of the model, the levels, and the exact kept weights (kept filters with
+    ``prune.structure=filters``) per layer at every level. Computed once per experiment."""
+
+    full: Mask
+    levels: int
+    counts: list[dict[str, int]]
+    filters: bool
+    targets: list[int]
+    """The levels the non-IMP runs are made at (``target_levels``)."""
+
+    @classmethod
+    def of(cls, cfg: Config, channels: int) -> ImpPlan:
+        """The plan, or a one-line UserError where ``prune.targets`` cannot be met."""
+        p = cfg.prune
+        model = build_model(model_spec(cfg, channels))
+        full = full_mask(dict(model.named_parameters()))
+        filters, levels = p.structure == "filters", p.num_levels()
+        counts = (filter_counts(full, p.rate, levels) if filters
+                  else p.rule().counts(full, levels))
+        return cls(full, levels, counts, filters, target_levels(cfg, counts))
 
 
 def planned_levels(cfg: Config) -> int:
@@ -88,10 +123,10 @@ def start_background(threads: int, data: FewShotData) -> None:
     start_child(threads)
 
 
-def background_train(cfg_dict: dict, path: str, kwargs: dict) -> tuple[RunResult, float]:
+def background_train(setup: Setup, path: str, kwargs: dict) -> tuple[RunResult, float]:
     """One meta-training in a background process: (its result, its seconds)."""
     t0 = time.perf_counter()
-    result = train(config_from_dict(cfg_dict), path, data=_DATA[0], progress=False, **kwargs)
+    result = train(setup.in_this_process(), path, _DATA[0], progress=False, **kwargs)
     return result, time.perf_counter() - t0
 
 
@@ -106,27 +141,24 @@ class Background:
 
 
 class SeedRun:
-    """Everything a method needs to make the runs of one seed: the config with that seed, the
-    experiment's directory layout, IMP's per-layer counts, pruning as ``prune.structure`` says.
+    """Everything a method needs to make the runs of one seed: the setup (config, device,
+    engine) with that seed, the experiment's directory layout, IMP's plan (per-layer counts),
+    pruning as ``prune.structure`` says.
 
     ``pool``: processes for the runs that nothing of the method waits for (``background``,
     e.g. the lottery controls), so they train beside the IMP chain; ``join`` ends them."""
 
-    def __init__(self, cfg: Config, root: Path, seed: int, data: FewShotData,
+    def __init__(self, setup: Setup, plan: ImpPlan, root: Path, seed: int, data: FewShotData,
                  counter: RunCounter, progress: bool, controls: list[str],
                  pool: Executor | None = None) -> None:
-        self.cfg = dataclasses.replace(cfg, seed=seed)
+        self.setup = setup.with_seed(seed)
+        self.cfg = self.setup.cfg
         self.root, self.seed, self.data = root, seed, data
         self.counter, self.progress, self.controls = counter, progress, controls
         self.pool = pool
         self.pending: list[Background] = []
-        self.levels = self.cfg.prune.num_levels()
-        self.full = full_mask(dict(build_model(self.cfg, data.channels).named_parameters()))
-        p = self.cfg.prune
-        self.filters = p.structure == "filters"
-        # IMP's exact per-layer counts by level: kept weights, or kept filters if structured
-        self.counts = (filter_counts(self.full, p.rate, self.levels) if self.filters
-                       else imp_counts(self.full, p.rate, p.output_rate_factor, self.levels))
+        self.levels, self.full, self.filters = plan.levels, plan.full, plan.filters
+        self.counts, self.targets = plan.counts, plan.targets
 
     def counts_at(self, level: int) -> dict[str, int]:
         """Kept weights (filters if structured) per layer at ``level``, as IMP has them: known in
@@ -142,14 +174,14 @@ class SeedRun:
         return {k: int(m.sum()) for k, m in load_mask(ticket).items()}
 
     def target_levels(self) -> list[int]:
-        return target_levels(self.cfg, self.counts)
+        return self.targets
 
     def run(self, name: str, path: Path, background: bool = False,
             **kwargs) -> RunResult | None:  # noqa: ANN003
         """Train ``path``; a ``background`` run goes to the pool (if any) and returns None —
         only for a run whose files nothing later in the method reads."""
         if background and self.pool is not None:
-            future = self.pool.submit(background_train, self.cfg.to_dict(), str(path), kwargs)
+            future = self.pool.submit(background_train, self.setup, str(path), kwargs)
             self.pending.append(Background(name, path, kwargs, future))
             return None
         result, seconds = self._train(name, path, kwargs)
@@ -159,7 +191,7 @@ class SeedRun:
 
     def _train(self, name: str, path: Path, kwargs: dict) -> tuple[RunResult, float]:
         t0 = time.perf_counter()
-        result = train(self.cfg, path, data=self.data, progress=self.progress,
+        result = train(self.setup, path, self.data, progress=self.progress,
                        desc=f"seed {self.seed} {name}", **kwargs)
         return result, time.perf_counter() - t0
 
@@ -192,21 +224,24 @@ class SeedRun:
 
     def weights(self, path: Path) -> dict[str, torch.Tensor]:
         """The trained weights of a run (its last checkpoint)."""
-        return RunDir(path).weights()
+        return RunDir(path).trained_weights()
 
     def rewind_target(self, source: Path) -> dict[str, torch.Tensor]:
         return RunDir(source).rewind_target(self.cfg.prune.rewind_step())
 
     def theta0(self) -> dict[str, torch.Tensor]:
-        torch.manual_seed(self.cfg.seed)
-        return build_model(self.cfg, self.data.channels).state_dict()
+        return initial_model(self.cfg, self.data.channels).state_dict()
+
+    def fresh(self, seed: int) -> dict[str, torch.Tensor]:
+        """Another initialisation of the same model (a reinit control), seeded by ``seed``."""
+        torch.manual_seed(seed)
+        return build_model(model_spec(self.cfg, self.data.channels)).state_dict()
 
     # -- what prune.structure changes -------------------------------------------------------
     def prune(self, weights: dict[str, torch.Tensor], mask: Mask) -> Mask:
-        p = self.cfg.prune
         if self.filters:
-            return filter_prune(weights, mask, p.rate)
-        return magnitude_prune(weights, mask, p.rate, p.scope, p.output_rate_factor)
+            return filter_prune(weights, mask, self.cfg.prune.rate)
+        return self.cfg.prune.rule().apply(weights, mask)
 
     def random_like(self, mask: Mask, level: int) -> Mask:
         gen = streams.level_generator(streams.RANDOM_MASK, self.seed, level)
@@ -239,7 +274,9 @@ class SeedRun:
 
 def target_levels(cfg: Config, counts: list[dict[str, int]]) -> list[int]:
     """The IMP levels the non-IMP runs are made at: nearest each of ``prune.targets`` by IMP's
-    density (``counts``: kept weights per layer by level), or every level."""
+    density (``counts``: kept weights per layer by level), or every level. Targets the levels
+    cannot reach, or two targets at one level (the runs would be announced twice), are one
+    UserError line."""
     p = cfg.prune
     every = list(range(1, len(counts)))
     if not p.targets:
@@ -247,29 +284,17 @@ def target_levels(cfg: Config, counts: list[dict[str, int]]) -> list[int]:
     total = [sum(c.values()) for c in counts]
     dens = {lv: total[lv] / total[0] for lv in every}
     lowest = dens[every[-1]] if every else 1.0
+    chosen: dict[int, float] = {}
     for t in p.targets:
-        if t < lowest * (1.0 - p.rate) ** 0.5:  # nearer a level past the last one
+        if not every or t < lowest * (1.0 - p.rate) ** 0.5:  # nearer a level past the last one
             raise UserError(f"prune.targets has {t}, below the last level's density ({lowest:.3f}"
                             f" at level {len(every)}); raise prune.levels")
-    return sorted({min(every, key=lambda lv, t=t: abs(dens[lv] - t)) for t in p.targets})
-
-
-def check_targets(cfg: Config, channels: int) -> None:
-    """Refuse ``prune.targets`` the levels cannot reach, before anything is written."""
-    full = full_mask(dict(build_model(cfg, channels).named_parameters()))
-    p = cfg.prune
-    counts = (filter_counts(full, p.rate, p.num_levels()) if p.structure == "filters"
-              else imp_counts(full, p.rate, p.output_rate_factor, p.num_levels()))
-    target_levels(cfg, counts)
-
-
-def imp_counts(mask: Mask, rate: float, output_rate_factor: float, levels: int) -> list[dict[str, int]]:
-    """Kept weights per layer after 0..levels rounds of layerwise pruning (IMP's exact counts)."""
-    rates = layer_rates(mask, rate, output_rate_factor)
-    counts = [{k: m.numel() for k, m in mask.items()}]
-    for _ in range(levels):
-        counts.append({k: c - round(rates[k] * c) for k, c in counts[-1].items()})
-    return counts
+        level = min(every, key=lambda lv, t=t: abs(dens[lv] - t))
+        if level in chosen:
+            raise UserError(f"prune.targets {chosen[level]} and {t} both map to IMP level {level} "
+                            f"(density {dens[level]:.3f}); give one target per level")
+        chosen[level] = t
+    return sorted(chosen)
 
 
 def never(methods: list[str], controls: list[str]) -> bool:
@@ -290,8 +315,15 @@ class Method:
     """The branch whose model ``tune`` scores (nearest the target density)."""
     score_dense_only: bool = False
     """``tune`` scores the dense (level 0) model only."""
+    settings: type | None = None
+    """The method's own settings: a dataclass of typed fields with defaults, docstrings and
+    ``validate(at)``; registering the method gives every config a section named after it
+    (``--set NAME.FIELD=…``, ``sparsemeta config keys``)."""
+    search: dict[str, Param] = dataclasses.field(default_factory=dict)
+    """Tuning ranges of its own settings by field: ``tune`` searches them as ``NAME_FIELD``."""
     tune_params: tuple[str, ...] = ()
-    """The method's own knobs that ``tune`` searches besides the learning rates."""
+    """Shared knobs (``experiments.tune.PARAMS``, e.g. ``prune_rate``) ``tune`` also searches
+    for this method, besides the learning rates and its own ``search``."""
     structured: bool = False
     """Also runs with ``prune.structure=filters``."""
     covered_by: Callable[[list[str], list[str]], bool] = never

@@ -4,12 +4,38 @@ point."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 
+from sparsemeta.config import Config, at_least, open_unit
 from sparsemeta.experiments.methods.base import Branch, Method, SeedRun
 from sparsemeta.sparsity.masks import Mask, hamming, prunable_names
-from sparsemeta.sparsity.prune import magnitude_prune
+from sparsemeta.sparsity.prune import MagnitudeRule
 from sparsemeta.training.hooks import StepContext, TrainHooks
+
+
+@dataclass
+class EarlyBirdSettings:
+    """Early-bird tickets: a mask is drawn once the magnitude mask stops changing (also the
+    settings of the early-bird search at the targets, ``ebtarget``)."""
+
+    epsilon: float = 0.02
+    """Normalised Hamming distance below which two successive masks count as the same."""
+    every: int = 5
+    """Outer steps between mask snapshots."""
+    window: int = 5
+    """The last ``window`` distances must all be below epsilon."""
+
+    def validate(self, at: str = "earlybird") -> None:
+        open_unit(f"{at}.epsilon", self.epsilon)
+        at_least(f"{at}.every", self.every, 1)
+        at_least(f"{at}.window", self.window, 1)
+
+
+def settings(cfg: Config) -> EarlyBirdSettings:
+    return cfg.section("earlybird")
 
 
 class EarlyBirdHooks(TrainHooks):
@@ -20,10 +46,9 @@ class EarlyBirdHooks(TrainHooks):
     ticket is drawn and training stops.
     """
 
-    def __init__(self, rate: float, scope: str, output_rate_factor: float, epsilon: float,
-                 every: int, window: int) -> None:
-        self.rate, self.scope, self.factor = rate, scope, output_rate_factor
-        self.epsilon, self.every, self.window = epsilon, every, window
+    def __init__(self, rule: MagnitudeRule, settings: EarlyBirdSettings) -> None:
+        self.rule = rule
+        self.epsilon, self.every, self.window = settings.epsilon, settings.every, settings.window
         self.previous: Mask | None = None
         self.distances: list[float] = []
 
@@ -37,7 +62,7 @@ class EarlyBirdHooks(TrainHooks):
         params = ctx.params
         current = ctx.mask if ctx.mask is not None else {
             k: torch.ones_like(params[k], dtype=torch.bool) for k in prunable_names(params)}
-        nxt = magnitude_prune(params, current, self.rate, self.scope, self.factor)
+        nxt = self.rule.apply(params, current)
         if self.previous is not None:
             self.distances.append(hamming(self.previous, nxt))
         self.previous = nxt
@@ -52,16 +77,16 @@ class EarlyBirdHooks(TrainHooks):
 
 
 def run(s: SeedRun) -> None:
-    p, e = s.cfg.prune, s.cfg.earlybird
+    p = s.cfg.prune
 
     def hooks() -> EarlyBirdHooks:
-        return EarlyBirdHooks(p.rate, p.scope, p.output_rate_factor, e.epsilon, e.every, e.window)
+        return EarlyBirdHooks(p.rule(), settings(s.cfg))
 
     search = s.dir(0, "eb_search")
     s.run(f"level 0/{s.levels} early-bird search", search, init=s.theta0(), hooks=hooks(),
           test=False, snapshot_at=p.rewind_step())
 
-    def next_search(level: int, mask: Mask, start: dict[str, torch.Tensor]):  # noqa: ANN202
+    def next_search(level: int, mask: Mask, start: dict[str, torch.Tensor]) -> Path | None:
         if level == s.levels:
             return None
         path = s.dir(level, "eb_search")
@@ -78,5 +103,5 @@ METHOD = Method(
     branches=(Branch("earlybird", "tab:brown", prior="eb_search"),
               Branch("eb_search", "tab:gray", model=False, prior="eb_search")),
     run=run, plan=lambda cfg, controls: 2 * cfg.prune.num_levels(), score_branch="earlybird",
-    tune_params=("prune_rate",),
+    settings=EarlyBirdSettings, tune_params=("prune_rate",),
 )

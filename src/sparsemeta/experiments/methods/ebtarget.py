@@ -6,6 +6,9 @@ have. Each drawn mask is rewound like IMP and trained as a ticket."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from sparsemeta.experiments.methods import earlybird
 from sparsemeta.experiments.methods.base import (
     Branch,
     Method,
@@ -23,9 +26,10 @@ class TargetEarlyBirdHooks(TrainHooks):
     """Per target level: the top-magnitude mask every ``every`` steps; drawn (kept with its
     step) when its last ``window`` distances are all below ``epsilon``; stop when all are."""
 
-    def __init__(self, counts: dict[int, dict[str, int]], epsilon: float, every: int,
-                 window: int) -> None:
-        self.counts, self.epsilon, self.every, self.window = counts, epsilon, every, window
+    def __init__(self, counts: dict[int, dict[str, int]], settings: earlybird.EarlyBirdSettings
+                 ) -> None:
+        self.counts = counts
+        self.epsilon, self.every, self.window = settings.epsilon, settings.every, settings.window
         self.previous: dict[int, Mask] = {}
         self.distances: dict[int, list[float]] = {lv: [] for lv in counts}
         self.drawn: dict[int, Mask] = {}
@@ -54,18 +58,22 @@ class TargetEarlyBirdHooks(TrainHooks):
         self.previous, self.distances = state["previous"], state["distances"]
         self.drawn, self.drawn_at = state["drawn"], state["drawn_at"]
 
+    def restore(self, search: Path) -> TargetEarlyBirdHooks:
+        """These hooks as a search run's last checkpoint left them (its masks drawn so far)."""
+        self.load_state_dict(RunDir(search).checkpoint().hooks)
+        return self
+
 
 def run(s: SeedRun) -> None:
-    p, e = s.cfg.prune, s.cfg.earlybird
+    p = s.cfg.prune
     levels = s.target_levels()
     search = s.dir(0, "eb_target_search")
-    hooks = TargetEarlyBirdHooks({lv: s.counts_at(lv) for lv in levels}, e.epsilon, e.every,
-                                 e.window)
+    hooks = TargetEarlyBirdHooks({lv: s.counts_at(lv) for lv in levels}, earlybird.settings(s.cfg))
     s.run(f"level 0/{s.levels} early-bird search at the targets", search, init=s.theta0(),
           hooks=hooks, test=False, snapshot_at=p.rewind_step())
     # the masks drawn, from the search's last checkpoint (also when it was finished earlier);
     # a target that never settled takes the mask of the search's final weights
-    drawn = RunDir(search).hooks_state()["drawn"]
+    drawn = hooks.restore(search).drawn
     final = s.weights(search)
     start = final if p.rewind == "none" else s.rewind_target(search)
     for level in levels:

@@ -5,13 +5,49 @@ like IMP and trained as a ticket (``gmp_ticket``)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from sparsemeta.experiments.methods.base import Branch, Method, SeedRun, planned_levels, same_level
+from sparsemeta.config import Config, at_least, open_unit
+from sparsemeta.experiments.methods.base import (
+    Branch,
+    Method,
+    Param,
+    SeedRun,
+    planned_levels,
+    same_level,
+)
+from sparsemeta.foundations.errors import UserError
 from sparsemeta.sparsity.masks import Mask
 from sparsemeta.sparsity.prune import cubic_counts, top_magnitude_mask
 from sparsemeta.training.hooks import StepContext, TrainHooks
+
+
+@dataclass
+class GmpSettings:
+    """Gradual magnitude pruning inside one meta-training (Zhu & Gupta, 2017): the density falls
+    from 1 to the target on a cubic schedule, d(t) = d_f + (1 − d_f)(1 − (t − t₀)/(t₁ − t₀))³."""
+
+    start_fraction: float = 0.1
+    """t₀ as a fraction of train.iterations: the first pruning step."""
+    end_fraction: float = 0.5
+    """t₁ as a fraction of train.iterations: the target density is reached; the rest of the run
+    recovers at it (only weights from t₁ on may become the run's chosen model)."""
+    every: int = 10
+    """Δt: outer steps between pruning steps."""
+
+    def validate(self, at: str = "gmp") -> None:
+        open_unit(f"{at}.start_fraction", self.start_fraction)
+        open_unit(f"{at}.end_fraction", self.end_fraction, closed_high=True)
+        if self.end_fraction <= self.start_fraction:
+            raise UserError(f"{at}.end_fraction must be > {at}.start_fraction, got "
+                            f"{self.end_fraction} <= {self.start_fraction}")
+        at_least(f"{at}.every", self.every, 1)
+
+
+def settings(cfg: Config) -> GmpSettings:
+    return cfg.section("gmp")
 
 
 class GmpHooks(TrainHooks):
@@ -50,7 +86,7 @@ class GmpHooks(TrainHooks):
 
 def schedule(s: SeedRun) -> tuple[int, int]:
     """(first, last) pruning step for the run's iterations."""
-    g, n = s.cfg.gmp, s.cfg.train.iterations
+    g, n = settings(s.cfg), s.cfg.train.iterations
     start = max(1, math.floor(g.start_fraction * n))
     return start, max(start + 1, math.floor(g.end_fraction * n))
 
@@ -62,7 +98,7 @@ def run(s: SeedRun) -> None:
         path = s.dir(level, "gmp")
         full: Mask = {k: m.clone() for k, m in s.full.items()}
         s.run(f"{s.label(level)} gradual pruning", path, init=s.theta0(), mask=full,
-              hooks=GmpHooks(s.counts_at(level), start, end, s.cfg.gmp.every),
+              hooks=GmpHooks(s.counts_at(level), start, end, settings(s.cfg).every),
               snapshot_at=p.rewind_step())
         mask = s.saved_mask(path, lambda: {})  # the run's final mask (at the target)
         ticket = s.dir(level, "gmp_ticket")
@@ -76,5 +112,6 @@ METHOD = Method(
     branches=(Branch("gmp", "tab:cyan"),
               Branch("gmp_ticket", "darkcyan", prior="gmp", prior_levels=same_level)),
     run=run, plan=lambda cfg, controls: 2 * planned_levels(cfg),
-    score_branch="gmp_ticket", tune_params=("gmp_end_fraction",),
+    score_branch="gmp_ticket", settings=GmpSettings,
+    search={"end_fraction": Param("gmp.end_fraction", 0.3, 0.8)},
 )

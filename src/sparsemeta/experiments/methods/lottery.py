@@ -4,12 +4,13 @@ controls at every level's exact density — the ticket's mask from a fresh initi
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from sparsemeta.config import Config
 from sparsemeta.experiments.methods.base import Branch, Method, SeedRun, planned_levels
 from sparsemeta.foundations import streams
-from sparsemeta.models.conv4 import build_model
 from sparsemeta.sparsity.masks import Mask
 
 CONTROLS = ("reinit", "random")
@@ -21,12 +22,11 @@ def run(s: SeedRun) -> None:
 
     targets = s.target_levels()
 
-    def controls(level: int, mask: Mask, start: dict[str, torch.Tensor]):  # noqa: ANN202
+    def controls(level: int, mask: Mask, start: dict[str, torch.Tensor]) -> Path:
         if level not in targets:
             return s.dir(level, "ticket")
         if "reinit" in s.controls:
-            torch.manual_seed(streams.level_seed(streams.REINIT, s.seed, level))
-            fresh = build_model(s.cfg, s.data.channels).state_dict()
+            fresh = s.fresh(streams.level_seed(streams.REINIT, s.seed, level))
             s.run(f"{s.label(level)} reinit", s.dir(level, "reinit"), background=True,
                   init=s.start(fresh, mask), mask=mask)
         if "random" in s.controls:

@@ -4,13 +4,40 @@ with ERK (or uniform) layer densities, drop by magnitude and grow by meta-gradie
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from sparsemeta.experiments.methods.base import Branch, Method, SeedRun, planned_levels
+from sparsemeta.config import Config, at_least, open_unit
+from sparsemeta.experiments.methods.base import Branch, Method, Param, SeedRun, planned_levels
 from sparsemeta.foundations import streams
 from sparsemeta.sparsity.rigl import RigLUpdater, layer_counts, random_mask
 from sparsemeta.training.hooks import StepContext, TrainHooks
+
+
+@dataclass
+class RiglSettings:
+    """RigL dynamic sparse meta-training at a fixed density (Evci et al., 2020)."""
+
+    distribution: Literal["erk", "uniform"] = "erk"
+    """Density per layer: Erdős–Rényi-Kernel ('erk': larger layers sparser) or the same for
+    every layer."""
+    drop_fraction: float = 0.3
+    """f₀: fraction of active weights dropped (and regrown) at the first update; cosine decay."""
+    update_every: int = 100
+    """ΔT: outer steps between mask updates."""
+    end_fraction: float = 0.75
+    """T_end as a fraction of train.iterations: no mask updates after it."""
+
+    def validate(self, at: str = "rigl") -> None:
+        open_unit(f"{at}.drop_fraction", self.drop_fraction)
+        open_unit(f"{at}.end_fraction", self.end_fraction, closed_high=True)
+        at_least(f"{at}.update_every", self.update_every, 1)
+
+
+def settings(cfg: Config) -> RiglSettings:
+    return cfg.section("rigl")
 
 
 class RigLHooks(TrainHooks):
@@ -43,7 +70,7 @@ class RigLHooks(TrainHooks):
 
 
 def run(s: SeedRun) -> None:
-    r = s.cfg.rigl
+    r = settings(s.cfg)
     shapes = {k: m.shape for k, m in s.full.items()}
     total = sum(m.numel() for m in s.full.values())
     end = max(1, math.floor(r.end_fraction * s.cfg.train.iterations))
@@ -61,5 +88,7 @@ METHOD = Method(
     help="RigL dynamic sparse meta-training at each level's density",
     branches=(Branch("rigl", "tab:purple"),),
     run=run, plan=lambda cfg, controls: planned_levels(cfg), score_branch="rigl",
-    tune_params=("rigl_drop_fraction", "rigl_end_fraction"),
+    settings=RiglSettings,
+    search={"drop_fraction": Param("rigl.drop_fraction", 0.1, 0.6),
+            "end_fraction": Param("rigl.end_fraction", 0.5, 0.95)},
 )
