@@ -6,28 +6,32 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from sparsemeta.cli import main
-from sparsemeta.config import build_config
+from sparsemeta.config import build_config, config_from_dict
 from sparsemeta.data.tasks import sampler_for
 from sparsemeta.experiments import methods
 from sparsemeta.experiments.export import export_run, torch_learner
-from sparsemeta.experiments.methods.base import Branch, Method, SeedRun
+from sparsemeta.experiments.methods.base import Branch
 from sparsemeta.experiments.methods.rigl import RigLHooks
 from sparsemeta.experiments.report import write_report
 from sparsemeta.experiments.runner import parse_methods, planned_runs, run_experiment
+from sparsemeta.foundations.errors import UserError
 from sparsemeta.meta.engine import Engine
 from sparsemeta.sparsity.masks import load_mask
-from sparsemeta.sparsity.prune import magnitude_prune
+from sparsemeta.sparsity.prune import MagnitudeRule
 from sparsemeta.training import loop, rundir
 from sparsemeta.training.evaluate import evaluate
 from sparsemeta.training.loop import train_config as train
-from sparsemeta.training.rundir import RunDir, level_dir
+from sparsemeta.training.rundir import RunDir
 from sparsemeta_edge import smz
+from tests import toy_method
 from tests.conftest import make_data
 
 OVERRIDES = ["device=cpu", "data.image_size=16", "model.filters=8", "train.iterations=4",
@@ -35,51 +39,61 @@ OVERRIDES = ["device=cpu", "data.image_size=16", "model.filters=8", "train.itera
              "data.queries=2", "prune.levels=2"]
 
 
-def _magnitude_at_init(s: SeedRun) -> None:
-    """A toy method: prune θ₀ by magnitude to every level's density, train from θ₀."""
-    theta0 = s.theta0()
-    mask = s.full
-    for level in range(1, s.levels + 1):
-        mask = magnitude_prune(theta0, mask, s.cfg.prune.rate, "layerwise", 0.5)
-        s.run(f"{s.label(level)} toy", s.dir(level, "toy"), init=theta0, mask=mask)
-
-
-TOY = Method(name="toy", help="magnitude pruning at initialisation",
-             branches=(Branch("toy", "tab:olive"),), run=_magnitude_at_init,
-             plan=lambda cfg, controls: cfg.prune.num_levels(), score_branch="toy")
-
-
 @pytest.fixture
 def toy():
-    methods.register(TOY)
-    yield TOY
-    methods.unregister(TOY.name)
+    methods.register(toy_method.METHOD)  # the one line that adds a method
+    yield toy_method.METHOD
+    methods.unregister("toy")
 
 
-def test_a_method_added_through_the_registry_alone_runs_reports_and_tunes(toy, tmp_path, capsys):
-    cfg = build_config(overrides=OVERRIDES)
+def test_a_method_added_by_one_file_and_one_line_runs_reports_and_tunes_its_own_setting(
+        toy, tmp_path, capsys):
+    """``tests/toy_method.py`` (settings, tuning range, lifecycle) plus its registration: its
+    setting is a config key (--set, validated, listed by ``config keys``), the experiment uses
+    it, and ``tune`` searches it — nothing else in the package names the method."""
+    cfg = build_config(overrides=[*OVERRIDES, "toy.rate=0.5"])
+    assert cfg.section("toy").rate == 0.5 and cfg.to_dict()["toy"] == {"rate": 0.5}
+    with pytest.raises(UserError, match=r"toy\.rate must be in \(0, 1\), got 1.5"):
+        build_config(overrides=["toy.rate=1.5"])
+    assert main(["config", "keys"]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines() if "toy.rate" in line]
+    assert len(listed) == 1 and "float" in listed[0] and "0.2" in listed[0]
     assert parse_methods("toy,lottery") == ["toy", "lottery"]
     assert planned_runs(cfg, ["toy"], []) == 2
-    root = run_experiment(cfg, tmp_path / "exp", ["toy"], [0], [], progress=False,
-                          data=make_data())
-    for level in (1, 2):
-        assert RunDir(level_dir(root, 0, level, "toy")).finished
+    data = make_data()
+    root = run_experiment(cfg, tmp_path / "exp", ["toy"], [0], [], progress=False, data=data)
     rows = {(r["method"], r["level"]): r for r in write_report([root])["rows"]}
     assert set(rows) == {("toy", 1), ("toy", 2)}
-    assert rows[("toy", 2)]["density"] == pytest.approx(0.8 ** 2, abs=0.01)
+    full = make_model_params(cfg, data)
+    counts = MagnitudeRule(0.5).counts({k: torch.ones_like(v, dtype=torch.bool)
+                                        for k, v in full.items()}, 2)
+    for level in (1, 2):  # toy.rate, not prune.rate (0.2), set each level's density
+        assert rows[("toy", level)]["density"] == pytest.approx(
+            sum(counts[level].values()) / sum(counts[0].values()), abs=1e-9)
     assert rows[("toy", 1)]["compute_tasks"] == 4 * 2  # its own run only: no prior branch
-    # tune knows it too (scored on its branch, validation only)
+    # tune searches its setting by default (scored on its branch, validation only)
     out = tmp_path / "study"
     assert main(["tune", *sum((["--set", o] for o in OVERRIDES[:-1] if "image_size" not in o), []),
                  "--set", "prune.levels=1", "--method", "toy", "--trials", "1",
                  "--out", str(out)]) == 0
     best = json.loads((out / "best.json").read_text())
-    assert best["method"] == "toy" and best["density"] == pytest.approx(0.8, abs=0.01)
-    assert set(best["best_params"]) == {"inner_lr", "meta_lr"}
+    assert best["method"] == "toy" and set(best["best_params"]) == {"inner_lr", "meta_lr",
+                                                                   "toy_rate"}
+    assert 0.1 <= best["best_params"]["toy_rate"] <= 0.5
+    trial = config_from_dict(yaml.safe_load(
+        (Path(best["best_run_dir"]) / "experiment.yaml").read_text())["config"])
+    assert trial.section("toy").rate == best["best_params"]["toy_rate"]
+
+
+def test_an_unregistered_method_leaves_no_config_key(toy):
+    methods.unregister("toy")
+    with pytest.raises(UserError, match="unknown config key 'toy'"):
+        build_config(overrides=["toy.rate=0.5"])
 
 
 def test_a_method_whose_branch_contradicts_a_registered_one_is_refused():
-    clash = dataclasses.replace(TOY, name="clash", branches=(Branch("ticket", "tab:red"),))
+    clash = dataclasses.replace(toy_method.METHOD, name="clash",
+                                branches=(Branch("ticket", "tab:red"),))
     with pytest.raises(ValueError, match="branch 'ticket'"):
         methods.register(clash)
     assert "clash" not in methods.METHODS
