@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # matplotlib is imported when a report is drawn, not with this module
+    from matplotlib.axes import Axes
 
 from sparsemeta.experiments.methods import branches
 
@@ -30,7 +34,7 @@ def _by_density(rows: Rows, method: str) -> Rows:
     return sorted((r for r in rows if r["method"] == method), key=lambda r: -r["density"])
 
 
-def _density_axis(ax, rows: Rows) -> None:  # noqa: ANN001
+def _density_axis(ax: Axes, rows: Rows) -> None:
     from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
     ax.set_xscale("log")
@@ -40,7 +44,7 @@ def _density_axis(ax, rows: Rows) -> None:  # noqa: ANN001
     ax.invert_xaxis()
 
 
-def _dense_line(ax, rows: Rows, band: bool) -> None:  # noqa: ANN001
+def _dense_line(ax: Axes, rows: Rows, band: bool) -> None:
     dense = _dense(rows)
     if dense:
         ax.axhline(100 * dense["accuracy"], color="gray", ls="--", lw=1, label="dense (level 0)")
@@ -49,7 +53,7 @@ def _dense_line(ax, rows: Rows, band: bool) -> None:  # noqa: ANN001
                        100 * (dense["accuracy"] + dense["ci95"]), color="gray", alpha=0.1)
 
 
-def accuracy(ax, rows: Rows) -> None:  # noqa: ANN001
+def accuracy(ax: Axes, rows: Rows) -> None:
     for m in _methods(rows):
         rs = _by_density(rows, m)
         x = [100 * r["density"] for r in rs]
@@ -60,7 +64,7 @@ def accuracy(ax, rows: Rows) -> None:  # noqa: ANN001
     _density_axis(ax, rows)
 
 
-def early_stop(ax, rows: Rows) -> None:  # noqa: ANN001
+def early_stop(ax: Axes, rows: Rows) -> None:
     for m in _methods(rows):
         rs = _by_density(rows, m)
         err = [r["early_stop_ci95"] or 0.0 for r in rs]
@@ -69,7 +73,7 @@ def early_stop(ax, rows: Rows) -> None:  # noqa: ANN001
     _density_axis(ax, rows)
 
 
-def dense_curve(ax, rows: Rows) -> None:  # noqa: ANN001
+def dense_curve(ax: Axes, rows: Rows) -> None:
     """Validation accuracy of the dense meta-model over its training, one line per seed: a
     budget whose curve has levelled off is one where methods are compared converged."""
     dense = _dense(rows)
@@ -83,7 +87,7 @@ def compared_levels(rows: Rows) -> list[int]:
     return sorted({r["level"] for r in rows if r["method"] != "ticket" and r["level"] > 0})
 
 
-def pareto_panel(ax, rows: Rows, level: int) -> None:  # noqa: ANN001
+def pareto_panel(ax: Axes, rows: Rows, level: int) -> None:
     """Accuracy against FLOPs relative to IMP at one density, the front drawn through the
     models no other beats in both."""
     here = [r for r in rows if r["level"] == level and r["flops_vs_imp"] is not None]
@@ -129,7 +133,7 @@ def pareto(rows: Rows, out: Path) -> Path | None:
     return path
 
 
-def size(ax, rows: Rows) -> None:  # noqa: ANN001
+def size(ax: Axes, rows: Rows) -> None:
     for m in _methods(rows):
         rs = sorted((r for r in rows if r["method"] == m and r["exported_bytes"]),
                     key=lambda r: r["exported_bytes"])
@@ -140,7 +144,7 @@ def size(ax, rows: Rows) -> None:  # noqa: ANN001
     ax.set_xscale("log")
 
 
-def steps(ax, rows: Rows) -> None:  # noqa: ANN001
+def steps(ax: Axes, rows: Rows) -> None:
     tickets = sorted((r for r in rows if r["method"] == "ticket"), key=lambda r: r["level"])
     for i in sorted({0, len(tickets) // 3, 2 * len(tickets) // 3, len(tickets) - 1}):
         r = tickets[i]
