@@ -200,7 +200,9 @@ def fetch(remote: Remote, dest: Path, opener: Opener | None = None, log: IO[str]
                     f"internet connection, or fetch the file by hand into '{dest.parent}'")
 
 
-def _content_length(response) -> int | None:  # noqa: ANN001
+def _content_length(response: object) -> int | None:
+    """The declared size of an ``urlopen`` response (an HTTP or a file: URL's; None if not
+    declared or not a number)."""
     headers = getattr(response, "headers", None)
     value = headers.get("Content-Length") if headers is not None else None
     try:
