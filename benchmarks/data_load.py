@@ -70,10 +70,10 @@ def count_pngs(root: Path) -> int:
 _CHILD = """
 import sys, time
 t = time.perf_counter()
-from sparsemeta.config import Config
 from sparsemeta.data.omniglot import load_omniglot
+from sparsemeta.data.spec import DataSpec
 imported = time.perf_counter() - t
-cfg = Config(); cfg.data.name = "omniglot"; cfg.data.root = sys.argv[1]
+cfg = DataSpec(name="omniglot", root=sys.argv[1])
 t = time.perf_counter()
 data = load_omniglot(cfg)
 print(imported, time.perf_counter() - t, type(data.images).__name__, data.images.shape[0])
@@ -103,11 +103,10 @@ def main() -> int:
     shutil.rmtree(cache, ignore_errors=True)
     os.environ["SPARSEMETA_CACHE"] = str(cache)
     os.environ["SPARSEMETA_DECODE_WORKERS"] = str(args.workers)
-    from sparsemeta.config import Config
     from sparsemeta.data.omniglot import load_omniglot, scan_omniglot
+    from sparsemeta.data.spec import DataSpec
 
-    cfg = Config()
-    cfg.data.name, cfg.data.root = "omniglot", str(tree)
+    cfg = DataSpec(name="omniglot", root=str(tree))
     t = time.perf_counter()
     data = load_omniglot(cfg)
     first = time.perf_counter() - t

@@ -55,7 +55,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write the rows here too")
     args = ap.parse_args()
     cfg = load_run_config(args.run_dir)
-    sampler = sampler_for(cfg, load_data(cfg), cfg.eval.split)
+    sampler = sampler_for(cfg.task_spec(), load_data(cfg.data_spec()), cfg.eval.split)
     steps = cfg.meta.eval_inner_steps
     variants = [("fp32", m) for m in args.modes.split(",")] + ([("int8", "all")] if args.int8 else [])
     rows, base = [], None
