@@ -70,10 +70,10 @@ def count_pngs(root: Path) -> int:
 _CHILD = """
 import sys, time
 t = time.perf_counter()
+from sparsemeta.config import build_config
 from sparsemeta.data.omniglot import load_omniglot
-from sparsemeta.data.spec import DataSpec
 imported = time.perf_counter() - t
-cfg = DataSpec(name="omniglot", root=sys.argv[1])
+cfg = build_config(overrides=["data.name=omniglot", "data.root=" + sys.argv[1]]).data_spec()
 t = time.perf_counter()
 data = load_omniglot(cfg)
 print(imported, time.perf_counter() - t, type(data.images).__name__, data.images.shape[0])
@@ -103,10 +103,10 @@ def main() -> int:
     shutil.rmtree(cache, ignore_errors=True)
     os.environ["SPARSEMETA_CACHE"] = str(cache)
     os.environ["SPARSEMETA_DECODE_WORKERS"] = str(args.workers)
+    from sparsemeta.config import build_config
     from sparsemeta.data.omniglot import load_omniglot, scan_omniglot
-    from sparsemeta.data.spec import DataSpec
 
-    cfg = DataSpec(name="omniglot", root=str(tree))
+    cfg = build_config(overrides=["data.name=omniglot", f"data.root={tree}"]).data_spec()
     t = time.perf_counter()
     data = load_omniglot(cfg)
     first = time.perf_counter() - t

@@ -112,16 +112,21 @@ def test_shift_augmentation_moves_content_within_bounds():
     assert offsets == {(dy, dx) for dy in range(-k, k + 1) for dx in range(-k, k + 1)}
 
 
+def _spec(ways: int, shots: int, queries: int, eval_queries: int | None = None) -> TaskSpec:
+    return TaskSpec(ways=ways, shots=shots, queries=queries, eval_queries=eval_queries, seed=0,
+                    rotations=False, shift=0)
+
+
 def test_too_many_ways_or_shots_is_one_user_error_line_naming_the_keys():
     data = make_data()
     with pytest.raises(UserError, match="data.ways=7 but the val split"):
-        check_tasks(data, TaskSpec(ways=7, shots=1, queries=1), ("val",))
+        check_tasks(data, _spec(ways=7, shots=1, queries=1), ("val",))
     with pytest.raises(UserError, match="data.shots \\+ data.queries = 9"):
-        check_tasks(data, TaskSpec(ways=2, shots=4, queries=5), ("train",))
+        check_tasks(data, _spec(ways=2, shots=4, queries=5), ("train",))
     # validation and test tasks take eval.queries where it is set, and the message says so
     with pytest.raises(UserError, match="data.shots \\+ eval.queries = 9 .* of the val split"):
-        check_tasks(data, TaskSpec(ways=2, shots=1, queries=1, eval_queries=8))
-    check_tasks(data, TaskSpec(ways=2, shots=1, queries=1, eval_queries=2))  # fits
+        check_tasks(data, _spec(ways=2, shots=1, queries=1, eval_queries=8))
+    check_tasks(data, _spec(ways=2, shots=1, queries=1, eval_queries=2))  # fits
     with pytest.raises(AssertionError):  # the sampler only asserts: the boundary checked it
         TaskSampler(data, "val", ways=7, shots=1, queries=1, seed=0)
 

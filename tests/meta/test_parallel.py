@@ -13,6 +13,8 @@ import torch
 
 from sparsemeta.config import build_config
 from sparsemeta.data.tasks import Task, sampler_for
+from sparsemeta.experiments.methods import base
+from sparsemeta.experiments.runner import check_experiment, run_seed
 from sparsemeta.foundations import runtime
 from sparsemeta.meta import parallel
 from sparsemeta.meta.core import MetaLearner, channels_last
@@ -177,16 +179,43 @@ def test_evaluation_is_the_same_for_any_thread_count_and_matches_the_old_loop(bn
 def test_train_threads_reach_the_learner_through_the_engine():
     data = make_data()
     setup = prepare(_cfg(["train.threads=3"]), data)
-    assert setup.engine.threads == 3
-    assert build_learner(setup.cfg, 1, threads=setup.engine.threads).threads == 3
-    auto = prepare(_cfg([]), data).engine.threads
-    assert 1 <= auto <= min(runtime.cores(), runtime.MAX_AUTO_THREADS)
-    before = torch.get_num_threads()  # a runner's process with one core's share
-    torch.set_num_threads(1)
+    learner = build_learner(setup.cfg, 1)
+    params = dict(learner.model.named_parameters())
+    sampler = sampler_for(setup.cfg.task_spec(), data, "test")
+    list(setup.engine.evaluate_tasks(learner, params, sampler.task, [0], 1))
+    assert setup.engine.threads == 3 and learner.threads == 3  # the engine sets its threads
+
+
+@pytest.mark.skipif(runtime.cores() < 2, reason="needs two cores to share")
+def test_a_training_process_resolves_the_engines_threads_for_its_share_of_the_cores(
+        tmp_path, monkeypatch):
+    """A runner gives each process cores/workers threads (torch.set_num_threads) *after* the
+    setup was prepared; the process's engine must take that share, not the preparer's."""
+    data = make_data()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the preparing process has two threads…
     try:
-        assert prepare(_cfg([]), data).in_this_process().engine.threads == 1
+        setup = prepare(_cfg(["train.iterations=1", "train.val_every=1", "train.val_tasks=2",
+                              "eval.tasks=2", "prune.levels=1"]), data)
     finally:
         torch.set_num_threads(before)
+    assert setup.engine.threads == 2
+    seen = []
+    real = base.train
+
+    def spy(s, out, d, **kwargs):
+        seen.append(s.engine.threads)
+        return real(s, out, d, **kwargs)
+
+    monkeypatch.setattr(base, "train", spy)
+    torch.set_num_threads(1)  # …a training process of the runner one
+    try:
+        assert setup.in_this_process().engine.threads == 1
+        exp = check_experiment(setup, ["dense"], [0], [], data.channels)
+        run_seed(exp, tmp_path, 0, data, lambda *a: None, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1]
 
 
 def test_ordered_map_keeps_order_and_raises_at_the_failing_item():

@@ -15,20 +15,20 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class DataSpec:
     """Which data set, where, and how its images and class splits are made (the config's
-    ``data`` section without the task shape)."""
+    ``data`` section without the task shape; no defaults here: the config's are the only ones)."""
 
-    name: str = "glyphs"
-    root: str | None = None
-    image_size: int = 28
-    seed: int = 0
+    name: str
+    root: str | None
+    image_size: int
+    seed: int
     """Seed of the generated glyph set and of the omniglot/folder class splits (not of tasks)."""
-    split: str = "maml"
+    split: str
     """Omniglot's class split ('maml' or 'background')."""
-    split_file: str | None = None
-    val_fraction: float = 0.2
-    test_fraction: float = 0.2
-    channels: int | None = None
-    augment: bool = True
+    split_file: str | None
+    val_fraction: float
+    test_fraction: float
+    channels: int | None
+    augment: bool
     """mini-ImageNet's meta-training crop + flip."""
 
 
@@ -37,15 +37,15 @@ class TaskSpec:
     """N-way K-shot episodes with Q queries per class; task *i* of a split is a function of
     ``(seed, split, i)``. Augmentation (rotations as new classes, shifts) is meta-train only."""
 
-    ways: int = 5
-    shots: int = 1
-    queries: int = 15
+    ways: int
+    shots: int
+    queries: int
     """Queries per class of a meta-training task."""
-    eval_queries: int | None = None
+    eval_queries: int | None
     """Queries per class of a validation or test task (None: ``queries``)."""
-    seed: int = 0
-    rotations: bool = False
-    shift: int = 0
+    seed: int
+    rotations: bool
+    shift: int
 
     def queries_in(self, split: str) -> int:
         return self.queries if split == "train" or self.eval_queries is None \

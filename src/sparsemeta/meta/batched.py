@@ -26,15 +26,27 @@ from sparsemeta.models.conv4 import plain_batch_norm
 _FIELDS = ("support_x", "support_y", "query_x", "query_y")
 
 
+def unsupported(adapt_all: bool, multi_step: bool, metamix: bool, bn: str) -> str | None:
+    """Why vmap cannot compute a learner exactly (None: it can) — the one statement of it: it
+    adapts every parameter, takes the last step's outer loss, no MetaMix, batch statistics."""
+    if not adapt_all:
+        return "it adapts every parameter (meta.adapt=all)"
+    if multi_step:
+        return "it computes the last step's outer loss only (mamlpp.multi_step_loss=false)"
+    if metamix or bn == "running":
+        return "it needs batch statistics without MetaMix"
+    return None
+
+
 def _check_supported(learner: MetaLearner, tasks: list[Task]) -> None:
-    """Refuse the combinations whose vmapped result would not equal the loop's."""
+    """Refuse the combinations whose vmapped result would not equal the loop's (the engine
+    refuses them up front, from the config: ``meta.engine.resolve_engine``)."""
     if not tasks:
         raise ValueError("vmap_meta_gradient_step needs at least one task")
-    if learner.adapted != frozenset(k for k, _ in learner.model.named_parameters()):
-        raise ValueError("train.vmap adapts every parameter (meta.adapt=all); use the loop")
-    if learner.step_weights is not None or learner.metamix is not None or learner.bn == "running":
-        raise ValueError("train.vmap supports the last-step outer loss without MetaMix and "
-                         "batch statistics (meta.bn transductive or support); use the loop")
+    why = unsupported(learner.adapted == frozenset(k for k, _ in learner.model.named_parameters()),
+                      learner.step_weights is not None, learner.metamix is not None, learner.bn)
+    if why is not None:
+        raise ValueError(f"the vmap core cannot run this learner: {why}; use the loop")
     first = tasks[0]
     for i, task in enumerate(tasks[1:], start=1):
         for field in _FIELDS:

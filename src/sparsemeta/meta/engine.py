@@ -6,7 +6,8 @@ evaluation alike.
   ``threads`` task threads (results bit-identical for any count: ``meta.parallel``);
 * ``grouped`` — every task of a meta-batch (evaluation: ``EVAL_GROUP`` at a time) in one pass of
   grouped convolutions (``meta.grouped``);
-* ``vmap`` — a meta-batch through ``torch.func.vmap`` (``meta.batched``); evaluation on the loop.
+* ``vmap`` — a meta-batch through ``torch.func.vmap`` (``meta.batched``); evaluation as ``auto``
+  would evaluate (there is no vmapped evaluation).
 
 ``auto`` is a fixed rule, not a timing: grouped on CUDA where the learner allows it, else the
 loop — a timed choice could differ between two identical runs and break bit-exact resume.
@@ -23,19 +24,18 @@ from sparsemeta.config import Config
 from sparsemeta.data.tasks import Task
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.foundations.runtime import resolve_threads
-from sparsemeta.meta import grouped
-from sparsemeta.meta.batched import vmap_meta_gradient_step
+from sparsemeta.meta import batched, grouped
 from sparsemeta.meta.core import MetaLearner, Params
-
-CORES = ("loop", "grouped", "vmap")
 
 
 @dataclass(frozen=True)
 class Engine:
-    """What computes the tasks (``core``), where (``device``), and on how many CPU task threads
-    the loop spreads them (``threads``; the learner's own loop reads it)."""
+    """What computes the tasks of a meta-batch (``core``) and of an evaluation (``eval_core``),
+    where (``device``), and on how many CPU task threads the loop spreads them (``threads``: the
+    engine sets them on the learner it computes for — the one owner of that number)."""
 
     core: str = "loop"
+    eval_core: str = "loop"
     device: torch.device = torch.device("cpu")
     threads: int = 1
 
@@ -43,44 +43,45 @@ class Engine:
                            tasks: list[Task]) -> tuple[float, float]:
         """The mean meta-gradient of ``tasks`` into ``params[*].grad`` (and the learned rates);
         (mean query loss, mean query accuracy)."""
+        learner.threads = self.threads
         if self.core == "grouped":
             return grouped.Grouped(learner).meta_gradient_step(params, tasks)
         if self.core == "vmap":
-            return vmap_meta_gradient_step(learner, params, tasks)
+            return batched.vmap_meta_gradient_step(learner, params, tasks)
         return learner.meta_gradient_step(params, tasks)
 
     def evaluate_tasks(self, learner: MetaLearner, params: Mapping[str, torch.Tensor],
                        task: Callable[[int], Task], indices: Iterable[int], steps: int
                        ) -> Iterator[tuple[int, list[float], list[float]]]:
         """``(i, accuracies, losses)`` after 0..``steps`` adaptation steps, in index order."""
-        core = grouped.Grouped(learner) if self.core == "grouped" else learner
+        learner.threads = self.threads
+        core = grouped.Grouped(learner) if self.eval_core == "grouped" else learner
         return core.evaluate_tasks(params, task, indices, steps)
 
 
-def _vmap_unsupported(cfg: Config) -> str | None:
-    """Why ``torch.func.vmap`` cannot compute this learner exactly (None: it can)."""
-    m = cfg.meta
-    if m.adapt != "all":
-        return f"it adapts every parameter (meta.adapt=all), not meta.adapt={m.adapt}"
-    if m.mix == "metamix" or m.bn == "running":
-        return "it needs batch statistics without MetaMix"
-    if m.algorithm == "mamlpp" and cfg.mamlpp.multi_step_loss:
-        return "it computes the last step's outer loss only (mamlpp.multi_step_loss=false)"
-    return None
+def core_problem(cfg: Config) -> str | None:
+    """Why ``train.engine`` cannot compute this config's learner (None: it can) — whatever the
+    device, so a sweep or a study can refuse it before its first run."""
+    setting, m = cfg.train.engine, cfg.meta
+    if setting == "grouped":
+        why = grouped.unsupported(m.bn, m.mix == "metamix")
+    elif setting == "vmap":
+        multi_step = m.algorithm == "mamlpp" and cfg.mamlpp.multi_step_loss
+        why = batched.unsupported(m.adapt == "all", multi_step, m.mix == "metamix", m.bn)
+    else:
+        return None
+    return None if why is None else (f"train.engine={setting} cannot run this learner: {why}; "
+                                     "use train.engine=auto or loop")
 
 
 def resolve_engine(cfg: Config, device: torch.device) -> Engine:
     """The engine ``train.engine`` asks for on ``device`` — refused in one line where the chosen
     core would not compute what the loop computes."""
-    setting = cfg.train.engine
-    threads = resolve_threads(cfg.train.threads)
-    why_not = grouped.unsupported(cfg.meta.bn, cfg.meta.mix == "metamix")
-    if setting == "auto":
-        core = "grouped" if device.type == "cuda" and why_not is None else "loop"
-        return Engine(core, device, threads)
-    if setting == "vmap":
-        why_not = _vmap_unsupported(cfg)
-    if setting != "loop" and why_not is not None:
-        raise UserError(f"train.engine={setting} cannot run this learner: {why_not}; use "
-                        "train.engine=auto or loop")
-    return Engine(setting, device, threads)
+    problem = core_problem(cfg)
+    if problem is not None:
+        raise UserError(problem)
+    can_group = grouped.unsupported(cfg.meta.bn, cfg.meta.mix == "metamix") is None
+    auto = "grouped" if device.type == "cuda" and can_group else "loop"
+    core = auto if cfg.train.engine == "auto" else cfg.train.engine
+    return Engine(core=core, eval_core=auto if core == "vmap" else core, device=device,
+                  threads=resolve_threads(cfg.train.threads))

@@ -34,9 +34,11 @@ def model_spec(cfg: Config, in_channels: int) -> ModelSpec:
     batch-norm slots the learner needs (MAML++'s per-step BN: one per adaptation step of
     meta-training, 0..inner_steps; ``meta.bn=running``: running statistics)."""
     per_step = cfg.meta.algorithm == "mamlpp" and cfg.mamlpp.per_step_bn
-    return ModelSpec(in_channels, cfg.data.ways, cfg.data.image_size, cfg.model.filters,
-                     cfg.model.downsample, cfg.meta.inner_steps + 1 if per_step else 1,
-                     cfg.meta.bn == "running")
+    return ModelSpec(in_channels=in_channels, ways=cfg.data.ways,
+                     image_size=cfg.data.image_size, filters=cfg.model.filters,
+                     downsample=cfg.model.downsample,
+                     bn_steps=cfg.meta.inner_steps + 1 if per_step else 1,
+                     bn_running=cfg.meta.bn == "running")
 
 
 def initial_model(cfg: Config, in_channels: int) -> Conv4:
@@ -48,7 +50,7 @@ def initial_model(cfg: Config, in_channels: int) -> Conv4:
 def build_learner(cfg: Config, in_channels: int, mask: Mask | None = None,
                   threads: int = 1) -> MetaLearner:
     """The learner ``cfg.meta`` names at θ₀ of ``cfg.seed``, with its training-time schedules
-    attached; ``threads``: the CPU task threads of its loop (``Engine.threads``)."""
+    attached (its loop's CPU task threads are the engine's to set: ``Engine.threads``)."""
     learner = MetaLearner(
         initial_model(cfg, in_channels),
         inner_lr=cfg.meta.inner_lr,

@@ -240,7 +240,7 @@ def forward_tasks(model: Conv4, params: Mapping[str, torch.Tensor], x: torch.Ten
     side — ``(N, T·C, H, W)`` — so each convolution is one grouped convolution (groups = T), and
     batch norm over that tensor takes every (task, channel)'s own statistics, which is exactly
     per-task batch norm; the head is a batched matrix product. MetaMix and running statistics
-    are not expressible here (``meta.grouped`` refuses them).
+    are not expressible here (``meta.engine`` refuses them up front; ``meta.grouped`` asserts).
     """
     if p.mix is not None or p.shuffle is not None or p.running or p.track:
         raise ValueError("forward_tasks supports batch statistics without MetaMix only")
@@ -281,5 +281,6 @@ class ModelSpec:
 
 def build_model(spec: ModelSpec) -> Conv4:
     """The Conv4 ``spec`` describes, freshly initialised from torch's global RNG."""
-    return Conv4(spec.in_channels, spec.ways, spec.image_size, spec.filters, spec.downsample,
-                 spec.bn_steps, spec.bn_running)
+    return Conv4(in_channels=spec.in_channels, ways=spec.ways, image_size=spec.image_size,
+                 filters=spec.filters, downsample=spec.downsample, bn_steps=spec.bn_steps,
+                 bn_running=spec.bn_running)
