@@ -15,7 +15,7 @@ import torch
 from sparsemeta.config import build_config
 from sparsemeta.data.tasks import sampler_for
 from sparsemeta.foundations.errors import UserError
-from sparsemeta.foundations.stats import mean_ci95, t975
+from sparsemeta.foundations.stats import EQUIVALENCE_MARGIN, equivalence, mean_ci95, t975
 from sparsemeta.meta.core import MetaLearner
 from sparsemeta.meta.engine import Engine
 from sparsemeta.meta.learners import build_learner
@@ -278,3 +278,19 @@ def test_metrics_go_to_jsonl_and_tensorboard_with_the_same_values(tmp_path):
     assert [e.value for e in tb] == pytest.approx([m["loss"] for m in jsonl], rel=1e-6)
     val = events.Scalars("val/accuracy")
     assert [e.step for e in val] == [3, 6]
+
+
+@pytest.mark.parametrize("diffs, verdict", [
+    ([0.002, -0.004, 0.001, 0.003, -0.002, 0.0, 0.004, -0.001], "equivalent"),
+    ([0.03, 0.04, 0.035, 0.05, 0.03, 0.045, 0.04, 0.038], "better"),
+    ([-0.05, -0.06, -0.04, -0.05, -0.055, -0.045, -0.06, -0.05], "worse"),
+    ([0.01, 0.03, 0.0, 0.02, 0.04, 0.01, 0.0, 0.03], "not worse"),
+    ([-0.02, 0.01, -0.03, 0.0, 0.01, -0.04, 0.02, -0.01], "inconclusive"),
+    ([0.001, -0.001, 0.0], "too few seeds"),  # inside ±1.5 points, but 3 seeds are not 8
+    ([-0.06, -0.05, -0.055], "worse"),  # a clear loss needs no eighth seed
+])
+def test_equivalence_is_judged_on_the_paired_interval_against_the_stated_margin(diffs, verdict):
+    assert equivalence(np.array(diffs)) == verdict
+    mean, half = mean_ci95(np.array(diffs), student=True)
+    if verdict == "equivalent":
+        assert mean - half > -EQUIVALENCE_MARGIN and mean + half < EQUIVALENCE_MARGIN

@@ -198,6 +198,9 @@ def check_experiment(setup: Setup, methods: list[str], seeds: list[int], control
         structured = [m for m in METHODS if METHODS[m].structured]
         raise UserError(f"--method {unsupported[0]} needs prune.structure=unstructured; with "
                         f"filters use {', '.join(structured)}")
+    for name in selected(methods, controls):
+        if METHODS[name].check is not None:
+            METHODS[name].check(setup.cfg)
     return Experiment(setup, ImpPlan.of(setup.cfg, channels), methods, seeds, controls)
 
 

@@ -26,3 +26,33 @@ def mean_ci95(values: np.ndarray, student: bool = False) -> tuple[float, float]:
         return float(values.mean()), float("nan")
     z = t975(values.size - 1) if student else 1.96
     return float(values.mean()), float(z * values.std(ddof=1) / math.sqrt(values.size))
+
+
+#: the equivalence margin stated in advance (issue #23): ±1.5 accuracy points at ~20% density
+EQUIVALENCE_MARGIN = 0.015
+#: seeds below which a paired comparison is not called equivalent, whatever its interval
+MIN_EQUIVALENCE_SEEDS = 8
+
+
+def equivalence(diffs: np.ndarray, margin: float = EQUIVALENCE_MARGIN,
+                min_seeds: int = MIN_EQUIVALENCE_SEEDS) -> str:
+    """The verdict on paired differences (one per seed) against ±``margin``, from their 95%
+    Student-t interval — a two one-sided test at 2.5% each side, stricter than the usual 90%
+    TOST interval: ``equivalent`` (inside ±margin), ``better``/``worse`` (wholly above or below
+    it), ``not worse`` (above −margin, reaching past +margin), ``inconclusive`` (reaching past
+    −margin), or ``too few seeds`` (fewer than ``min_seeds``: the interval is then too wide to
+    be trusted with a verdict of equivalence)."""
+    diffs = np.asarray(diffs, dtype=np.float64)
+    if diffs.size < 2:
+        return "too few seeds"
+    mean, half = mean_ci95(diffs, student=True)
+    low, high = mean - half, mean + half
+    if high < -margin:
+        return "worse"
+    if low > margin:
+        return "better"
+    if diffs.size < min_seeds:
+        return "too few seeds"
+    if -margin < low and high < margin:
+        return "equivalent"
+    return "not worse" if low > -margin else "inconclusive"

@@ -8,6 +8,7 @@ class; the methods' own hooks live with the methods (``experiments/methods``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +28,11 @@ class StepContext:
     optimizer: torch.optim.Optimizer
     learner: MetaLearner
     tasks: list[Task]
-    dense_steps: int = 0
-    """Extra dense meta-gradients over ``tasks`` the method computed (counted as compute)."""
+    draw_task: Callable[[int], Task] | None = None
+    """Meta-train task ``i`` on the run's device (a method drawing tasks of its own: RigL's
+    grow gradients from more tasks, at indices the training's own never reach)."""
+    dense_tasks: int = 0
+    """Tasks of the extra dense meta-gradients the method computed (counted as compute)."""
 
 
 class TrainHooks:

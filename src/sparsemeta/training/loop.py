@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from sparsemeta.config import Config
 from sparsemeta.data.base import FewShotData
-from sparsemeta.data.tasks import sampler_for
+from sparsemeta.data.tasks import TaskSampler, sampler_for
 from sparsemeta.foundations.atomic import remove_stale_temps
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.foundations.io import atomic_torch_save, load_tensors, write_json
@@ -59,6 +59,7 @@ class Session:
     writers: list[MetricsWriter] = field(default_factory=list)
     stopped: bool = False  # the method stopped training early (saved: a resume does not go on)
     checkpointed: int = 0  # the iteration of the last checkpoint on disk (0: none, θ₀)
+    train_tasks: TaskSampler | None = None  # the meta-training tasks
 
     @property
     def cfg(self) -> Config:
@@ -83,12 +84,12 @@ def _open(setup: Setup, run: RunDir, data: FewShotData, g: Group, hooks: TrainHo
     the config's seed's) that a resume reads back; then the learner starts from ``init.pt``,
     or continues from the checkpoint if there is one."""
     cfg, device = setup.cfg, setup.device
-    learner = build_learner(cfg, data.channels, threads=setup.engine.threads)
-    if g.main and not run.finished and not run.file(rundir.INIT).exists():
+    learner = build_learner(cfg, data.channels)
+    if g.main and not run.file(rundir.INIT).exists():
         if init is not None:
             learner.load_state_dict(init)
         run.prepare(learner.state_dict(), mask)
-    elif g.main and mask is not None and not run.finished:
+    elif g.main and mask is not None:
         run.prepare({}, mask)
     g.barrier()  # the other ranks read what rank 0 wrote
     mask = run.mask()
@@ -122,9 +123,11 @@ def _restore(s: Session) -> None:
 
 def _checkpoint(s: Session, iteration: int) -> None:
     if s.g.main:
-        Checkpoint(iteration, s.elapsed, s.best, s.learner.state_dict(), s.optimizer.state_dict(),
-                   torch.get_rng_state(), s.hooks.state_dict(), s.mask, s.stopped,
-                   s.meter.state_dict()).save(s.run.file(rundir.CHECKPOINT))
+        Checkpoint(iteration=iteration, elapsed=s.elapsed, best=s.best,
+                   model=s.learner.state_dict(), optimizer=s.optimizer.state_dict(),
+                   torch_rng=torch.get_rng_state(), hooks=s.hooks.state_dict(), mask=s.mask,
+                   stopped=s.stopped, compute=s.meter.state_dict()
+                   ).save(s.run.file(rundir.CHECKPOINT))
     s.checkpointed = iteration
 
 
@@ -140,7 +143,7 @@ def _validate(s: Session, iteration: int, log: bool = True) -> None:
                "accuracy": res.accuracy, "ci95": res.ci95,
                "per_step": [r["accuracy"] for r in res.per_step]})
     if not log or (s.hooks.selectable(iteration) and res.accuracy > s.best.accuracy):
-        s.best = Best(res.accuracy, res.ci95, iteration)
+        s.best = Best(accuracy=res.accuracy, ci95=res.ci95, iteration=iteration)
         if s.g.main:
             atomic_torch_save(s.learner.state_dict(), s.run.file(rundir.BEST))
             if s.hooks.moves_mask:
@@ -173,7 +176,8 @@ def _outer_step(s: Session, it: int, tasks: list) -> tuple[float, float, StepCon
     if g.world > 1:
         loss, acc = _sum_meta_gradient(g, s.learner, loss, acc, len(mine), cfg.train.meta_batch,
                                        s.device)
-    ctx = StepContext(it + 1, params, s.mask, s.optimizer, s.learner, tasks)
+    ctx = StepContext(it + 1, params, s.mask, s.optimizer, s.learner, tasks,
+                      draw_task=lambda i: s.train_tasks.task(i).to(s.device))
     penalty = s.hooks.regularizer(ctx)
     if penalty is not None:
         penalty.backward()
@@ -302,7 +306,7 @@ def _train(
         return run.result()
     s = _open(setup, run, data, g, hooks or TrainHooks(), init, mask)
     s.writers = open_writers(run.path if g.main else None, keep_until=s.start)
-    train_tasks = sampler_for(cfg.task_spec(), data, "train")
+    train_tasks = s.train_tasks = sampler_for(cfg.task_spec(), data, "train")
     bar = tqdm(total=total, initial=s.start, desc=desc, unit="it", dynamic_ncols=True,
                disable=not (progress and g.main), leave=False)
     t0, done = time.perf_counter() - s.elapsed, s.start
@@ -316,8 +320,8 @@ def _train(
             done = it + 1
             if s.hooks.after_step(ctx):
                 s.log({"iteration": done, "split": "mask", "density": density(s.mask)})
-            if ctx.dense_steps:  # the method's own dense meta-gradients (RigL's grow scores)
-                s.meter.train_step(cfg, s.learner, None, ctx.dense_steps * len(tasks))
+            if ctx.dense_tasks:  # the method's own dense meta-gradients (RigL's grow scores)
+                s.meter.train_step(cfg, s.learner, None, ctx.dense_tasks)
             s.stopped = stop = s.hooks.should_stop(ctx)
             s.elapsed = time.perf_counter() - t0
             s.log({"iteration": done, "split": "train", "loss": loss, "accuracy": acc})

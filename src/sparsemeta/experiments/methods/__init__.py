@@ -8,6 +8,7 @@ report lists their branches and a saved config lists their sections.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 from sparsemeta.config import add_section, remove_section
@@ -23,6 +24,8 @@ _MODULES = (
     "oneshot",
     "ebtarget",
     "gmp",
+    "short_imp",
+    "eb_continue",
 )
 
 METHODS: dict[str, Method] = {}
@@ -35,6 +38,12 @@ def register(method: Method) -> Method:
         if other is not None and other != branch:
             raise ValueError(f"branch '{branch.name}' of method '{method.name}' differs from "
                              "the registered branch of that name")
+    fields = ({f.name.rstrip("_") for f in dataclasses.fields(method.settings)}
+              if method.settings is not None else set())
+    for field, param in method.search.items():
+        if field not in fields or param.key != f"{method.name}.{field}":
+            raise ValueError(f"method '{method.name}' searches '{field}' as '{param.key}', which "
+                             f"is not '{method.name}.<one of its settings>'")
     if method.settings is not None:
         add_section(method.name, method.settings)
     METHODS[method.name] = method

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -52,12 +52,14 @@ def dense_level_only(level: int) -> range:
 
 @dataclass(frozen=True)
 class Param:
-    """A tuning range of one config key (``sparsemeta tune``): uniform, or log-uniform."""
+    """A tuning range of one config key (``sparsemeta tune``): uniform, or log-uniform;
+    integers for an integer key."""
 
     key: str
     low: float
     high: float
     log: bool = False
+    integer: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ class Branch:
     color: str
     model: bool = True
     prior: str | None = None
-    prior_levels: Callable[[int], range] = all_levels
+    prior_levels: Callable[[int], Iterable[int]] = all_levels
 
 
 class RunCounter(Protocol):
@@ -136,6 +138,7 @@ class Background:
 
     name: str
     path: Path
+    setup: Setup
     kwargs: dict
     future: Future
 
@@ -176,22 +179,31 @@ class SeedRun:
     def target_levels(self) -> list[int]:
         return self.targets
 
-    def run(self, name: str, path: Path, background: bool = False,
+    def run(self, name: str, path: Path, background: bool = False, setup: Setup | None = None,
             **kwargs) -> RunResult | None:  # noqa: ANN003
-        """Train ``path``; a ``background`` run goes to the pool (if any) and returns None —
-        only for a run whose files nothing later in the method reads."""
+        """Train ``path`` (with ``setup``: another config for this run, e.g. a search at
+        another learning rate; see ``with_config``); a ``background`` run goes to the pool (if
+        any) and returns None — only for a run whose files nothing later in the method reads."""
+        setup = setup or self.setup
         if background and self.pool is not None:
-            future = self.pool.submit(background_train, self.setup, str(path), kwargs)
-            self.pending.append(Background(name, path, kwargs, future))
+            future = self.pool.submit(background_train, setup, str(path), kwargs)
+            self.pending.append(Background(name, path, setup, kwargs, future))
             return None
-        result, seconds = self._train(name, path, kwargs)
+        result, seconds = self._train(name, path, setup, kwargs)
         self.counter(f"seed {self.seed} {name}", result, seconds)
         self._report(lambda job: job.future.done())
         return result
 
-    def _train(self, name: str, path: Path, kwargs: dict) -> tuple[RunResult, float]:
+    def with_config(self, **sections: Any) -> Setup:
+        """This seed's setup with some config sections replaced (``train=…``): the run's own
+        config.yaml records them. Only what the boundary check does not depend on may change
+        (learning rates, iterations), so the setup stays checked."""
+        return dataclasses.replace(self.setup, cfg=dataclasses.replace(self.cfg, **sections))
+
+    def _train(self, name: str, path: Path, setup: Setup, kwargs: dict
+               ) -> tuple[RunResult, float]:
         t0 = time.perf_counter()
-        result = train(self.setup, path, self.data, progress=self.progress,
+        result = train(setup, path, self.data, progress=self.progress,
                        desc=f"seed {self.seed} {name}", **kwargs)
         return result, time.perf_counter() - t0
 
@@ -209,7 +221,7 @@ class SeedRun:
         for job in reversed(self.pending):
             if job.future.cancel():
                 job.future = Future()
-                job.future.set_result(self._train(job.name, job.path, job.kwargs))
+                job.future.set_result(self._train(job.name, job.path, job.setup, job.kwargs))
         self._report(lambda job: True)
 
     def dir(self, level: int, branch: str) -> Path:
@@ -326,5 +338,9 @@ class Method:
     for this method, besides the learning rates and its own ``search``."""
     structured: bool = False
     """Also runs with ``prune.structure=filters``."""
+    check: Callable[[Config], None] | None = None
+    """Refuses (UserError) a config the method cannot run, across sections (e.g. a rewind
+    step its search runs do not reach): called with the experiment's other checks, before
+    anything is written."""
     covered_by: Callable[[list[str], list[str]], bool] = never
     """True where other selected methods/controls already make this method's runs."""

@@ -1,0 +1,129 @@
+"""Early-bird tickets as You et al. (2020) run them: one dense meta-training at a larger meta
+learning rate watches, for every target density, the mask magnitude pruning to IMP's per-layer
+counts would give; a target's ticket is drawn once the newest mask is within ε (normalised
+Hamming distance) of *each* of the last ``window`` masks, and the search stops when every target
+is drawn. Each ticket is then trained on from the weights it was drawn at, for what is left of
+the budget (``train.iterations`` minus the draw step) — not rewound to θ₀ and trained in full, as
+``ebtarget`` does. ``prune.rewind=step:K`` rewinds late instead: to the search's weights after
+K steps, trained for the rest of the budget from there."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from sparsemeta.config import Config, TrainConfig
+from sparsemeta.experiments.methods import earlybird
+from sparsemeta.experiments.methods.base import (
+    Branch,
+    Method,
+    Param,
+    SeedRun,
+    dense_level_only,
+    planned_levels,
+)
+from sparsemeta.foundations.errors import UserError
+from sparsemeta.sparsity.masks import Mask, hamming
+from sparsemeta.sparsity.prune import top_magnitude_mask
+from sparsemeta.training.hooks import StepContext, TrainHooks
+from sparsemeta.training.rundir import RunDir
+
+#: the search's meta learning rate is at most this many times train.meta_lr
+MAX_LR_FACTOR = 100.0
+
+
+@dataclass
+class EbContinueSettings:
+    """Early-bird tickets drawn in a dense search at a larger meta learning rate and trained on
+    from where they were drawn (the mask criterion: ``earlybird.{epsilon,every,window}``)."""
+
+    lr_factor: float = 3.0
+    """The search meta-trains at this × train.meta_lr (You et al. search at a large rate)."""
+
+    def validate(self, at: str = "eb_continue") -> None:
+        if not 0 < self.lr_factor <= MAX_LR_FACTOR:
+            raise UserError(f"{at}.lr_factor must be in (0, {MAX_LR_FACTOR}], got "
+                            f"{self.lr_factor}")
+
+
+def settings(cfg: Config) -> EbContinueSettings:
+    return cfg.section("eb_continue")
+
+
+class DrawHooks(TrainHooks):
+    """Per target level: the top-magnitude mask every ``every`` steps, kept in a queue of the
+    last ``window``; drawn — with the learner's state of that step — when the newest is within
+    ``epsilon`` of every mask in the queue; stop when all are drawn."""
+
+    def __init__(self, counts: dict[int, dict[str, int]], eb: earlybird.EarlyBirdSettings
+                 ) -> None:
+        self.counts, self.epsilon, self.every, self.window = counts, eb.epsilon, eb.every, eb.window
+        self.queues: dict[int, deque[Mask]] = {lv: deque(maxlen=eb.window) for lv in counts}
+        self.drawn: dict[int, Mask] = {}
+        self.drawn_at: dict[int, int] = {}
+        self.weights: dict[int, dict[str, torch.Tensor]] = {}
+
+    def should_stop(self, ctx: StepContext) -> bool:
+        if ctx.step % self.every:
+            return False
+        for level, counts in self.counts.items():
+            if level in self.drawn:
+                continue
+            now, queue = top_magnitude_mask(ctx.params, counts), self.queues[level]
+            if len(queue) == self.window and max(hamming(now, m) for m in queue) < self.epsilon:
+                self.drawn[level], self.drawn_at[level] = now, ctx.step
+                self.weights[level] = {k: v.detach().clone() for k, v in
+                                       ctx.learner.state_dict().items()}
+            queue.append(now)
+        return len(self.drawn) == len(self.counts)
+
+    def state_dict(self) -> dict:
+        return {"queues": {lv: list(q) for lv, q in self.queues.items()}, "drawn": self.drawn,
+                "drawn_at": self.drawn_at, "weights": self.weights}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.queues = {lv: deque(q, maxlen=self.window) for lv, q in state["queues"].items()}
+        self.drawn, self.drawn_at = state["drawn"], state["drawn_at"]
+        self.weights = state["weights"]
+
+
+def run(s: SeedRun) -> None:
+    cfg, p = s.cfg, s.cfg.prune
+    levels, total = s.target_levels(), cfg.train.iterations
+    search = s.dir(0, "eb_continue_search")
+    fast = s.with_config(train=_faster(cfg))
+    hooks = DrawHooks({lv: s.counts_at(lv) for lv in levels}, earlybird.settings(cfg))
+    s.run(f"level 0/{s.levels} early-bird search (×{settings(cfg).lr_factor:g} meta lr)",
+          search, setup=fast, init=s.theta0(), hooks=hooks, test=False,
+          snapshot_at=p.rewind_step())
+    hooks.load_state_dict(RunDir(search).checkpoint().hooks)  # also for a finished search
+    final = s.weights(search)
+    for level in levels:
+        path = s.dir(level, "eb_continue")
+        mask = s.saved_mask(path, lambda lv=level: hooks.drawn.get(lv) or top_magnitude_mask(
+            final, s.counts_at(lv)))
+        at = hooks.drawn_at.get(level, total) if p.rewind_step() is None else p.rewind_step()
+        start = (s.rewind_target(search) if p.rewind_step() is not None
+                 else hooks.weights.get(level, final))
+        s.run(f"{s.label(level)} early-bird ticket, trained on", path, background=True,
+              init=s.start(start, mask), mask=mask, iterations=max(1, total - at))
+
+
+def _faster(cfg: Config) -> TrainConfig:
+    """The search's training section: the meta learning rate × ``lr_factor``."""
+    return dataclasses.replace(cfg.train, meta_lr=cfg.train.meta_lr * settings(cfg).lr_factor)
+
+
+METHOD = Method(
+    name="eb_continue",
+    help="early-bird masks drawn in a fast dense search, each trained on from its draw step",
+    branches=(Branch("eb_continue", "darkorange", prior="eb_continue_search",
+                     prior_levels=dense_level_only),
+              Branch("eb_continue_search", "tab:gray", model=False)),
+    run=run, plan=lambda cfg, controls: 1 + planned_levels(cfg), score_branch="eb_continue",
+    settings=EbContinueSettings,
+    search={"lr_factor": Param("eb_continue.lr_factor", 1.0, 10.0, log=True)},
+)
