@@ -12,9 +12,8 @@ import torch
 import yaml
 
 from sparsemeta.config import build_config
-from sparsemeta.experiments.methods import earlybird
 from sparsemeta.experiments.methods.base import ImpPlan
-from sparsemeta.experiments.methods.eb_continue import DrawHooks
+from sparsemeta.experiments.methods.eb_continue import DrawHooks, EbContinueSettings
 from sparsemeta.experiments.methods.rigl import GROW_TASKS_FROM, RigLHooks
 from sparsemeta.experiments.methods.short_imp import halfway
 from sparsemeta.experiments.report import write_report
@@ -33,8 +32,8 @@ OVERRIDES = ["device=cpu", "data.image_size=16", "model.filters=8",
              "train.val_every=5", "train.val_tasks=4", "train.checkpoint_every=5",
              "eval.tasks=6", "data.queries=2", "prune.levels=3", "prune.rate=0.5",
              "prune.targets=[0.5, 0.13]", f"short_imp.iterations={SHORT}",
-             "earlybird.every=1", "earlybird.window=2", "earlybird.epsilon=0.5",
-             "eb_continue.lr_factor=2.0", "rigl.distribution=imp", "rigl.grow_tasks=3",
+             "eb_continue.every=1", "eb_continue.window=2", "eb_continue.epsilon=0.5",
+             "eb_continue.lr_factor=2.0", "eb_continue.max_search=1.0", "rigl.distribution=imp", "rigl.grow_tasks=3",
              "rigl.iterations_factor=1.5", "rigl.update_every=2"]
 
 
@@ -112,7 +111,7 @@ def test_early_bird_searches_faster_and_each_ticket_trains_on_from_its_draw(expe
 def test_the_draw_waits_until_the_newest_mask_is_near_every_mask_of_the_window():
     """You et al.'s criterion: the newest mask against each of the last ``window`` (not only the
     previous one): a mask that returns to an old state after one step away is not drawn."""
-    eb = earlybird.EarlyBirdSettings(epsilon=0.3, every=1, window=2)
+    eb = EbContinueSettings(epsilon=0.3, every=1, window=2)
     w = {"a.weight": torch.zeros(10)}
     hooks = DrawHooks({1: {"a.weight": 5}}, eb)
     steps = [[1, 1, 1, 1, 1, 0, 0, 0, 0, 0],  # masks kept: the first five…
@@ -151,3 +150,22 @@ def test_rigl_grow_gradients_take_more_tasks_at_indices_training_never_reaches()
     assert hooks._grow_tasks(ctx) == ["t0", "t1", *(f"task {i}" for i in drawn)]
     assert drawn == [GROW_TASKS_FROM + 7 * 3 + i for i in range(3)]
     assert RigLHooks(0.3, 1, 100)._grow_tasks(ctx) == ["t0", "t1"]
+
+
+def test_an_early_bird_search_that_never_settles_stops_at_its_longest_and_draws_there(tmp_path):
+    """ε so small that no mask settles: the search ends after max_search of the budget, draws
+    every target from its last weights, and each ticket trains the rest of the budget."""
+    cfg = build_config(overrides=[*OVERRIDES, "eb_continue.epsilon=1e-9",
+                                  "eb_continue.max_search=0.3"])
+    run_experiment(cfg, tmp_path, ["eb_continue"], [0], [], progress=False, data=make_data())
+    search = RunDir(level_dir(tmp_path, 0, 0, "eb_continue_search"))
+    assert search.result().iterations_run == 3 and search.checkpoint().hooks["drawn"] == {}
+    last = search.trained_weights()
+    for level in (1, 3):
+        path = level_dir(tmp_path, 0, level, "eb_continue")
+        init = RunDir(path).weights("init.pt")
+        mask = load_mask(path / "mask.pt")
+        assert all(torch.equal(init[k], last[k]) for k in last)
+        assert RunDir(path).result().iterations_run == ITERATIONS - 3
+        assert all(torch.equal(mask[k], m) for k, m in
+                   top_magnitude_mask(last, _counts(mask)).items())
