@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from sparsemeta.foundations.io import atomic_torch_save
+from sparsemeta.foundations.errors import UserError
+from sparsemeta.foundations.io import atomic_torch_save, load_tensors
 
 Mask = dict[str, torch.Tensor]
 
@@ -72,4 +73,11 @@ def save_mask(mask: Mask, path: str | Path) -> None:
 
 
 def load_mask(path: str | Path) -> Mask:
-    return {k: v.bool() for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
+    """A mask file (names mapped to tensors, as booleans); a damaged, foreign or non-regular
+    file is one line naming it (``load_tensors``), never an AttributeError on resume."""
+    obj = load_tensors(path)
+    if not isinstance(obj, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise UserError(f"'{path}' is not a sparsity mask (layer names mapped to tensors); "
+                        "restore the run directory's file")
+    return {k: v.bool() for k, v in obj.items()}

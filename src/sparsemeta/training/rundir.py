@@ -23,9 +23,11 @@ its report writes ``summary.json`` and ``report.md`` beside them. Every write is
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import re
-from collections.abc import Mapping
+import stat
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,7 @@ from sparsemeta.foundations import safeio
 from sparsemeta.foundations.atomic import atomic_write_text
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.foundations.io import atomic_torch_save, load_tensors, write_json
-from sparsemeta.sparsity.masks import Mask, load_mask, save_mask
+from sparsemeta.sparsity.masks import Mask, save_mask
 
 CONFIG = "config.yaml"
 INIT = "init.pt"
@@ -156,6 +158,9 @@ class RunResult:
     best_iteration: int | None = None
     macs: dict[str, int] | None = None
     """Multiply-accumulates spent (``training.cost``): train/eval, sparse-aware and dense."""
+    cpu_seconds: float | None = None
+    """CPU time of the training process while it trained this run (all its threads), beside the
+    wall time ``train_seconds``: what the run cost a shared machine (absent before 2026-12-04)."""
 
     @property
     def model(self) -> bool:
@@ -166,7 +171,7 @@ class RunResult:
         back, with ``macs`` None)."""
         summary = {k: getattr(self, k) for k in ("iterations", "iterations_run", "meta_batch",
                                                   "meta_tasks", "train_seconds", "density",
-                                                  "macs")}
+                                                  "macs", "cpu_seconds")}
         if self.evaluation is None:
             return {"split": None, **summary}
         return {**self.evaluation.to_dict(), "val_accuracy": self.val_accuracy,
@@ -230,6 +235,8 @@ class Checkpoint:
     """The method stopped training early (a resume does not go on)."""
     compute: dict[str, int] | None = None
     """``training.cost`` totals (absent from checkpoints written before compute was counted)."""
+    cpu_seconds: float = 0.0
+    """CPU time spent so far (absent from checkpoints before 2026-12-04: counted from 0)."""
 
     def save(self, path: Path) -> None:
         atomic_torch_save({
@@ -237,7 +244,7 @@ class Checkpoint:
             "best": {k: v for k, v in dataclasses.asdict(self.best).items() if v is not None},
             "model": self.model, "optimizer": self.optimizer, "torch_rng": self.torch_rng,
             "hooks": self.hooks, "mask": self.mask, "stopped": self.stopped,
-            "compute": self.compute}, path)
+            "compute": self.compute, "cpu_seconds": self.cpu_seconds}, path)
 
     @classmethod
     def load(cls, path: Path, device: torch.device | str = "cpu") -> Checkpoint:
@@ -246,43 +253,225 @@ class Checkpoint:
             best = Best(**obj["best"])
             return cls(int(obj["iteration"]), float(obj["elapsed"]), best, obj["model"],
                        obj["optimizer"], obj["torch_rng"], obj["hooks"], obj["mask"],
-                       bool(obj.get("stopped", False)), obj.get("compute"))
+                       bool(obj.get("stopped", False)), obj.get("compute"),
+                       float(obj.get("cpu_seconds", 0.0)))
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise UserError(f"'{path}' is not a sparsemeta checkpoint ({type(exc).__name__}: "
                             f"{exc}); restore it, or delete it to restart the run") from None
 
 
+# -- whose directory is it ---------------------------------------------------------------------
+#: the file that makes a directory one of each kind, most specific first. A marker alone is not
+#: enough — a user's own config.yaml or sweep.yaml must not make their project folder one — so
+#: the directory must also hold the ``.lock`` its writer took, or files only a run or experiment
+#: writes (``_made_here``: a copy without hidden files still counts)
+MARKERS = ((EXPERIMENT, "experiment"), (SWEEP, "sweep"), (STUDY_DB, "study"), (CONFIG, "run"))
+#: the command that makes each kind of directory
+MAKERS = {"run": "sparsemeta train", "experiment": "sparsemeta run",
+          "sweep": "sparsemeta sweep", "study": "sparsemeta tune"}
+_RUN_FILES = (INIT, CHECKPOINT, BEST, EVAL, METRICS)
+#: every name a run, experiment, sweep or study directory writes or reads: report plots are
+#: PNGs, SQLite keeps its journal beside study.db, experiments keep their runs in seed_S
+_OWNED_NAMES = frozenset({CONFIG, INIT, MASK, CHECKPOINT, BEST, BEST_MASK, METRICS, EVAL,
+                          DIVERGED, LOCK, TENSORBOARD, EXPERIMENT, SUMMARY, REPORT, SWEEP,
+                          SWEEP_DONE, SWEEP_REPORTS, STUDY_DB, BEST_TRIAL, TRIALS})
+_OWNED_PATTERN = re.compile(r"step_\d+\.pt|eval_.+\.json|.+\.png|study\.db-.+|seed_.+")
+#: an export's own files: overwriting an earlier export in a run directory is the user's call
+EXPORT_SUFFIXES = (".smz", ".onnx")
+#: the longest file name (bytes) of the common file systems (ext4, XFS, btrfs, APFS, NTFS)
+NAME_MAX = 255
+_PATH_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISREG, "a file"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISFIFO, "a fifo"), (stat.S_ISSOCK, "a socket"))
+
+
+def path_kind(path: str | Path) -> str | None:
+    """What is at ``path``, links followed ("a directory", "a file", "a fifo", …); None if
+    nothing. Messages name it, so "does not exist" is never said of a directory or a device."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "a broken symbolic link" if os.path.islink(path) else None
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise UserError(f"{safeio.short(str(path))} is a longer name than the file system "
+                            f"allows ({NAME_MAX} bytes a name); choose a shorter one") from None
+        raise UserError(f"cannot look at '{path}' ({exc.strerror}); check the permissions of "
+                        "the directories above it") from None
+    except ValueError:  # a NUL character
+        raise UserError(f"{safeio.short(str(path))} is not a usable path (it holds a NUL "
+                        "character)") from None
+    return next((name for test, name in _PATH_KINDS if test(mode)), "a special file")
+
+
+def require_dir(path: str | Path, what: str) -> Path:
+    """``path`` if it is a directory, else one line saying what it is instead (``what``: "a run
+    directory", …)."""
+    kind = path_kind(path)
+    if kind is None:
+        raise UserError(f"'{path}' does not exist; give {what}")
+    if kind != "a directory":
+        raise UserError(f"'{path}' is {kind}, not {what}")
+    return Path(path)
+
+
+def kind_of(path: str | Path) -> str | None:
+    """"run", "experiment", "sweep" or "study" if ``path`` is such a directory (by the file that
+    marks it), else None."""
+    for marker, kind in MARKERS:
+        if os.path.lexists(os.path.join(path, marker)) and _made_here(Path(path), kind):
+            return kind
+    return None
+
+
+def _made_here(path: Path, kind: str) -> bool:
+    """Whether ``path``, which holds ``kind``'s marker, was written by this package."""
+    evidence = {"run": _RUN_FILES, "experiment": ("seed_*",), "study": (TRIALS,), "sweep": ()}
+    return any(any(True for _ in path.glob(name)) for name in (LOCK, *evidence[kind]))
+
+
+def owner(path: str | Path, *, including: bool = False) -> tuple[str, Path] | None:
+    """The nearest run, experiment, sweep or study directory above ``path`` (or ``path``
+    itself, ``including``), links resolved, with its kind; None if there is none."""
+    real = Path(os.path.realpath(path))
+    for directory in ([real] if including else []) + list(real.parents):
+        kind = kind_of(directory)
+        if kind is not None:
+            return kind, directory
+    return None
+
+
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+
+
+def check_out_dir(path: str | Path, kind: str | None, inputs: Sequence[str | Path] = ()) -> None:
+    """Refuse, before any work, an output directory that is not ours to write: not a directory,
+    inside a run, experiment, sweep or study directory (which would read it as part of itself),
+    or a directory of another kind than ``kind`` ("run", …; None for a report, which may
+    write into one of its ``inputs`` only). The commands call this, not ``train()`` or
+    ``run_experiment()``: those write runs into experiments and experiments into studies."""
+    path = Path(path)
+    if any(os.path.realpath(p) == os.path.realpath(path) for p in inputs):
+        return  # the report checks its inputs
+    what = check_dir_path(path)
+    found = owner(path)
+    if found is not None:
+        raise UserError(f"--out '{path}' is inside the {found[0]} directory '{found[1]}', which "
+                        "would read it as part of itself; choose a directory outside it")
+    own = kind_of(path) if what else None
+    if own is None or own == kind:
+        return
+    made = f"--out '{path}' is {_a(own)} directory (made by '{MAKERS[own]}')"
+    if kind is None:
+        harm = (f"its {SUMMARY} and {REPORT} would be replaced" if own == "experiment" else
+                "the report would be mixed into its files")
+        raise UserError(f"{made}, not one of the report's inputs: {harm}; choose another --out")
+    raise UserError(f"{made}; '{MAKERS[kind]}' writes {_a(kind)} directory: choose another "
+                    "--out")
+
+
+def check_dir_path(path: str | Path, flag: str = "--out") -> str | None:
+    """What is at ``path`` (see ``path_kind``) if it is a directory or one can be made there;
+    else one line naming what is in the way (a file, a device, a file above it)."""
+    path = Path(path)
+    what = path_kind(path)
+    if what not in (None, "a directory"):
+        raise UserError(f"{flag} '{path}' is {what}, not a directory; choose another {flag}")
+    blocked = _not_a_directory_above(path)
+    if blocked:
+        raise UserError(f"cannot create directory '{path}' of {flag}: {blocked}; choose "
+                        f"another {flag}")
+    return what
+
+
+def _not_a_directory_above(path: Path) -> str | None:
+    """What blocks creating ``path``: the nearest existing path above it, if that is not a
+    directory ("'x' is a file, not a directory")."""
+    above = next((p for p in path.parents if path_kind(p) is not None), None)
+    kind = path_kind(above) if above is not None else None
+    return None if kind in (None, "a directory") else f"'{above}' is {kind}, not a directory"
+
+
+def _owned_name(name: str) -> bool:
+    return name in _OWNED_NAMES or _OWNED_PATTERN.fullmatch(name) is not None
+
+
+def check_out_file(path: str | Path, example: str) -> Path:
+    """``path`` if a file may be written there, checked before any work: not empty, a
+    directory or a device, in an existing directory, and not a file that a run, experiment,
+    sweep or study directory owns (an existing one, or a name it writes, such as best.pt)."""
+    if not str(path):
+        raise UserError(f"--out is empty; give a file name such as {example}")
+    path = Path(path)
+    what = path_kind(path)
+    if what == "a directory":
+        raise UserError(f"--out '{path}' is a directory; give a file name such as "
+                        f"{path / example}")
+    if what not in (None, "a file"):
+        raise UserError(f"--out '{path}' is {what}, not a regular file; choose a file name")
+    there = path_kind(path.parent)
+    if there is None:
+        raise UserError(f"directory '{path.parent}' of --out does not exist; create it or "
+                        "choose another --out")
+    if there != "a directory":
+        raise UserError(f"'{path.parent}' in --out '{path}' is {there}, not a directory; choose "
+                        "another --out")
+    found = owner(path.parent, including=True)
+    if found is not None and (_owned_name(path.name) or (
+            what is not None and path.suffix.lower() not in EXPORT_SUFFIXES)):
+        verb = "would overwrite" if what else "is a name used by"
+        raise UserError(f"--out '{path}' {verb} a file of the {found[0]} directory "
+                        f"'{found[1]}'; write to a file outside it, such as {example}")
+    return path
+
+
 # -- configs -----------------------------------------------------------------------------------
 def make_dir(path: str | Path) -> Path:
     path = Path(path)
+    check_dir_path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"cannot create output directory '{path}': {exc.strerror}; choose another --out") from None
+        raise UserError(f"cannot create output directory '{path}': {exc.strerror}; choose "
+                        "another --out") from None
     if not os.access(path, os.W_OK):
         raise UserError(f"output directory '{path}' is not writable; choose another --out")
     return path
 
 
-def _diff(a: Any, b: Any, prefix: str = "") -> str | None:
-    """First difference; keys absent from the old config ``a`` (added by a later version of
-    sparsemeta, whose defaults keep the old behaviour) are not differences."""
+def _diff(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
+    """First difference (key, a's value, b's); keys absent from the old config ``a`` (added by
+    a later version of sparsemeta, whose defaults keep the old behaviour) are not differences."""
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) & set(b)) + sorted(set(a) - set(b)):
             d = _diff(a.get(k), b.get(k), f"{prefix}{k}.")
             if d:
                 return d
         return None
-    return None if a == b else f"{prefix.rstrip('.')}: {a!r} in the run, {b!r} now"
+    return None if a == b else (prefix.rstrip("."), a, b)
+
+
+def _without(config: dict, keys: tuple[str, ...]) -> dict:
+    return {k: v for k, v in config.items() if k not in keys}
 
 
 def config_difference(old: dict, new: dict) -> str | None:
     """First differing key of two resolved configs, ignoring ``device`` (runs may move
     between machines); anything else would silently mix two experiments in one directory."""
-    a, b = dict(old), dict(new)
-    a.pop("device", None)
-    b.pop("device", None)
-    return _diff(a, b)
+    d = _diff(_without(old, ("device",)), _without(new, ("device",)))
+    return None if d is None else (f"{d[0]}: {safeio.short(d[1])} in the run, "
+                                   f"{safeio.short(d[2])} now")
+
+
+def experiment_difference(a: Path, b: Path) -> str | None:
+    """First differing key of two experiments' configs (``experiment.yaml``), ignoring
+    ``seed`` (a report averages seeds) and ``device``: other differences are two experiments
+    that a report must not average as seeds of one."""
+    ignored = ("seed", "device")
+    d = _diff(_without(experiment_config(a), ignored), _without(experiment_config(b), ignored))
+    return None if d is None else (f"{d[0]}: {safeio.short(d[2])} in '{b}', "
+                                   f"{safeio.short(d[1])} in '{a}'")
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -294,25 +483,80 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def bind_config(run_dir: Path, cfg: Config) -> None:
-    """Save the resolved config, or check that an existing run was made with the same one."""
-    path = run_dir / CONFIG
-    new = cfg.to_dict()
-    if path.exists():
-        d = config_difference(upgrade_saved(read_yaml(path)), new)
+def check_config(run_dir: str | Path, cfg: Config) -> None:
+    """Refuse a run directory that holds a run of another config: the command calls this
+    before any work, ``bind_config`` again when the run starts."""
+    path = Path(run_dir) / CONFIG
+    if os.path.lexists(path):
+        d = config_difference(upgrade_saved(read_yaml(path)), cfg.to_dict())
         if d:
             raise UserError(
                 f"'{run_dir}' holds a run with a different config ({d}); use another --out"
             )
+
+
+def bind_config(run_dir: Path, cfg: Config) -> None:
+    """Save the resolved config, or check that an existing run was made with the same one."""
+    path = run_dir / CONFIG
+    if os.path.lexists(path):
+        check_config(run_dir, cfg)
         return
-    atomic_write_text(path, yaml.safe_dump(new, sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def load_run_config(run_dir: str | Path) -> Config:
+    """The config of a run directory; anything else given in its place is one line saying
+    what it is (a file, a device, an experiment or sweep directory, …)."""
+    require_dir(run_dir, "a run directory")
     path = Path(run_dir) / CONFIG
     if not path.is_file():
-        raise UserError(f"'{run_dir}' is not a run directory (no {CONFIG})")
-    return config_from_dict(read_yaml(path), source=str(path))
+        kind = kind_of(run_dir)
+        what = f"is {_a(kind)} directory" if kind else f"has no {CONFIG}"
+        raise UserError(f"'{run_dir}' is not a run directory (it {what}); give a directory "
+                        f"made by '{MAKERS['run']}' or one of an experiment's "
+                        "seed_S/level_LL/<method> directories")
+    return _config(read_yaml(path), path)
+
+
+def _config(data: dict[str, Any], path: Path) -> Config:
+    """The config saved in ``path``; a value no config may hold is one line naming the file."""
+    try:
+        return config_from_dict(data, source=str(path))
+    except UserError as exc:
+        raise UserError(f"'{path}' is damaged ({exc}); restore it") from None
+
+
+def experiment_config(root: str | Path) -> dict[str, Any]:
+    """The resolved config an experiment directory was run with (its ``experiment.yaml``),
+    every key present (older files are upgraded, missing keys take their defaults)."""
+    path = Path(root) / EXPERIMENT
+    if not path.is_file():
+        raise UserError(f"'{root}' has no {EXPERIMENT}: it is not an experiment directory made "
+                        f"by '{MAKERS['experiment']}'")
+    config = _experiment_record(path, "restore it").get("config")
+    if not config:
+        raise UserError(f"'{path}' is damaged (no config); restore it")
+    return _config(config, path).to_dict()
+
+
+#: the fields of experiment.yaml and the type each must have
+_RECORD = {"config": dict, "methods": list, "seeds": list, "controls": list}
+
+
+def _experiment_record(path: Path, fix: str = "restore it or use another --out"
+                       ) -> dict[str, Any]:
+    """``experiment.yaml``, each field checked for its type (a hostile or damaged file is one
+    line, never a TypeError deep in a merge); ``fix`` says what to do."""
+    record = read_yaml(path)
+    items = {"methods": str, "seeds": int, "controls": str}
+    for key, kind in _RECORD.items():
+        value = record.get(key, kind())
+        if not isinstance(value, kind) or (kind is list and not all(
+                isinstance(v, items[key]) and not isinstance(v, bool) for v in value)):
+            want = "a mapping" if kind is dict else f"a list of {items[key].__name__}"
+            raise UserError(f"'{path}' is damaged ({key} is {safeio.short(value)}, not {want}); "
+                            f"{fix}")
+    return record
 
 
 def bind_experiment(root: Path, cfg: Config, methods: list[str], seeds: list[int],
@@ -321,18 +565,49 @@ def bind_experiment(root: Path, cfg: Config, methods: list[str], seeds: list[int
 
     Methods, seeds and controls may grow between calls (add a seed later); the config may not.
     """
-    path = root / EXPERIMENT
     record = {"config": cfg.to_dict(), "methods": methods, "seeds": seeds, "controls": controls}
-    if path.exists():
-        old = read_yaml(path)
-        d = config_difference(upgrade_saved(old.get("config") or {}), cfg.to_dict())
-        if d:
-            raise UserError(
-                f"'{root}' holds an experiment with a different config ({d}); use another --out"
-            )
+    old = check_experiment(root, cfg)
+    if old is not None:
         for key in ("methods", "seeds", "controls"):
             record[key] = list(dict.fromkeys(old.get(key, []) + record[key]))
-    atomic_write_text(path, yaml.safe_dump(record, sort_keys=False))
+    atomic_write_text(root / EXPERIMENT, yaml.safe_dump(record, sort_keys=False))
+
+
+def check_experiment(root: str | Path, cfg: Config) -> dict[str, Any] | None:
+    """The record of the experiment in ``root`` (None if there is none yet), refused in one
+    line if it is damaged or of another config: the command calls this before any work,
+    ``bind_experiment`` again when the experiment starts."""
+    path = Path(root) / EXPERIMENT
+    if not os.path.lexists(path):
+        return None
+    old = _experiment_record(path)
+    d = config_difference(upgrade_saved(old.get("config") or {}), cfg.to_dict())
+    if d:
+        raise UserError(
+            f"'{root}' holds an experiment with a different config ({d}); use another --out"
+        )
+    return old
+
+
+# -- tensor files -------------------------------------------------------------------------------
+def _tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    obj = load_tensors(path)
+    if not isinstance(obj, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        found = "other values" if isinstance(obj, dict) else f"a {type(obj).__name__}"
+        raise UserError(f"'{path}' is not {what} (layer names mapped to tensors; it holds "
+                        f"{found}); restore the run directory's file")
+    return obj
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A weights file (``best.pt``, ``init.pt``, ``step_<k>.pt``): names mapped to tensors."""
+    return _tensors(path, "a weights file")
+
+
+def read_mask(path: Path) -> Mask:
+    """A mask file (``mask.pt``, ``best_mask.pt``): names mapped to tensors, as booleans."""
+    return {k: v.bool() for k, v in _tensors(path, "a sparsity mask").items()}
 
 
 # -- one run directory ---------------------------------------------------------------------------
@@ -390,14 +665,14 @@ class RunDir:
             atomic_torch_save(dict(initial_state), self.file(INIT))
 
     def mask(self) -> Mask | None:
-        return load_mask(self.file(MASK)) if self.file(MASK).exists() else None
+        return read_mask(self.file(MASK)) if self.file(MASK).exists() else None
 
     def checkpoint(self, device: torch.device | str = "cpu") -> Checkpoint:
         return Checkpoint.load(self.file(CHECKPOINT), device)
 
     def weights(self, name: str) -> dict[str, torch.Tensor]:
         """A weights file of the run (``init.pt``, ``step_<k>.pt``, ``best.pt``)."""
-        return load_tensors(self.file(name))
+        return read_weights(self.file(name))
 
     def trained_weights(self) -> dict[str, torch.Tensor]:
         """The weights where training stopped (the last checkpoint's)."""
@@ -414,5 +689,5 @@ class RunDir:
             raise UserError(f"'{self.path}' has no {BEST} yet (no validation has run); train it "
                             "further first")
         mask_file = next((self.file(f) for f in (BEST_MASK, MASK) if self.file(f).exists()), None)
-        return ChosenModel(load_tensors(self.file(BEST)),
-                           load_mask(mask_file) if mask_file else None)
+        return ChosenModel(read_weights(self.file(BEST)),
+                           read_mask(mask_file) if mask_file else None)
