@@ -15,6 +15,7 @@ import yaml
 
 from sparsemeta.config import add_section, build_config
 from sparsemeta.experiments.methods.base import ImpPlan
+from sparsemeta.foundations import runtime
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.foundations.io import atomic_torch_save
 from sparsemeta.training import rundir
@@ -151,3 +152,12 @@ def test_a_section_cannot_take_a_core_key_or_be_anything_but_a_dataclass():
     with pytest.raises(ValueError, match="not a dataclass"):
         add_section("other", dict)
     assert dataclasses.is_dataclass(Clash)
+
+
+def test_a_run_records_its_cpu_time_beside_its_wall_time(finished):
+    """The process's CPU seconds while it trained (all its threads), in eval.json and the
+    checkpoint (a resumed run goes on counting from there)."""
+    result = RunResult.load(finished / rundir.EVAL)
+    cores = runtime.cores()
+    assert 0 < result.cpu_seconds <= result.train_seconds * cores + 0.5
+    assert Checkpoint.load(finished / rundir.CHECKPOINT).cpu_seconds == result.cpu_seconds

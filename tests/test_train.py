@@ -191,16 +191,16 @@ def test_training_beats_the_untrained_model_and_the_result_is_the_validation_cho
 
 def test_vmap_option_routes_meta_batches_through_the_vmap_path(tmp_path, monkeypatch):
     """Equality of the vmap and loop meta-gradients is tested in float64 in test_batched."""
-    import sparsemeta.meta.engine as engine_mod
+    import sparsemeta.meta.batched as batched
 
     calls = []
-    real = engine_mod.vmap_meta_gradient_step
+    real = batched.vmap_meta_gradient_step
 
     def spy(learner, params, tasks):
         calls.append(len(tasks))
         return real(learner, params, tasks)
 
-    monkeypatch.setattr(engine_mod, "vmap_meta_gradient_step", spy)
+    monkeypatch.setattr(batched, "vmap_meta_gradient_step", spy)
     data = make_data()
     res = train(build_config(overrides=OVERRIDES + ["train.engine=vmap"]), tmp_path / "vmap",
                 data=data, progress=False)

@@ -55,6 +55,7 @@ class Session:
     meter: ComputeMeter
     start: int = 0
     elapsed: float = 0.0
+    cpu: float = 0.0  # CPU seconds of training so far (this process, all its threads)
     best: Best = field(default_factory=Best)
     writers: list[MetricsWriter] = field(default_factory=list)
     stopped: bool = False  # the method stopped training early (saved: a resume does not go on)
@@ -112,7 +113,7 @@ def _restore(s: Session) -> None:
     s.optimizer.load_state_dict(ckpt.optimizer)
     torch.set_rng_state(ckpt.torch_rng.cpu())
     s.start = s.checkpointed = ckpt.iteration
-    s.elapsed, s.best = ckpt.elapsed, ckpt.best
+    s.elapsed, s.cpu, s.best = ckpt.elapsed, ckpt.cpu_seconds, ckpt.best
     s.hooks.load_state_dict(ckpt.hooks)
     s.meter.load_state_dict(ckpt.compute)
     s.stopped = ckpt.stopped
@@ -126,7 +127,7 @@ def _checkpoint(s: Session, iteration: int) -> None:
         Checkpoint(iteration=iteration, elapsed=s.elapsed, best=s.best,
                    model=s.learner.state_dict(), optimizer=s.optimizer.state_dict(),
                    torch_rng=torch.get_rng_state(), hooks=s.hooks.state_dict(), mask=s.mask,
-                   stopped=s.stopped, compute=s.meter.state_dict()
+                   stopped=s.stopped, compute=s.meter.state_dict(), cpu_seconds=s.cpu
                    ).save(s.run.file(rundir.CHECKPOINT))
     s.checkpointed = iteration
 
@@ -239,7 +240,8 @@ def _diverged_line(run: RunDir, record: dict) -> str:
 def _summary(s: Session, total: int, done: int, final_density: float,
              **evaluated) -> RunResult:  # noqa: ANN003
     return RunResult(total, done, s.cfg.train.meta_batch, done * s.cfg.train.meta_batch,
-                     s.elapsed, final_density, macs=s.meter.state_dict(), **evaluated)
+                     s.elapsed, final_density, macs=s.meter.state_dict(), cpu_seconds=s.cpu,
+                     **evaluated)
 
 
 def _finish(s: Session, total: int, done: int, test: bool, progress: bool) -> RunResult:
@@ -310,6 +312,7 @@ def _train(
     bar = tqdm(total=total, initial=s.start, desc=desc, unit="it", dynamic_ncols=True,
                disable=not (progress and g.main), leave=False)
     t0, done = time.perf_counter() - s.elapsed, s.start
+    cpu0 = time.process_time() - s.cpu
     if test and total == 0:  # evaluate-as-is run: the model is chosen as given
         _validate(s, 0, log=False)
     try:
@@ -323,7 +326,7 @@ def _train(
             if ctx.dense_tasks:  # the method's own dense meta-gradients (RigL's grow scores)
                 s.meter.train_step(cfg, s.learner, None, ctx.dense_tasks)
             s.stopped = stop = s.hooks.should_stop(ctx)
-            s.elapsed = time.perf_counter() - t0
+            s.elapsed, s.cpu = time.perf_counter() - t0, time.process_time() - cpu0
             s.log({"iteration": done, "split": "train", "loss": loss, "accuracy": acc})
             best_val = f"{s.best.accuracy:.3f}" if s.best.found else "n/a"
             bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", best_val=best_val)
