@@ -10,7 +10,14 @@ import sys
 from pathlib import Path
 from typing import TypeVar
 
-from sparsemeta.config import DEFAULT_PRESET, Config, build_config, preset_names
+from sparsemeta.config import (
+    DEFAULT_PRESET,
+    MAX_INNER_STEPS,
+    MAX_TASKS,
+    Config,
+    build_config,
+    preset_names,
+)
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.foundations.runtime import tune_allocator
 from sparsemeta.training import rundir
@@ -40,6 +47,13 @@ def _default_out(kind: str, cfg_dict: dict) -> Path:
     return Path("runs") / f"{kind}-{digest}"
 
 
+def _out_dir(flag: str | None, default: str | Path | None) -> str | Path | None:
+    """``--out`` if given (an empty one is refused, not read as "not given"), else ``default``."""
+    if flag == "":
+        raise UserError("--out is empty; give a directory, or leave --out out for the default")
+    return flag or default
+
+
 T = TypeVar("T")
 D = TypeVar("D")
 
@@ -59,6 +73,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from sparsemeta.training.setup import prepare
 
     cfg = build_config(args.config, args.overrides)
+    out = _out_dir(args.out, _default_out("train", cfg.to_dict()))
+    rundir.check_out_dir(out, "run")  # never into an experiment, sweep or study
+    rundir.check_config(out, cfg)  # nor into a run of another config
     distributed.init_from_env(resolve_device(cfg.device))  # under torchrun: join the job
     g = distributed.group()
     try:
@@ -68,7 +85,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if g.main:
             g.barrier()
         setup = prepare(cfg, data)  # the one check of the config against its data
-        out = make_dir(args.out or _default_out("train", cfg.to_dict()))
+        out = make_dir(out)
         finished = RunDir(out).finished
         if g.main:
             print(f"run directory: {out}" + (" (finished; printing its result)" if finished else "")
@@ -110,9 +127,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     workers = _given(args.workers, preset.get("workers", 1))
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise UserError(f"--workers must be an integer >= 1, got {workers!r}")
+    out = _out_dir(args.out, _default_out("-".join(methods), cfg.to_dict()))
+    rundir.check_out_dir(out, "experiment")  # never into a run, a sweep or a study
+    rundir.check_experiment(out, cfg)  # nor into an experiment of another config
     data = load_data(cfg.data_spec())  # fail on data problems before anything is written
     exp = check_experiment(prepare(cfg, data), methods, seeds, controls, data.channels)
-    out = make_dir(args.out or _default_out("-".join(methods), cfg.to_dict()))
+    out = make_dir(out)
     print(f"experiment directory: {out} — methods {', '.join(methods)}; "
           f"{cfg.prune.num_levels()} pruning levels; seeds {seeds}; "
           f"controls {', '.join(controls) or 'none'}; {exp.runs()} meta-training runs",
@@ -127,7 +147,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from sparsemeta.experiments.sweep import load_sweep, run_sweep
 
-    sweep = load_sweep(args.file, args.out)
+    sweep = load_sweep(args.file, _out_dir(args.out, None))
+    rundir.check_out_dir(sweep.out, "sweep")
     print(run_sweep(sweep, args.engine, args.address))
     print(f"report: {sweep.out / 'report.md'} (per-variant reports and plots under "
           f"{sweep.out / 'reports'})")
@@ -138,8 +159,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from sparsemeta.experiments.tune import tune
 
     cfg = build_config(args.config, args.overrides)
-    out = args.out or _default_out(f"tune-{args.method}", {**cfg.to_dict(), "tune": [
-        args.params, args.target_density]})
+    out = _out_dir(args.out, _default_out(f"tune-{args.method}", {**cfg.to_dict(), "tune": [
+        args.params, args.target_density]}))
+    rundir.check_out_dir(out, "study")
     result = tune(args.config, args.overrides, args.method, out, args.trials, args.params,
                   args.target_density, args.seed)
     print(f"best of {result['trials']} trials: validation accuracy "
@@ -152,6 +174,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from sparsemeta.experiments.report import write_report
 
+    rundir.check_out_dir(_out_dir(args.out, args.dirs[0]), None, inputs=args.dirs)
     summary = write_report(args.dirs, args.out)
     print(summary["table"])
     print("wrote " + ", ".join(summary["paths"]))
@@ -161,6 +184,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from sparsemeta.experiments.export import export_command
 
+    rundir.require_dir(args.path, "a run directory (with config.yaml) or a lottery experiment "
+                                  "directory")
     print(export_command(args.path, args.out, level=args.level, fp16=args.fp16, int8=args.int8,
                          fmt=args.format,
                          seed=args.seed, as_json=args.json))
@@ -179,8 +204,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = rundir.load_run_config(run.path)
     tasks = _given(args.tasks, cfg.eval.tasks)
     steps = cfg.meta.eval_inner_steps if args.steps is None else args.steps
-    if tasks < 1 or steps < 0:
-        raise UserError("--tasks must be >= 1 and --steps >= 0")
+    if not 1 <= tasks <= MAX_TASKS:
+        raise UserError(f"--tasks must be >= 1 and <= {MAX_TASKS:,}, got {tasks}")
+    if not 0 <= steps <= MAX_INNER_STEPS:
+        raise UserError(f"--steps must be >= 0 and <= {MAX_INNER_STEPS:,}, got {steps}")
     chosen = run.chosen_model()  # best-on-validation weights with the mask they were scored with
     data = load_data(cfg.data_spec())
     setup = prepare(cfg, data, splits=(args.split,))
@@ -223,6 +250,9 @@ def cmd_data_info(args: argparse.Namespace) -> int:
 def cmd_data_download(args: argparse.Namespace) -> int:
     from sparsemeta.data.download import download
 
+    if not args.root:
+        raise UserError("--root is empty; give the directory to download into")
+    rundir.check_dir_path(args.root, "--root")
     print(download(args.name, args.root))
     return 0
 
@@ -232,10 +262,8 @@ def cmd_data_preview(args: argparse.Namespace) -> int:
     from sparsemeta.data.registry import load_data
 
     check_out(args.out)  # an unwritable format is refused before the data is loaded
+    out = rundir.check_out_file(args.out, "sheet.png")
     data = load_data(_data_config(args).data_spec())
-    out = Path(args.out)
-    if not out.parent.exists():
-        raise UserError(f"directory '{out.parent}' does not exist; create it or choose another --out")
     contact_sheet(data, args.split, out, classes=args.classes, per_class=args.per_class)
     print(f"wrote {out} ({args.classes} {args.split} classes × up to {args.per_class} examples)")
     return 0
@@ -409,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sparsemeta: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except MemoryError:  # a size the config bounds allow but this machine cannot hold
+        print("sparsemeta: error: out of memory; lower data.image_size, train.meta_batch, "
+              "model.filters or the task shape (finished work is kept)", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # output piped into e.g. `head`, which closed early
         sys.stderr.close()
         return 0
