@@ -8,6 +8,7 @@ fp32 values), computed through the export's own code path without writing it.
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -21,10 +22,12 @@ from sparsemeta.foundations.errors import UserError
 from sparsemeta.foundations.io import write_json
 from sparsemeta.foundations.stats import mean_ci95
 from sparsemeta.sparsity.flops import FLOPS_PER_MAC
-from sparsemeta.sparsity.masks import density, layer_densities, nonzeros
+from sparsemeta.sparsity.masks import Mask, density, layer_densities, nonzeros
 from sparsemeta.training import rundir
 from sparsemeta.training.metrics import read_metrics
 from sparsemeta.training.rundir import RunDir
+
+EXPERIMENTS = "an experiment directory made by 'sparsemeta run' or 'sparsemeta lottery'"
 
 
 def _with_costs(records: list[dict]) -> list[dict]:
@@ -93,9 +96,21 @@ def _val_curve(metrics: Path) -> list[list[float]]:
             and not isinstance(m.get("accuracy"), bool)]
 
 
+def _mask(run: RunDir) -> Mask | None:
+    """The run's final mask, refused in one line if it does not fit its ``best.pt`` (a copied
+    or edited run directory must not report the density of another model)."""
+    mask = run.mask()
+    if mask and run.file(rundir.BEST).is_file():
+        state = run.weights(rundir.BEST)
+        rundir.ChosenModel(state, mask).check(state, run.path)
+    return mask
+
+
 def collect(roots: list[Path]) -> list[dict]:
     """One record per finished run directory ``seed_S/level_LL/<branch>`` under ``roots``
-    (search runs that only find masks are counted for compute, not reported as models)."""
+    (search runs that only find masks are counted for compute, not reported as models). A run
+    that two inputs hold — the same seed, level and branch of one config — is reported once:
+    a copied experiment, or a sweep's methods sharing the dense run, is not a second seed."""
     records = []
     for root in roots:
         for path in rundir.finished_runs(root):
@@ -108,7 +123,7 @@ def collect(roots: list[Path]) -> list[dict]:
                       "train_macs": macs.get("train"), "train_macs_dense": macs.get("train_dense"),
                       "eval_macs": macs.get("eval")}
             if res.model:
-                mask, ev = run.mask(), res.evaluation
+                mask, ev = _mask(run), res.evaluation
                 record.update({
                     "density": density(mask) if mask else 1.0,
                     "layer_densities": layer_densities(mask) if mask else None,
@@ -125,7 +140,14 @@ def collect(roots: list[Path]) -> list[dict]:
                 if level == 0:  # how far the dense model got: has the budget converged?
                     record["val_curve"] = _val_curve(path / rundir.METRICS)
             records.append(record)
-    return [r for r in _with_costs(records) if r.pop("model")]
+    seen: set[tuple[int, int, str]] = set()
+    models = []
+    for r in _with_costs(records):
+        key = (r["seed"], r["level"], r["method"])
+        if r.pop("model") and key not in seen:
+            seen.add(key)
+            models.append(r)
+    return models
 
 
 def _mean(rs: list[dict], key: str) -> float | None:
@@ -267,16 +289,35 @@ def cost_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def check_inputs(roots: list[str | Path]) -> list[Path]:
+    """The experiment directories of one report, refused in one line where they cannot be
+    summarised together: not an experiment directory, one given twice (also through a link),
+    or experiments of different configs (their seeds would be averaged as one method's)."""
+    paths = [rundir.require_dir(r, EXPERIMENTS) for r in roots]
+    given: dict[str, int] = {}
+    for i, (root, path) in enumerate(zip(roots, paths)):
+        kind = rundir.kind_of(path)
+        if kind not in (None, "experiment"):
+            raise UserError(f"'{root}' is a {kind} directory, not {EXPERIMENTS}")
+        first = given.setdefault(os.path.realpath(path), i)
+        if first != i:
+            raise UserError(f"'{roots[first]}' and '{root}' are the same experiment directory; "
+                            "give each experiment once (it would count as two seeds)")
+    for path in paths[1:]:
+        d = rundir.experiment_difference(paths[0], path)
+        if d:
+            raise UserError(f"'{path}' was run with another config than '{paths[0]}' ({d}); "
+                            "report them separately")
+    return paths
+
+
 def write_report(roots: list[str | Path], out: str | Path | None = None) -> dict:
     """Write summary.json, report.md and the plots; return the summary."""
-    roots = [Path(r) for r in roots]
-    for r in roots:
-        if not r.is_dir():
-            raise UserError(f"'{r}' is not a directory; give experiment directories made by "
-                            "'sparsemeta run' or 'sparsemeta lottery'")
+    roots = check_inputs(roots)
     out = Path(out) if out else roots[0]
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out '{out}' is a file; the report is a directory (summary.json, "
+    kind = rundir.path_kind(out)
+    if kind not in (None, "a directory"):
+        raise UserError(f"--out '{out}' is {kind}; the report is a directory (summary.json, "
                         "report.md, plots): give a directory")
     records = collect(roots)
     if not records:
