@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from sparsemeta.data.base import FewShotData
+from sparsemeta.foundations.atomic import atomic_write
 from sparsemeta.foundations.errors import UserError
 
 #: image formats a contact sheet (8-bit grey or RGB) is written in, if this Pillow can write them
@@ -53,8 +54,9 @@ def contact_sheet(data: FewShotData, split: str, out: str | Path, classes: int =
     scale = max(1, 64 // h)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    try:
-        img.save(out)
+    try:  # through a temporary file: a failed save leaves no torn image at ``out``
+        fmt = Image.registered_extensions()[out.suffix.lower()]
+        atomic_write(out, lambda fh: img.save(fh, format=fmt))
     except (OSError, ValueError) as exc:
         reason = " ".join(str(exc.strerror if isinstance(exc, OSError) and exc.strerror else exc).split())
         raise UserError(f"cannot write '{out}': {reason}") from None

@@ -379,22 +379,14 @@ def format_export(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _refuse_overwriting_source(source: Path, out: Path) -> None:
-    """An --out inside the run or experiment directory that is already a file there (best.pt,
-    eval.json, …) would destroy what the export reads: refused. A new file there is fine."""
-    if out.is_file() and out.suffix not in (".smz", ".onnx") and out.resolve().is_relative_to(
-            source.resolve()):
-        raise UserError(f"--out '{out}' would overwrite a file of '{source}'; write the export "
-                        "to a new file such as model.smz")
-
-
 def export_command(path: str | Path, out: str | Path, level: int | None = None,
                    fp16: bool = False, seed: int | None = None, as_json: bool = False,
                    int8: bool = False, fmt: str = "smz") -> str:
     """``sparsemeta export``: a run directory (has config.yaml) or a lottery experiment, as a
     ``.smz`` file for sparsemeta-edge or an ONNX model for ONNX Runtime."""
     p = Path(path)
-    _refuse_overwriting_source(p, Path(out))
+    # before any work: never a directory or device, never a file a run or experiment owns
+    rundir.check_out_file(out, f"model.{fmt}")
     if RunDir(p).file(rundir.CONFIG).is_file():
         if level is not None:
             raise UserError("--level applies to a lottery experiment directory, not a run directory")

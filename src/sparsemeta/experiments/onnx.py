@@ -12,6 +12,7 @@ match meta-training's, or for the meta-trained classes themselves).
 from __future__ import annotations
 
 import copy
+import io
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsemeta.foundations.atomic import atomic_write
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.meta.core import MetaLearner
 from sparsemeta.meta.learners import build_learner
@@ -67,12 +69,14 @@ def export_onnx(run_dir: str | Path, out_path: str | Path) -> dict[str, Any]:
     cfg = load_run_config(run)
     example = torch.zeros(cfg.data.ways * cfg.data.shots, learner.model.blocks[0].conv.in_channels,
                           cfg.data.image_size, cfg.data.image_size)
+    graph = io.BytesIO()  # written atomically below: a failure leaves no torn file at --out
     # plain-op batch norm: the exporter cannot express the fused kernel's batch statistics
     with warnings.catch_warnings(), torch.no_grad(), plain_batch_norm():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        _onnx_export(_Inference(learner).eval(), (example,), str(out), dynamo=False,
-                          input_names=["images"], output_names=["logits"], opset_version=OPSET,
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+        _onnx_export(_Inference(learner).eval(), (example,), graph, dynamo=False,
+                     input_names=["images"], output_names=["logits"], opset_version=OPSET,
+                     dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+    atomic_write(out, lambda fh: fh.write(graph.getvalue()))
     return {"path": str(out), "bytes": out.stat().st_size, "input": list(example.shape[1:]),
             "ways": cfg.data.ways, "bn": cfg.meta.bn, "opset": OPSET, "run": str(run)}
 
