@@ -6,7 +6,6 @@ import dataclasses
 import math
 import os
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,6 +30,7 @@ from sparsemeta.config import (
 from sparsemeta.experiments.methods.earlybird import EarlyBirdSettings
 from sparsemeta.experiments.methods.l1 import L1Settings
 from sparsemeta.experiments.methods.rigl import RiglSettings
+from sparsemeta.foundations import safeio
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.meta.engine import resolve_engine
 
@@ -318,10 +318,14 @@ def test_a_read_error_is_a_user_error(tmp_path, monkeypatch):
     path = tmp_path / "locked.yaml"
     path.write_text("train: {iterations: 5}\n")
 
-    def refuse(self):
-        raise PermissionError(13, "Permission denied", str(self))
+    real = safeio.os.open
 
-    monkeypatch.setattr(Path, "read_bytes", refuse)
+    def refuse(name, *args, **kwargs):
+        if str(name) == str(path):
+            raise PermissionError(13, "Permission denied", str(name))
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(safeio.os, "open", refuse)
     _one_line(lambda: build_config(str(path)), str(path), "cannot be read", "Permission denied")
 
 

@@ -47,6 +47,25 @@ DEFAULT_PRESET = "glyphs-quick"
 MAX_SEED = 2**32 - 1
 #: the widest conv layer anyone trains here; the edge format refuses more
 MAX_FILTERS = 4096
+#: image side in pixels. MAML works at 28 (Omniglot) and 84 (mini-ImageNet), ImageNet-size work
+#: at 224; 512 leaves room above that. Every image is held at this size: the decoded cache
+#: (mini-ImageNet's 60,000 RGB images: 47 GB at 512, 9 GB at 224) and the glyph generator
+#: (32,000 images in memory: 8.4 GB at 512), and Conv4's first layer holds filters × side²
+#: floats per image (64 MiB at 512 with 64 filters). The edge format's 2048 is a file limit.
+MAX_IMAGE_SIZE = 512
+#: evaluation tasks (eval.tasks, train.val_tasks, ``eval --tasks``): 600 is the field's standard,
+#: 10,000 the most reported; an evaluation keeps 2 × tasks × (steps + 1) float64 results
+#: (1.6 GB at both bounds)
+MAX_TASKS = 100_000
+#: inner-loop steps: MAML takes 1-10, fine-tuning baselines 100s; MAML++ keeps per-step
+#: batch-norm weights and learning rates, and an evaluation one result per step
+MAX_INNER_STEPS = 1000
+#: CPU task threads of one process: each is an OS thread, more than any machine has cores
+MAX_THREADS = 1024
+#: pixels of one meta-batch (meta_batch × ways × (shots + queries) × side², per channel):
+#: 2^32 is 16 GiB as float32 — 400 times the largest standard setting (32 tasks of 20-way
+#: 5-shot Omniglot with 15 queries at 28 px: 10 M) and 6 times 32 such tasks at 224 px
+MAX_BATCH_PIXELS = 2**32
 
 
 def at_most(key: str, value: int, high: int, why: str = "") -> None:
@@ -123,7 +142,9 @@ class DataConfig:
         for name in ("shots", "queries"):
             at_least(f"{at}.{name}", getattr(self, name), 1)
         at_least(f"{at}.image_size", self.image_size, 16, " for Conv4")
+        at_most(f"{at}.image_size", self.image_size, MAX_IMAGE_SIZE)
         at_least(f"{at}.shift", self.shift, 0)
+        at_most(f"{at}.shift", self.shift, self.image_size // 2, " (half the image side)")
         at_least(f"{at}.seed", self.seed, 0)
         at_most(f"{at}.seed", self.seed, MAX_SEED, " (a 32-bit seed)")
         v, t = self.val_fraction, self.test_fraction
@@ -186,6 +207,8 @@ class MetaConfig:
         learning_rate(f"{at}.inner_lr", self.inner_lr)
         at_least(f"{at}.inner_steps", self.inner_steps, 1)
         at_least(f"{at}.eval_inner_steps", self.eval_inner_steps, 0)
+        for name in ("inner_steps", "eval_inner_steps"):
+            at_most(f"{at}.{name}", getattr(self, name), MAX_INNER_STEPS)
         if not re.fullmatch(r"all|head|bn|last:[1-4]", self.adapt):
             raise UserError(f"{at}.adapt must be all, head, bn or last:K with K in 1..4; "
                             f"got {self.adapt!r}")
@@ -224,6 +247,9 @@ class TrainConfig:
         for name in ("iterations", "meta_batch", "val_every", "val_tasks", "checkpoint_every"):
             at_least(f"{at}.{name}", getattr(self, name), 1)
         at_least(f"{at}.threads", self.threads, 1)
+        if self.threads is not None:
+            at_most(f"{at}.threads", self.threads, MAX_THREADS)
+        at_most(f"{at}.val_tasks", self.val_tasks, MAX_TASKS)
         learning_rate(f"{at}.meta_lr", self.meta_lr)
 
 
@@ -242,6 +268,7 @@ class EvalConfig:
 
     def validate(self, at: str = "eval") -> None:
         at_least(f"{at}.tasks", self.tasks, 1)
+        at_most(f"{at}.tasks", self.tasks, MAX_TASKS)
         at_least(f"{at}.queries", self.queries, 1)
 
 
@@ -436,6 +463,12 @@ class Config:
         return self
 
     def _validate_across_sections(self) -> None:
+        d = self.data
+        pixels = self.train.meta_batch * d.ways * (d.shots + d.queries) * d.image_size**2
+        if pixels > MAX_BATCH_PIXELS:
+            raise UserError(f"train.meta_batch × data.ways × (data.shots + data.queries) × "
+                            f"data.image_size² = {pixels:,} pixels in one meta-batch, more than "
+                            f"{MAX_BATCH_PIXELS:,} (16 GiB of float32); lower one of them")
         if self.meta.mix == "metamix" and self.data.queries != self.data.shots:
             raise UserError(
                 f"meta.mix=metamix mixes each query example with a support example, so it needs "
