@@ -28,7 +28,9 @@ import hashlib
 import json
 import multiprocessing
 import os
-from collections.abc import Callable, Iterable, Sequence
+import stat
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,8 +79,17 @@ def require_root(root: str | None, name: str, expected: str) -> Path:
     except OSError as exc:  # e.g. a parent directory the user may not enter
         raise unreadable(path, exc, "data root") from None
     if not path.is_dir():
-        raise UserError(f"data root '{path}' is a file, not a directory; set data.root to a directory with {expected}")
+        raise UserError(f"data root '{path}' is {_kind(path)}, not a directory; set data.root "
+                        f"to a directory with {expected}")
     return path.resolve()
+
+
+def _kind(path: Path) -> str:
+    """What a path that is not a directory is, for a message."""
+    mode = path.stat().st_mode
+    kinds = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISFIFO, "a fifo"), (stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "a file"))
+    return next((name for test, name in kinds if test(mode)), "a special file")
 
 
 def unreadable(path: str | os.PathLike, exc: OSError, what: str = "") -> UserError:
@@ -178,25 +189,39 @@ def to_8bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
 
 
+@contextlib.contextmanager
+def open_image(path: str | os.PathLike) -> Iterator[Image.Image]:
+    """The image of ``path``, only its header read: every loader opens images here, so each
+    defect is the same one line naming the file, before any pixel is decoded. An image of
+    more pixels than Pillow's ``MAX_IMAGE_PIXELS`` (a decompression bomb: a small file that
+    decodes to gigabytes) is refused, also where Pillow itself only warns (up to twice that)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as im:
+                yield im
+        except (PermissionError, FileNotFoundError, NotADirectoryError) as exc:
+            raise unreadable(path, exc, "image") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise UserError(f"image '{path}' has more than {Image.MAX_IMAGE_PIXELS:,} pixels "
+                            "(a decompression bomb?); replace or delete that file") from None
+        except (OSError, ValueError, SyntaxError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UserError(f"cannot decode image '{path}' ({reason}); replace or delete that "
+                            "file") from None
+
+
 def decode_image(path: str | os.PathLike, spec: DecodeSpec) -> np.ndarray:
     """One image file as ``(C, H, W)`` uint8, resized (Lanczos) to ``spec.size`` square."""
     mode = "RGB" if spec.channels == 3 else "L"
-    try:
-        with Image.open(path) as im:
-            if im.format == "JPEG":
-                im.draft(mode, (spec.size, spec.size))  # decode big JPEGs at reduced scale
-            if spec.exif:
-                im = ImageOps.exif_transpose(im)
-            if im.mode in WIDE_GREY:
-                im = to_8bit(im)
-            im = im.convert(mode)
-    except (PermissionError, FileNotFoundError, NotADirectoryError) as exc:
-        raise unreadable(path, exc, "image") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(
-            f"cannot decode image '{path}' ({reason}); replace or delete that file"
-        ) from None
+    with open_image(path) as im:
+        if im.format == "JPEG":
+            im.draft(mode, (spec.size, spec.size))  # decode big JPEGs at reduced scale
+        if spec.exif:
+            im = ImageOps.exif_transpose(im)
+        if im.mode in WIDE_GREY:
+            im = to_8bit(im)
+        im = im.convert(mode)
     if spec.invert:
         im = ImageOps.invert(im)
     if im.size != (spec.size, spec.size):
@@ -208,13 +233,8 @@ def decode_image(path: str | os.PathLike, spec: DecodeSpec) -> np.ndarray:
 def infer_channels(paths: Iterable[Path]) -> int:
     """3 if any image has colour, else 1 (reads headers only)."""
     for p in paths:
-        try:
-            with Image.open(p) as im:
-                mode = im.mode
-        except (PermissionError, FileNotFoundError, NotADirectoryError) as exc:
-            raise unreadable(p, exc, "image") from None
-        except (OSError, ValueError, SyntaxError) as exc:
-            raise UserError(f"cannot read image '{p}' ({exc}); replace or delete that file") from None
+        with open_image(p) as im:
+            mode = im.mode
         if mode not in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"):
             return 3
     return 1

@@ -27,6 +27,7 @@ import csv
 import io
 import os
 import pickle
+import stat
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -113,10 +114,16 @@ def crop_flip(batch: np.ndarray, rng: np.random.Generator, padding: int = 8) -> 
 
 
 def sniff(path: Path, what: str) -> None:
-    """Reject an empty file or an HTML page saved in place of the data."""
+    """Reject anything but a regular file (opened without blocking: a fifo would wait for a
+    writer), an empty file, or an HTML page saved in place of the data."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(512)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UserError(f"'{path}' is not a regular file; put {what} there")
+            head = os.read(fd, 512)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise UserError(f"cannot read '{path}' ({exc.strerror}); check its permissions") from None
     if not head:
@@ -241,7 +248,7 @@ def _find_pickles(root: Path) -> dict[str, Path]:
     found = {}
     for split, names in PICKLES.items():
         for n in names:
-            if (root / n).is_file():
+            if os.path.lexists(root / n):  # a fifo or device is named by ``sniff``, not missed
                 found[split] = root / n
                 break
     return found
@@ -253,7 +260,7 @@ def scan_miniimagenet(spec: DataSpec) -> Layout | PickleSource:
     images_dir = root / "images"
     if images_dir.is_dir():
         csvs = [root / f"{s}.csv" for s in SPLITS]
-        have = [p.is_file() for p in csvs]
+        have = [os.path.lexists(p) for p in csvs]
         if any(have) and not all(have):
             missing = [p.name for p, h in zip(csvs, have) if not h]
             raise UserError(f"'{root}' has images/ and some split files but not {', '.join(missing)}; "
