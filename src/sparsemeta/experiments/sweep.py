@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import math
 import re
 import sys
 import time
@@ -99,7 +100,8 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
         raise UserError(f"sweep file '{path}' needs a 'grid' mapping, e.g. grid: {{seeds: [0, 1]}}")
     for key, values in grid.items():
         if not isinstance(key, str) or not isinstance(values, list) or not values:
-            raise UserError(f"grid.{short(key)} must be a non-empty list, got {short(values)}")
+            name = key if isinstance(key, str) else short(key)
+            raise UserError(f"grid.{name} must be a non-empty list, got {short(values)}")
     fixed = spec.get("set") or {}
     if not isinstance(fixed, dict) or not all(isinstance(k, str) for k in fixed):
         raise UserError(f"'set' must be a mapping of config keys to values, got {short(fixed)}")
@@ -107,8 +109,8 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
     if not isinstance(ray, dict) or set(ray) - RAY_KEYS:
         raise UserError(f"'ray' takes only {', '.join(sorted(RAY_KEYS))}, got {short(ray)}")
     for key, value in ray.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
-                key == "cpus_per_task" and value == 0):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                0 <= value < math.inf) or (key == "cpus_per_task" and value == 0):
             raise UserError(f"ray.{key} must be a number (cpus > 0, gpus >= 0), got {short(value)}")
     controls = spec.get("controls", ["reinit", "random"])
     if not isinstance(controls, (str, list, type(None))):
@@ -136,7 +138,10 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
                 name = _slug("-".join([method, f"seed{seed}", *variant_over]))
                 experiments.append(Experiment(name, variant, method, seed, overrides))
     _check_unique(experiments, path)
-    out_dir = out or spec.get("out") or Path("runs") / f"sweep-{path.stem}"
+    out_dir = next((o for o in (out, spec.get("out")) if o is not None),
+                   Path("runs") / f"sweep-{path.stem}")
+    if not isinstance(out_dir, (str, Path)) or not str(out_dir):
+        raise UserError(f"'out' in '{path}' must be a directory path, got {short(out_dir)}")
     return Sweep(config, Path(out_dir), controls, experiments,
                  float(ray.get("cpus_per_task", 1)), float(ray.get("gpus_per_task", 0)))
 

@@ -138,18 +138,49 @@ def tune(config: str, overrides: list[str], method: str, out: str | Path, trials
         return _best(optuna, study, out, method, config, overrides)
 
 
+#: the first bytes of every SQLite database file
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _check_database(path: Path) -> None:
+    """Refuse, in one line, a ``study.db`` that is not an SQLite file (a directory, a device, a
+    fifo, or other bytes): SQLite would fail deep in Optuna, or block on a fifo."""
+    kind = rundir.path_kind(path)
+    if kind not in (None, "a file"):
+        raise UserError(f"'{path}' is {kind}, not an Optuna study database; remove it or use "
+                        "another --out")
+    if kind and path.stat().st_size:
+        with path.open("rb") as fh:
+            if fh.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
+                raise UserError(f"'{path}' is not an SQLite database (an Optuna study); "
+                                "restore it or use another --out")
+
+
 def _open_study(optuna, out: Path, setting: dict, trials: int):  # noqa: ANN001, ANN202 - optuna types
     """The study in ``out`` (created, or continued with the same setting), its interrupted
     trials queued again."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name="sparsemeta", storage=f"sqlite:///{(out / rundir.STUDY_DB).resolve()}",
-                                load_if_exists=True, direction="maximize",
-                                sampler=optuna.samplers.TPESampler(seed=setting["seed"]))
-    old = study.user_attrs.get("setting")
+    db = out / rundir.STUDY_DB
+    _check_database(db)
+    try:
+        study = optuna.create_study(study_name="sparsemeta", storage=f"sqlite:///{db.resolve()}",
+                                    load_if_exists=True, direction="maximize",
+                                    sampler=optuna.samplers.TPESampler(seed=setting["seed"]))
+        old = study.user_attrs.get("setting")
+    except Exception as exc:  # SQLAlchemy's and Optuna's own errors: a damaged or foreign db
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"'{db}' cannot be opened as an Optuna study ({type(exc).__name__}: "
+                        f"{short(first, 120)}); restore it or use another --out") from None
+    if old is not None and not isinstance(old, dict):
+        raise UserError(f"'{db}' is damaged (its setting is {short(old)}); restore it or use "
+                        "another --out")
     if old is not None and old != setting:
-        differ = next(k for k in setting if old.get(k) != setting[k])
-        raise UserError(f"'{out}' holds a study with another {differ} ({old.get(differ)!r}, "
-                        f"now {setting[differ]!r}); use another --out")
+        differ = next((k for k in setting if old.get(k) != setting[k]), None)
+        if differ is None:
+            raise UserError(f"'{db}' is damaged (its setting has unknown keys); restore it or use "
+                            "another --out")
+        raise UserError(f"'{out}' holds a study with another {differ} ({short(old.get(differ))}"
+                        f", now {short(setting[differ])}); use another --out")
     study.set_user_attr("setting", setting)
     requeued = _requeue_interrupted(study)
     finished = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
