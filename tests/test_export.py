@@ -21,6 +21,7 @@ from sparsemeta.experiments.export import (
     export_experiment,
     export_run,
 )
+from sparsemeta.experiments.onnx import export_onnx
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.foundations.io import write_json
 from sparsemeta.meta.learners import build_learner, model_spec
@@ -216,13 +217,20 @@ def test_a_best_pt_that_does_not_fit_its_config_is_refused_in_one_line(tmp_path)
     made = make_run(run, 1.0, overrides=METASGD)
     state = {k: v for k, v in made["state"].items() if k != "inner_lr.head.bias"}
     torch.save(state, run / "best.pt")
-    with pytest.raises(UserError, match="learned inner learning rates that do not fit") as err:
+    with pytest.raises(UserError, match=r"best.pt' does not fit the model its config.yaml "
+                                        r"describes \(inner_lr.head.bias: missing") as err:
         export_run(run, tmp_path / "m.smz")
     assert "\n" not in str(err.value)
     make_run(run, 1.0, overrides=["meta.bn=running"])
     (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("running", "support"))
-    with pytest.raises(UserError, match="does not match its config.yaml"):
+    with pytest.raises(UserError, match=r"does not fit the model .*running_mean"):
         export_run(run, tmp_path / "m.smz")
+    make_run(run, 1.0)  # a width the weights do not have: refused, not exported (as before)
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace(
+        "filters: 16", "filters: 32"))
+    for export in (export_run, export_onnx):
+        with pytest.raises(UserError, match=r"does not fit the model .*\(blocks.0.conv.weight"):
+            export(run, tmp_path / "m.out")
 
 
 # -- learned inner rates and per-step batch norm ---------------------------------------------

@@ -208,12 +208,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError(f"--tasks must be >= 1 and <= {MAX_TASKS:,}, got {tasks}")
     if not 0 <= steps <= MAX_INNER_STEPS:
         raise UserError(f"--steps must be >= 0 and <= {MAX_INNER_STEPS:,}, got {steps}")
-    chosen = run.chosen_model()  # best-on-validation weights with the mask they were scored with
+    chosen = run.chosen_model(cfg)  # best-on-validation weights with the mask they were scored
     data = load_data(cfg.data_spec())
     setup = prepare(cfg, data, splits=(args.split,))
     mask = ({k: v.to(setup.device) for k, v in chosen.mask.items()} if chosen.mask else None)
-    learner = build_learner(cfg, data.channels, mask, threads=setup.engine.threads)
-    chosen.check(learner.state_dict(), run.path)
+    learner = build_learner(cfg, data.channels, mask)
+    chosen.check(learner.state_dict(), run.path)  # and the data's channels
     learner.load_state_dict(chosen.state)
     learner.to(setup.device)
     result = evaluate(setup.engine, learner, dict(learner.model.named_parameters()),

@@ -44,7 +44,7 @@ from sparsemeta.training import rundir
 from sparsemeta.training.rundir import RunDir, load_run_config
 from sparsemeta_edge import smz
 from sparsemeta_edge.manifest import Architecture, InputSpec, Manifest, Source
-from sparsemeta_edge.nn import block_names, param_shapes, running_names
+from sparsemeta_edge.nn import block_names, running_names
 
 #: data sets whose loaders do not normalise (mean 0, std 1 on images / 255)
 _UNNORMALISED = ("glyphs", "omniglot")
@@ -91,12 +91,11 @@ def _lr_rule(cfg: Config, params: Arrays, rates: Arrays, run: Path) -> str:
     return rule
 
 
-def _numpy_state(run: Path) -> tuple[Arrays, Arrays, Arrays]:
+def _numpy_state(run: Path, cfg: Config) -> tuple[Arrays, Arrays, Arrays]:
     """State (pruned entries zeroed: the effective θ ⊙ m), masks and learned inner learning
     rates (by parameter name; Meta-SGD's α of pruned weights zeroed too) of a run directory's
     chosen model: the best-on-validation weights with the mask they were evaluated with."""
-    chosen = RunDir(run).chosen_model()
-    chosen.check(chosen.state, run)  # the mask names layers of these weights (their shapes: below)
+    chosen = RunDir(run).chosen_model(cfg)
     state, mask = chosen.state, chosen.mask or {}
     params, masks, rates = {}, {}, {}
     for name, value in state.items():
@@ -157,19 +156,12 @@ def _export_parts(run: Path) -> tuple[Manifest, Arrays, Arrays, Arrays, dict[str
     takes), plus facts for the caller: the dense fp32 size (learned rates included) and
     prunable weights of the meta-trained Conv4."""
     cfg = load_run_config(run)
-    params, masks, rates = _numpy_state(run)
+    params, masks, rates = _numpy_state(run, cfg)
     w0 = params["blocks.0.conv.weight"]
     filters, channels = int(w0.shape[0]), int(w0.shape[1])
     ways = int(params["head.weight"].shape[0])
     gamma = params["blocks.0.bn.weight"]
     bn_steps = int(gamma.shape[0]) if gamma.ndim == 2 else 1  # MAML++'s per-step batch norm
-    expected = param_shapes(channels, ways, cfg.data.image_size, filters, cfg.model.downsample,
-                            bn_steps, running=cfg.meta.bn == "running")
-    got = {k: tuple(v.shape) for k, v in params.items()}
-    if got != expected:
-        raise UserError(f"'{run}/best.pt' does not match its config.yaml's Conv4 "
-                        f"({cfg.model.filters} filters, {cfg.data.image_size} px, "
-                        f"meta.bn={cfg.meta.bn}); is the run intact?")
     rule = _lr_rule(cfg, params, rates, run)
     facts = {"dense_fp32_bytes": 4 * sum(v.size for v in [*params.values(), *rates.values()]),
              "prunable": sum(v.size for k, v in params.items() if smz.is_prunable(k, v.shape))}

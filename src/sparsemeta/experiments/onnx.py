@@ -52,7 +52,7 @@ class _Inference(nn.Module):
 def inference_learner(run: Path) -> MetaLearner:
     """The run's chosen model (best weights with their mask) as an evaluating learner."""
     cfg = load_run_config(run)
-    chosen = RunDir(run).chosen_model()
+    chosen = RunDir(run).chosen_model(cfg)
     channels = int(chosen.state["blocks.0.conv.weight"].shape[1])
     learner = build_learner(cfg, channels, chosen.mask)
     learner.load_state_dict(chosen.state)

@@ -47,8 +47,7 @@ def initial_model(cfg: Config, in_channels: int) -> Conv4:
     return build_model(model_spec(cfg, in_channels))
 
 
-def build_learner(cfg: Config, in_channels: int, mask: Mask | None = None,
-                  threads: int = 1) -> MetaLearner:
+def build_learner(cfg: Config, in_channels: int, mask: Mask | None = None) -> MetaLearner:
     """The learner ``cfg.meta`` names at θ₀ of ``cfg.seed``, with its training-time schedules
     attached (its loop's CPU task threads are the engine's to set: ``Engine.threads``)."""
     learner = MetaLearner(
@@ -63,7 +62,6 @@ def build_learner(cfg: Config, in_channels: int, mask: Mask | None = None,
         metamix=(cfg.metamix.alpha, cfg.metamix.beta) if cfg.meta.mix == "metamix" else None,
         metamix_seed=cfg.seed,
         adapt=cfg.meta.adapt,
-        threads=threads,
     )
     if cfg.metamix.channel_shuffle_from is not None:
         learner.schedules.append(ChannelShuffleSchedule(cfg.seed, cfg.metamix.channel_shuffle_from))

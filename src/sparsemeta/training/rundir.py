@@ -40,6 +40,7 @@ from sparsemeta.foundations import safeio
 from sparsemeta.foundations.atomic import atomic_write_text
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.foundations.io import atomic_torch_save, load_tensors, write_json
+from sparsemeta.meta.learners import build_learner
 from sparsemeta.sparsity.masks import Mask, save_mask
 
 CONFIG = "config.yaml"
@@ -610,6 +611,15 @@ def read_mask(path: Path) -> Mask:
     return {k: v.bool() for k, v in _tensors(path, "a sparsity mask").items()}
 
 
+def _model_state(cfg: Config, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state (names and shapes) of the learner ``cfg`` builds, for the input channels the
+    data gave it (read from ``state``: the config does not always say), torch's RNG untouched."""
+    first = state.get("blocks.0.conv.weight")
+    channels = int(first.shape[1]) if isinstance(first, torch.Tensor) and first.dim() == 4 else 1
+    with torch.random.fork_rng(devices=[]):
+        return build_learner(cfg, channels).state_dict()
+
+
 # -- one run directory ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ChosenModel:
@@ -684,10 +694,16 @@ class RunDir:
             return self.weights(step_file(k))
         return self.weights(INIT)
 
-    def chosen_model(self) -> ChosenModel:
+    def chosen_model(self, cfg: Config | None = None) -> ChosenModel:
+        """``best.pt`` with the mask it was scored with, checked in one line against the model
+        ``cfg`` (the run's config.yaml) builds — or, without ``cfg``, the mask against the
+        weights — so a copied, edited or mixed-up run directory is refused the same way by
+        every reader (eval, export, ONNX, report)."""
         if not self.file(BEST).is_file():
             raise UserError(f"'{self.path}' has no {BEST} yet (no validation has run); train it "
                             "further first")
         mask_file = next((self.file(f) for f in (BEST_MASK, MASK) if self.file(f).exists()), None)
-        return ChosenModel(read_weights(self.file(BEST)),
-                           read_mask(mask_file) if mask_file else None)
+        chosen = ChosenModel(read_weights(self.file(BEST)),
+                             read_mask(mask_file) if mask_file else None)
+        chosen.check(chosen.state if cfg is None else _model_state(cfg, chosen.state), self.path)
+        return chosen
