@@ -356,13 +356,13 @@ def test_config_from_dict_round_trips_to_dict():
 
 
 @pytest.mark.parametrize("overrides, fragment, auto_on_cuda", [
-    (["train.engine=grouped", "meta.bn=running"],
-     "train.engine=grouped cannot run this learner: meta.bn=running", "loop"),
-    (["train.engine=grouped", "meta.mix=metamix", "data.queries=1"],
-     "train.engine=grouped cannot run this learner: MetaMix", "loop"),
-    (["train.engine=vmap", "meta.adapt=head"], "train.engine=vmap cannot run this learner",
+    (["train.core=grouped", "meta.bn=running"],
+     "train.core=grouped cannot run this learner: meta.bn=running", "loop"),
+    (["train.core=grouped", "meta.mix=metamix", "data.queries=1"],
+     "train.core=grouped cannot run this learner: MetaMix", "loop"),
+    (["train.core=vmap", "meta.adapt=head"], "train.core=vmap cannot run this learner",
      "grouped"),
-    (["train.engine=vmap", "meta.algorithm=mamlpp"], "mamlpp.multi_step_loss=false", "grouped"),
+    (["train.core=vmap", "meta.algorithm=mamlpp"], "mamlpp.multi_step_loss=false", "grouped"),
 ])
 def test_an_engine_is_refused_up_front_where_it_cannot_compute_the_loops_result(
         overrides, fragment, auto_on_cuda):
@@ -370,7 +370,7 @@ def test_an_engine_is_refused_up_front_where_it_cannot_compute_the_loops_result(
     with pytest.raises(UserError, match=re.escape(fragment)):
         resolve_engine(cfg, torch.device("cpu"))
     # auto takes a core that can compute it instead of refusing
-    auto = build_config(overrides=[o for o in overrides if not o.startswith("train.engine")])
+    auto = build_config(overrides=[o for o in overrides if not o.startswith("train.core")])
     assert resolve_engine(auto, torch.device("cpu")).core == "loop"
     assert resolve_engine(auto, torch.device("cuda")).core == auto_on_cuda
 
@@ -386,11 +386,22 @@ def test_auto_takes_the_grouped_core_on_cuda_and_the_loop_on_the_cpu():
     ({"vmap": False, "grouped": False}, "loop"), ({"vmap": False, "grouped": None}, "auto")])
 def test_a_config_saved_with_the_old_engine_keys_still_loads(saved, engine):
     old = Config().to_dict()
-    old["train"].pop("engine")
+    old["train"].pop("core")
     old["train"].update(saved)
-    assert config_from_dict(old).train.engine == engine
+    assert config_from_dict(old).train.core == engine
+
+
+@pytest.mark.parametrize("saved", [
+    {"grouped": [1]}, {"vmap": "false"}, {"grouped": "yes"}, {"vmap": True, "grouped": True},
+    {"grouped": 1}, {"grouped": None, "core": "loop"}])
+def test_an_old_engine_key_of_a_shape_no_version_wrote_is_refused_not_guessed(saved):
+    old = Config().to_dict()
+    old["train"].pop("core")
+    old["train"].update(saved)
+    with pytest.raises(UserError, match=r"config key 'train\.(grouped|vmap)' is now train\.core"):
+        config_from_dict(old)
 
 
 def test_the_old_engine_keys_in_user_input_name_the_new_key():
-    with pytest.raises(UserError, match=r"'train.grouped' is now train.engine"):
+    with pytest.raises(UserError, match=r"'train.grouped' is now train.core"):
         build_config(overrides=["train.grouped=true"])

@@ -109,17 +109,17 @@ def test_a_damaged_diverged_json_is_one_line_and_a_good_one_is_refused_to_resume
 
 
 def test_a_run_directory_saved_with_the_old_engine_keys_resumes(finished, tmp_path):
-    """``config.yaml`` written before train.engine (train.vmap/train.grouped) binds to today's
+    """``config.yaml`` written before train.core (train.vmap/train.grouped) binds to today's
     config of the same run, and a different one is still refused."""
     saved = yaml.safe_load((finished / rundir.CONFIG).read_text())
-    saved["train"].pop("engine")
+    saved["train"].pop("core")
     saved["train"].update({"vmap": False, "grouped": None})
     (tmp_path / rundir.CONFIG).write_text(yaml.safe_dump(saved))
     rundir.bind_config(tmp_path, build_config(overrides=OVERRIDES))
-    with pytest.raises(UserError, match=r"different config \(train.engine: 'auto' in the run, "
+    with pytest.raises(UserError, match=r"different config \(train.core: 'auto' in the run, "
                                         r"'grouped' now\)"):
         rundir.bind_config(tmp_path, build_config(overrides=[*OVERRIDES,
-                                                             "train.engine=grouped"]))
+                                                             "train.core=grouped"]))
 
 
 @pytest.mark.parametrize("targets, levels, fragment", [

@@ -107,3 +107,13 @@ def test_sweep_report_relates_every_method_to_its_seeds_imp_run(tmp_path):
     # each method has its own experiment directory; IMP's cost comes from the lottery one
     assert ticket["compute_vs_full_imp"] == pytest.approx(1.0)
     assert random["compute_vs_full_imp"] == pytest.approx(0.5)  # 1 run of IMP's 2 equal runs
+
+
+def test_a_core_that_cannot_run_a_grid_point_is_refused_before_any_run(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text("config: glyphs-quick\nset: {train.core: grouped}\n"
+                    "grid: {meta.bn: [transductive, running]}\n")
+    with pytest.raises(UserError, match="train.core=grouped cannot run this learner: "
+                                        "meta.bn=running"):
+        load_sweep(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -202,7 +202,7 @@ def test_vmap_option_routes_meta_batches_through_the_vmap_path(tmp_path, monkeyp
 
     monkeypatch.setattr(batched, "vmap_meta_gradient_step", spy)
     data = make_data()
-    res = train(build_config(overrides=OVERRIDES + ["train.engine=vmap"]), tmp_path / "vmap",
+    res = train(build_config(overrides=OVERRIDES + ["train.core=vmap"]), tmp_path / "vmap",
                 data=data, progress=False)
     assert calls == [2] * 6
     # and it trains the same model as the loop (float32: equal up to rounding)
@@ -240,7 +240,7 @@ def test_grouped_option_routes_training_and_evaluation_through_the_grouped_core(
     monkeypatch.setattr(Grouped, "meta_gradient_step", step)
     monkeypatch.setattr(Grouped, "evaluate_tasks", evaluate_tasks)
     data = make_data()
-    cfg = build_config(overrides=OVERRIDES + ["train.engine=grouped"])
+    cfg = build_config(overrides=OVERRIDES + ["train.core=grouped"])
     res = train(cfg, tmp_path / "grouped", data=data, progress=False)
     assert calls["meta_batch"] == [cfg.train.meta_batch] * cfg.train.iterations
     validations = cfg.train.iterations // cfg.train.val_every

@@ -230,13 +230,13 @@ class TrainConfig:
     """Validation tasks per validation (fixed tasks, the same every time)."""
     checkpoint_every: int = 50
     """Meta-iterations between checkpoints (a killed run resumes from the last)."""
-    engine: Literal["auto", "loop", "grouped", "vmap"] = "auto"
+    core: Literal["auto", "loop", "grouped", "vmap"] = "auto"
     """How the tasks of a meta-batch (and of an evaluation) are computed: 'loop' one task after
     another (on the CPU, on train.threads task threads); 'grouped' all in one pass, each layer a
     grouped convolution over the tasks (batch statistics, no MetaMix); 'vmap' meta-batches in
-    one torch.func.vmap pass (measured ~0.65× the loop on the CPU at ~3× its memory); 'auto'
-    grouped on CUDA where the learner allows it, else the loop. Every core computes the loop's
-    meta-gradient (tested in float64)."""
+    one torch.func.vmap pass (measured ~0.65× the loop on the CPU at ~3× its memory; evaluation
+    as 'auto' evaluates); 'auto' grouped on CUDA where the learner allows it, else the loop.
+    Every core computes the loop's meta-gradient (tested in float64)."""
     threads: int | None = None
     """CPU threads one training process uses (null: the cores it may run on, shared among
     ``--workers`` processes). On the CPU they compute the tasks of a meta-batch (and of an
@@ -590,19 +590,24 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 #: keys of older versions, read from saved configs (``upgrade_saved``) and, in user input,
 #: refused with the key that replaced them
-RENAMED = {"train.vmap": "train.engine=vmap",
-           "train.grouped": "train.engine (true → grouped, false → loop, null → auto)"}
+RENAMED = {"train.vmap": "train.core=vmap",
+           "train.grouped": "train.core (true → grouped, false → loop, null → auto)"}
 
 
 def upgrade_saved(data: Any) -> Any:
     """A resolved config as an older sparsemeta saved it (a run directory's ``config.yaml``),
-    in today's keys: ``train.vmap``/``train.grouped`` become ``train.engine``."""
+    in today's keys: ``train.vmap``/``train.grouped`` become ``train.core``. Only the shapes an
+    older version wrote are translated (booleans, null, not both cores, no ``core`` beside
+    them); anything else is left for the config's own one-line refusal of the old key."""
     train = data.get("train") if isinstance(data, dict) else None
-    if not isinstance(train, dict) or not {"vmap", "grouped"} & set(train):
+    if not isinstance(train, dict) or not {"vmap", "grouped"} & set(train) or "core" in train:
         return data
-    train = dict(train)
-    vmap, grouped = train.pop("vmap", False), train.pop("grouped", None)
-    train["engine"] = "vmap" if vmap else {True: "grouped", False: "loop"}.get(grouped, "auto")
+    vmap, grouped = train.get("vmap", False), train.get("grouped")
+    if type(vmap) is not bool or not (grouped is None or type(grouped) is bool) or (
+            vmap and grouped):
+        return data
+    train = {k: v for k, v in train.items() if k not in ("vmap", "grouped")}
+    train["core"] = "vmap" if vmap else {True: "grouped", False: "loop"}.get(grouped, "auto")
     return {**data, "train": train}
 
 

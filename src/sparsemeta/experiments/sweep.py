@@ -42,6 +42,7 @@ from sparsemeta.foundations.errors import UserError
 from sparsemeta.foundations.io import write_json
 from sparsemeta.foundations.lock import exclusive
 from sparsemeta.foundations.safeio import read_yaml, short
+from sparsemeta.meta.engine import check_core
 from sparsemeta.training import rundir
 from sparsemeta.training.rundir import LOCK, make_dir
 
@@ -134,7 +135,7 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
         for method in methods:
             for seed in seeds:
                 overrides = (*base, *variant_over, f"seed={seed}")
-                build_config(config, list(overrides))  # every config valid before any run
+                check_core(build_config(config, list(overrides)))  # all valid before any run
                 name = _slug("-".join([method, f"seed{seed}", *variant_over]))
                 experiments.append(Experiment(name, variant, method, seed, overrides))
     _check_unique(experiments, path)

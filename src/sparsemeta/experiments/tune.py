@@ -23,6 +23,7 @@ from sparsemeta.foundations.errors import UserError
 from sparsemeta.foundations.io import write_json
 from sparsemeta.foundations.lock import exclusive
 from sparsemeta.foundations.safeio import short
+from sparsemeta.meta.engine import check_core
 from sparsemeta.training import rundir
 from sparsemeta.training.loop import Diverged
 from sparsemeta.training.rundir import LOCK, make_dir
@@ -125,6 +126,7 @@ def tune(config: str, overrides: list[str], method: str, out: str | Path, trials
         raise UserError(f"--target-density must be in (0, 1], got {target_density}")
     base = [*overrides, "eval.split=val", f"seed={seed}"]
     cfg = build_config(config, base)  # fail on config mistakes before anything is written
+    check_core(cfg)
     names = parse_params(params, cfg, method)
     out = make_dir(out)
     setting = {"config": config, "overrides": overrides, "method": method, "params": names,

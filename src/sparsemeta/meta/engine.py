@@ -1,5 +1,5 @@
 """The engine: how the tasks of a meta-batch and of an evaluation are computed — resolved once,
-from ``train.engine``, the device and what the learner does, and used by training and
+from ``train.core``, the device and what the learner does, and used by training and
 evaluation alike.
 
 * ``loop`` — the learner's own loop (``MetaLearner``): one task after another, on the CPU on
@@ -60,9 +60,9 @@ class Engine:
 
 
 def core_problem(cfg: Config) -> str | None:
-    """Why ``train.engine`` cannot compute this config's learner (None: it can) — whatever the
+    """Why ``train.core`` cannot compute this config's learner (None: it can) — whatever the
     device, so a sweep or a study can refuse it before its first run."""
-    setting, m = cfg.train.engine, cfg.meta
+    setting, m = cfg.train.core, cfg.meta
     if setting == "grouped":
         why = grouped.unsupported(m.bn, m.mix == "metamix")
     elif setting == "vmap":
@@ -70,18 +70,23 @@ def core_problem(cfg: Config) -> str | None:
         why = batched.unsupported(m.adapt == "all", multi_step, m.mix == "metamix", m.bn)
     else:
         return None
-    return None if why is None else (f"train.engine={setting} cannot run this learner: {why}; "
-                                     "use train.engine=auto or loop")
+    return None if why is None else (f"train.core={setting} cannot run this learner: {why}; "
+                                     "use train.core=auto or loop")
 
 
-def resolve_engine(cfg: Config, device: torch.device) -> Engine:
-    """The engine ``train.engine`` asks for on ``device`` — refused in one line where the chosen
-    core would not compute what the loop computes."""
+def check_core(cfg: Config) -> None:
+    """Refuse, in one line, a ``train.core`` that cannot compute the config's learner."""
     problem = core_problem(cfg)
     if problem is not None:
         raise UserError(problem)
+
+
+def resolve_engine(cfg: Config, device: torch.device) -> Engine:
+    """The engine ``train.core`` asks for on ``device`` — refused in one line where the chosen
+    core would not compute what the loop computes."""
+    check_core(cfg)
     can_group = grouped.unsupported(cfg.meta.bn, cfg.meta.mix == "metamix") is None
     auto = "grouped" if device.type == "cuda" and can_group else "loop"
-    core = auto if cfg.train.engine == "auto" else cfg.train.engine
+    core = auto if cfg.train.core == "auto" else cfg.train.core
     return Engine(core=core, eval_core=auto if core == "vmap" else core, device=device,
                   threads=resolve_threads(cfg.train.threads))
