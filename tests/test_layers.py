@@ -96,3 +96,20 @@ def test_no_function_is_longer_than_the_limit(root):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
             and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
     assert long == []
+
+
+def test_a_layer_imports_a_module_by_name_only_where_the_layering_says_so():
+    """Imports by name are invisible to the import check above, so below the experiments
+    (whose method registry imports its own modules) each is listed: the data registry's loaders
+    (its own layer) and the config's section providers (the one import of a layer above it, on
+    the first config built — see config.SECTION_PROVIDERS)."""
+    from sparsemeta.config import SECTION_PROVIDERS
+    from sparsemeta.data.registry import LOADERS
+
+    rank = {name: i for i, name in enumerate(LAYERS)}
+    below = [path for path in SRC.rglob("*.py") if rank.get(
+        ALIASES.get(_unit(path, SRC), _unit(path, SRC)), 0) < rank["experiments"]]
+    dynamic = sorted(str(p.relative_to(SRC)) for p in below if "import_module(" in p.read_text())
+    assert dynamic == ["config.py", "data/registry.py"]
+    assert all(m.startswith("sparsemeta.data.") for m, _ in LOADERS.values())
+    assert [m.split(".")[1] for m in SECTION_PROVIDERS] == ["experiments"]

@@ -16,6 +16,7 @@ import keyword
 import math
 import os
 import re
+import sys
 import textwrap
 import types
 import typing
@@ -24,7 +25,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from sparsemeta import SECTION_PROVIDERS
 from sparsemeta.data.registry import NAMES
 from sparsemeta.data.spec import DataSpec, TaskSpec
 from sparsemeta.foundations.errors import UserError
@@ -403,11 +403,27 @@ def remove_section(name: str) -> None:
     _SECTIONS.pop(name, None)
 
 
+#: the modules that add sections when imported: the sparsity methods' registry. The one place
+#: where this layer names a layer above it — by module name, imported on the first config built
+#: (not at import), so importing the config never imports the methods; tests/test_layers.py
+#: allows exactly this dynamic import and the data registry's loaders.
+SECTION_PROVIDERS = ("sparsemeta.experiments.methods",)
+_loaded: list[bool] = []
+
+
 def _load_sections() -> None:
-    """Import the modules that add sections (``sparsemeta.SECTION_PROVIDERS``), once: on first
-    use, not at import, so importing this layer never imports the layers above it."""
+    """Import the section providers once; a config built while one of them is still being
+    imported would silently miss sections, so that is refused."""
+    if _loaded:
+        return
     for name in SECTION_PROVIDERS:
+        module = sys.modules.get(name)
+        if module is not None and getattr(getattr(module, "__spec__", None), "_initializing",
+                                          False):
+            raise RuntimeError(f"a config was built while '{name}' was being imported: build "
+                               "configs at run time, not at import")
         importlib.import_module(name)
+    _loaded.append(True)
 
 
 def _new_sections() -> dict[str, Any]:

@@ -51,7 +51,7 @@ RAY_KEYS = {"cpus_per_task", "gpus_per_task"}
 
 
 @dataclass(frozen=True)
-class Experiment:
+class GridPoint:
     """One grid point: a ``sparsemeta run`` of one method and one seed."""
 
     name: str
@@ -66,7 +66,7 @@ class Sweep:
     config: str
     out: Path
     controls: list[str]
-    experiments: list[Experiment]
+    experiments: list[GridPoint]
     cpus_per_task: float
     gpus_per_task: float
 
@@ -137,7 +137,7 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
                 overrides = (*base, *variant_over, f"seed={seed}")
                 check_core(build_config(config, list(overrides)))  # all valid before any run
                 name = _slug("-".join([method, f"seed{seed}", *variant_over]))
-                experiments.append(Experiment(name, variant, method, seed, overrides))
+                experiments.append(GridPoint(name, variant, method, seed, overrides))
     _check_unique(experiments, path)
     out_dir = next((o for o in (out, spec.get("out")) if o is not None),
                    Path("runs") / f"sweep-{path.stem}")
@@ -147,10 +147,10 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
                  float(ray.get("cpus_per_task", 1)), float(ray.get("gpus_per_task", 0)))
 
 
-def _check_unique(experiments: list[Experiment], path: Path) -> None:
+def _check_unique(experiments: list[GridPoint], path: Path) -> None:
     """Two grid points with one directory name (a repeated value, or names equal once made
     file-safe) would share a directory: refused before anything runs."""
-    seen: dict[str, Experiment] = {}
+    seen: dict[str, GridPoint] = {}
     for exp in experiments:
         other = seen.setdefault(exp.name, exp)
         if other is not exp:
@@ -160,7 +160,7 @@ def _check_unique(experiments: list[Experiment], path: Path) -> None:
                             f"directory name '{exp.name}'; remove repeated or look-alike values")
 
 
-def run_one(config: str, out: str, exp: Experiment, controls: list[str], threads: int,
+def run_one(config: str, out: str, exp: GridPoint, controls: list[str], threads: int,
             progress: bool) -> dict:
     """Run (or resume) one experiment and mark it done; a done one returns at once."""
     import torch
@@ -186,7 +186,7 @@ def _report(sweep: Sweep) -> str:
     from sparsemeta.experiments.report import write_report
 
     parts, summary = [f"# Sweep report ({len(sweep.experiments)} experiments)\n"], {}
-    variants: dict[str, list[Experiment]] = {}
+    variants: dict[str, list[GridPoint]] = {}
     for exp in sweep.experiments:
         variants.setdefault(exp.variant, []).append(exp)
     for variant, exps in variants.items():
@@ -206,7 +206,7 @@ def _report(sweep: Sweep) -> str:
     return text
 
 
-def _result(ray, ref, exp: Experiment) -> dict:  # noqa: ANN001 - Ray's module and ObjectRef
+def _result(ray, ref, exp: GridPoint) -> dict:  # noqa: ANN001 - Ray's module and ObjectRef
     """A Ray task's record; its failure as one line (the remote traceback stays in Ray's log)."""
     try:
         return ray.get(ref)
@@ -276,7 +276,7 @@ def _run_sweep(sweep: Sweep, out: Path, engine: str, address: str | None) -> str
     return _report(sweep)
 
 
-def _run_on_ray(sweep: Sweep, todo: list[Experiment], address: str | None,
+def _run_on_ray(sweep: Sweep, todo: list[GridPoint], address: str | None,
                 finished: Callable[[int, dict], None]) -> None:
     import ray
 

@@ -89,9 +89,9 @@ def _open(setup: Setup, run: RunDir, data: FewShotData, g: Group, hooks: TrainHo
     if g.main and not run.file(rundir.INIT).exists():
         if init is not None:
             learner.load_state_dict(init)
-        run.prepare(learner.state_dict(), mask)
+        run.save_start(learner.state_dict(), mask)
     elif g.main and mask is not None:
-        run.prepare({}, mask)
+        run.save_start({}, mask)
     g.barrier()  # the other ranks read what rank 0 wrote
     mask = run.mask()
     learner.mask = {k: v.to(device) for k, v in mask.items()} if mask is not None else None

@@ -667,7 +667,7 @@ class RunDir:
     def write_result(self, result: RunResult) -> None:
         result.save(self.file(EVAL))
 
-    def prepare(self, initial_state: Mapping[str, torch.Tensor], mask: Mask | None) -> None:
+    def save_start(self, initial_state: Mapping[str, torch.Tensor], mask: Mask | None) -> None:
         """First use: save the mask and θ₀ that a resume reads back (never overwritten)."""
         if mask is not None and not self.file(MASK).exists():
             save_mask(mask, self.file(MASK))
