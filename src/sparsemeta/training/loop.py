@@ -24,9 +24,8 @@ from sparsemeta.data.base import FewShotData
 from sparsemeta.data.tasks import TaskSampler, sampler_for
 from sparsemeta.foundations.atomic import remove_stale_temps
 from sparsemeta.foundations.errors import UserError
-from sparsemeta.foundations.io import atomic_torch_save, load_tensors, write_json
+from sparsemeta.foundations.io import atomic_torch_save, load_tensors
 from sparsemeta.foundations.lock import exclusive
-from sparsemeta.foundations.safeio import read_json
 from sparsemeta.meta.core import MetaLearner
 from sparsemeta.meta.learners import build_learner
 from sparsemeta.sparsity.masks import Mask, density, save_mask, zero_pruned_
@@ -36,7 +35,7 @@ from sparsemeta.training.distributed import Group, group
 from sparsemeta.training.evaluate import evaluate
 from sparsemeta.training.hooks import StepContext, TrainHooks
 from sparsemeta.training.metrics import MetricsWriter, open_writers
-from sparsemeta.training.rundir import Best, Checkpoint, RunDir, RunResult
+from sparsemeta.training.rundir import Best, Checkpoint, Divergence, RunDir, RunResult
 from sparsemeta.training.setup import Setup, prepare
 
 
@@ -209,31 +208,20 @@ def _check_finite(s: Session, iteration: int, loss: float) -> None:
                     if p.grad is not None and not bool(torch.isfinite(p.grad).all())), None)
     if bad is None:
         return
-    record = {"iteration": iteration, "what": bad, "loss": loss if math.isfinite(loss) else str(loss),
-              "meta_lr": s.optimizer.param_groups[0]["lr"], "inner_lr": s.cfg.meta.inner_lr,
-              "last_checkpoint": s.checkpointed}
+    record = Divergence(iteration=iteration, what=bad,
+                        loss=loss if math.isfinite(loss) else str(loss),
+                        meta_lr=s.optimizer.param_groups[0]["lr"], inner_lr=s.cfg.meta.inner_lr,
+                        last_checkpoint=s.checkpointed)
     if s.g.main:
-        write_json(s.run.file(rundir.DIVERGED), record)
+        record.save(s.run.file(rundir.DIVERGED))
     raise Diverged(_diverged_line(s.run, record))
 
 
-def _diverged_record(run: RunDir) -> dict:
-    """``diverged.json`` as ``_check_finite`` wrote it (a damaged one: one line)."""
-    path = run.file(rundir.DIVERGED)
-    record = read_json(path, what=f"'{path}'")
-    ok = isinstance(record, dict) and isinstance(record.get("iteration"), int) and all(
-        isinstance(record.get(k), (int, float)) and not isinstance(record.get(k), bool)
-        for k in ("meta_lr", "inner_lr", "last_checkpoint")) and isinstance(record.get("what"), str)
-    if not ok:
-        raise UserError(f"'{path}' is damaged; delete it to retry the run")
-    return record
-
-
-def _diverged_line(run: RunDir, record: dict) -> str:
-    last = record["last_checkpoint"]
+def _diverged_line(run: RunDir, record: Divergence) -> str:
+    last = record.last_checkpoint
     kept = f"the checkpoint of iteration {last}" if last else "θ₀ (init.pt)"
-    return (f"training diverged at iteration {record['iteration']}: {record['what']} (meta_lr "
-            f"{record['meta_lr']:g}, inner_lr {record['inner_lr']:g}); the last good state, "
+    return (f"training diverged at iteration {record.iteration}: {record.what} (meta_lr "
+            f"{record.meta_lr:g}, inner_lr {record.inner_lr:g}); the last good state, "
             f"{kept}, is kept in '{run.path}' — lower the learning rates (see {rundir.DIVERGED})")
 
 
@@ -277,7 +265,8 @@ def _begin(cfg: Config, out: str | Path) -> tuple[RunDir, Group]:
     g = group()
     run = RunDir(rundir.make_dir(out))
     if run.file(rundir.DIVERGED).exists() and not run.finished:
-        raise Diverged(_diverged_line(run, _diverged_record(run)) + "; this run "
+        raise Diverged(_diverged_line(run, Divergence.load(run.file(rundir.DIVERGED)))
+                       + "; this run "
                        f"is not resumed: use another --out, or delete {rundir.DIVERGED} to retry")
     if g.main:
         remove_stale_temps(run.path)  # half-written files of a killed writer of this run

@@ -205,6 +205,38 @@ class RunResult:
 
 
 @dataclass(frozen=True)
+class Divergence:
+    """``diverged.json``: where a run stopped on a non-finite (or exploding) loss or
+    meta-gradient, and what it kept; its presence stops the run from being resumed."""
+
+    iteration: int
+    what: str
+    """What was not finite, e.g. "the meta-gradient of blocks.1.conv.weight is not finite"."""
+    loss: float | str
+    """The outer loss (its text where it is not finite: JSON has no NaN)."""
+    meta_lr: float
+    inner_lr: float
+    last_checkpoint: int
+    """The iteration of the last good checkpoint (0: θ₀, init.pt)."""
+
+    def save(self, path: Path) -> None:
+        write_json(path, dataclasses.asdict(self))
+
+    @classmethod
+    def load(cls, path: Path) -> Divergence:
+        """A damaged or foreign one is one line saying what to do."""
+        d = safeio.read_json(path, what=f"'{path}'")
+        try:
+            if not isinstance(d, dict) or not isinstance(d.get("loss"), (int, float, str)):
+                raise TypeError("not a record of a divergence")
+            return cls(**{f.name: d[f.name] if f.name == "loss" else _typed(d, f.name, f.type)
+                          for f in dataclasses.fields(cls)})
+        except (KeyError, TypeError) as exc:
+            raise UserError(f"'{path}' is damaged ({safeio.short(str(exc))}); delete it to "
+                            "retry the run") from None
+
+
+@dataclass(frozen=True)
 class Best:
     """The best validation so far: the weights of ``iteration`` are ``best.pt``."""
 
