@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -56,6 +57,12 @@ def _out_dir(flag: str | None, default: str | Path | None) -> str | Path | None:
 
 T = TypeVar("T")
 D = TypeVar("D")
+
+
+def _listed(value: str | list, parse: Callable[[str], list], check: Callable[[list], list]
+            ) -> list:
+    """A flag's comma text (``parse``) or a preset's list (``check``), as the same list."""
+    return parse(value) if isinstance(value, str) else check(value)
 
 
 def _given(flag: T | None, default: D) -> T | D:
@@ -118,12 +125,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = build_config(args.config, args.overrides)
     preset = experiment_defaults(args.config)
-    methods = (parse_methods(args.method) if args.method is not None
-               else check_methods(preset.get("methods", ["lottery"])))
-    seeds = (parse_seeds(args.seeds) if args.seeds is not None
-             else check_seeds(preset.get("seeds", [0])))
-    controls = (parse_controls(args.controls) if args.controls is not None
-                else check_controls(preset.get("controls", ["reinit", "random"])))
+    methods = _listed(_given(args.method, preset.get("methods", ["lottery"])), parse_methods,
+                      check_methods)
+    seeds = _listed(_given(args.seeds, preset.get("seeds", [0])), parse_seeds, check_seeds)
+    controls = _listed(_given(args.controls, preset.get("controls", ["reinit", "random"])),
+                       parse_controls, check_controls)
     workers = _given(args.workers, preset.get("workers", 1))
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise UserError(f"--workers must be an integer >= 1, got {workers!r}")

@@ -458,14 +458,16 @@ class Config:
     def data_spec(self) -> DataSpec:
         """What the data layer loads: the ``data`` section without the task shape."""
         d = self.data
-        return DataSpec(d.name, d.root, d.image_size, d.seed, d.split, d.split_file,
-                        d.val_fraction, d.test_fraction, d.channels, d.augment)
+        return DataSpec(name=d.name, root=d.root, image_size=d.image_size, seed=d.seed,
+                        split=d.split, split_file=d.split_file, val_fraction=d.val_fraction,
+                        test_fraction=d.test_fraction, channels=d.channels, augment=d.augment)
 
     def task_spec(self) -> TaskSpec:
         """The episodes of this run: task shape, evaluation queries and the task seed."""
         d = self.data
-        return TaskSpec(d.ways, d.shots, d.queries, self.eval.queries, self.seed, d.rotations,
-                        d.shift)
+        return TaskSpec(ways=d.ways, shots=d.shots, queries=d.queries,
+                        eval_queries=self.eval.queries, seed=self.seed, rotations=d.rotations,
+                        shift=d.shift)
 
     def validate(self) -> Config:
         """Check value ranges that types alone cannot express; raise UserError naming the key."""
@@ -825,17 +827,18 @@ EXPERIMENT_KEYS = ("methods", "seeds", "controls", "workers")
 
 
 def experiment_defaults(preset: str) -> dict[str, Any]:
-    """A preset's optional ``experiment:`` block (methods, seeds, controls: lists; workers: an
-    int), as written there: the defaults of the ``run`` command's flags."""
+    """A preset's optional ``experiment:`` block (methods, seeds, controls: lists, or a comma
+    text as on the command line — ``controls: none``; workers: an int), as written there: the
+    defaults of the ``run`` command's flags."""
     block = read_preset(preset).get("experiment") or {}
     if not isinstance(block, dict) or set(block) - set(EXPERIMENT_KEYS):
         raise UserError(f"preset '{preset}': 'experiment' may hold only "
                         f"{', '.join(EXPERIMENT_KEYS)}")
     for key, value in block.items():
         ok = (isinstance(value, int) and not isinstance(value, bool) if key == "workers"
-              else isinstance(value, list))
+              else isinstance(value, (list, str)))
         if not ok:
-            what = "an integer like 2" if key == "workers" else "a list like [a, b]"
+            what = "an integer like 2" if key == "workers" else "a list like [a, b] (or none)"
             raise UserError(f"preset '{preset}': experiment.{key} must be {what}, got "
                             f"{short(value)}")
     return block

@@ -348,6 +348,7 @@ def train(setup: Setup, out: str | Path, data: FewShotData, **options: Any) -> R
     only rank 0 writes, and the result equals one process's. A run whose loss or meta-gradient
     stops being finite raises ``Diverged`` and keeps its last good checkpoint.
     """
+    assert data.name == setup.data_name, "train the data the setup was checked against"
     g = group()
     path = rundir.make_dir(out)
     lock = (exclusive(path / rundir.LOCK, f"run directory '{path}'", wait=False)

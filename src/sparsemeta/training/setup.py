@@ -30,8 +30,13 @@ class Setup:
     """A config that passed the boundary check, with its device and engine."""
 
     cfg: Config
-    device: torch.device
     engine: Engine
+    data_name: str
+    """The data set the config was checked against (``train`` asserts it is given that one)."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
 
     def with_seed(self, seed: int) -> Setup:
         """The same setup for another seed (θ₀, tasks): nothing checked depends on it."""
@@ -52,8 +57,7 @@ def prepare(cfg: Config, data: FewShotData, splits: tuple[str, ...] | None = Non
     """The one check of ``cfg`` against ``data`` and this process: the tasks fit every split
     the run uses (``splits``, default ``Setup.splits``), each process of a distributed job gets
     a task, and the engine can compute the learner; then the device and engine, resolved once."""
-    device = resolve_device(cfg.device)
-    setup = Setup(cfg, device, resolve_engine(cfg, device))
+    setup = Setup(cfg, resolve_engine(cfg, resolve_device(cfg.device)), data.name)
     check_tasks(data, cfg.task_spec(), splits or setup.splits())
     world = group().world
     if world > cfg.train.meta_batch:

@@ -79,7 +79,8 @@ class ImpPlan:
     def of(cls, cfg: Config, channels: int) -> ImpPlan:
         """The plan, or a one-line UserError where ``prune.targets`` cannot be met."""
         p = cfg.prune
-        model = build_model(model_spec(cfg, channels))
+        with torch.random.fork_rng(devices=[]):  # shapes only: torch's RNG is left as it was
+            model = build_model(model_spec(cfg, channels))
         full = full_mask(dict(model.named_parameters()))
         filters, levels = p.structure == "filters", p.num_levels()
         counts = (filter_counts(full, p.rate, levels) if filters
