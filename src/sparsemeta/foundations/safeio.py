@@ -84,7 +84,7 @@ def read_bytes(path: str | Path, *, limit: int, what: str) -> bytes:
     try:
         fd = os.open(path, _OPEN_FLAGS)
     except OSError as exc:
-        raise _open_error(path, what, exc) from None
+        raise _open_error(what, exc) from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -120,7 +120,7 @@ def _check_kind(path: str, what: str) -> None:
                             "path") from None
         raise UserError(f"{what} does not exist; check the path") from None
     except OSError as exc:
-        raise _open_error(path, what, exc) from None
+        raise _open_error(what, exc) from None
     except ValueError:  # a path from a YAML or JSON file may hold "\0"
         raise UserError(f"{what} is not a usable path (it holds a NUL character); check the "
                         "path") from None
@@ -135,7 +135,7 @@ def _not_regular(mode: int) -> str:
     return f"is not a regular file ({kind}); give the path of a file"
 
 
-def _open_error(path: str, what: str, exc: OSError) -> UserError:
+def _open_error(what: str, exc: OSError) -> UserError:
     if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
         return UserError(f"{what} does not exist; check the path")
     if isinstance(exc, PermissionError):

@@ -105,14 +105,6 @@ def random_mask_like(mask: Mask, generator: torch.Generator) -> Mask:
     return out
 
 
-def density_after(levels: int, rate: float, output_rate_factor: float,
-                  sizes: Mapping[str, int], output: str) -> float:
-    """Global density after ``levels`` rounds of pruning (up to rounding)."""
-    kept = sum(n * (1 - (rate * output_rate_factor if k == output else rate)) ** levels
-               for k, n in sizes.items())
-    return kept / sum(sizes.values())
-
-
 # -- structured tickets: whole conv filters ---------------------------------------------------
 # A removed filter is an all-False [in, kh, kw] slice of its layer's mask; the next conv layer's
 # input channel from it and the output layer's columns it feeds are all-False as well. Nothing
