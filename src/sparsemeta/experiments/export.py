@@ -41,7 +41,7 @@ from sparsemeta.meta.core import MetaLearner
 from sparsemeta.meta.learners import lr_rule
 from sparsemeta.models.conv4 import BatchNorm, Conv4
 from sparsemeta.training import rundir
-from sparsemeta.training.rundir import RunDir, load_run_config
+from sparsemeta.training.rundir import IMP, RunDir, load_run_config
 from sparsemeta_edge import smz
 from sparsemeta_edge.manifest import Architecture, InputSpec, Manifest, Source
 from sparsemeta_edge.nn import block_names, running_names
@@ -288,7 +288,7 @@ def _ticket_rows(exp: Path) -> list[dict]:
     for path in rundir.finished_runs(exp):
         _, level, branch = rundir.parse_level_dir(path)
         res = RunDir(path).result()
-        if branch == "ticket" and res.model and res.val_accuracy is not None:
+        if branch == IMP and res.model and res.val_accuracy is not None:
             by_level.setdefault(level, []).append(res)
     if not by_level:
         raise UserError(f"'{exp}' has no finished ticket runs (no seed_*/level_*/ticket/"

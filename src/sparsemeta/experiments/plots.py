@@ -12,6 +12,7 @@ if TYPE_CHECKING:  # matplotlib is imported when a report is drawn, not with thi
     from matplotlib.axes import Axes
 
 from sparsemeta.experiments.methods import branches
+from sparsemeta.training.rundir import IMP
 
 Rows = list[dict]
 DENSITY_LABEL = "% of prunable weights remaining (log scale)"
@@ -27,7 +28,7 @@ def _methods(rows: Rows) -> list[str]:
 
 
 def _dense(rows: Rows) -> dict | None:
-    return next((r for r in rows if r["level"] == 0 and r["method"] == "ticket"), None)
+    return next((r for r in rows if r["level"] == 0 and r["method"] == IMP), None)
 
 
 def _by_density(rows: Rows, method: str) -> Rows:
@@ -84,7 +85,7 @@ def dense_curve(ax: Axes, rows: Rows) -> None:
 
 def compared_levels(rows: Rows) -> list[int]:
     """Densities where methods other than IMP have models (``prune.targets``)."""
-    return sorted({r["level"] for r in rows if r["method"] != "ticket" and r["level"] > 0})
+    return sorted({r["level"] for r in rows if r["method"] != IMP and r["level"] > 0})
 
 
 def pareto_panel(ax: Axes, rows: Rows, level: int) -> None:
@@ -145,7 +146,7 @@ def size(ax: Axes, rows: Rows) -> None:
 
 
 def steps(ax: Axes, rows: Rows) -> None:
-    tickets = sorted((r for r in rows if r["method"] == "ticket"), key=lambda r: r["level"])
+    tickets = sorted((r for r in rows if r["method"] == IMP), key=lambda r: r["level"])
     for i in sorted({0, len(tickets) // 3, 2 * len(tickets) // 3, len(tickets) - 1}):
         r = tickets[i]
         ax.plot(range(len(r["per_step"])), 100 * np.array(r["per_step"]), "o-",
@@ -191,7 +192,7 @@ def plot(rows: Rows, out: Path) -> list[Path]:
         figures.append(("dense_validation_curve.png", "meta-iteration",
                         "validation accuracy % (dense model)", "Has the dense model converged?",
                         dense_curve))
-    if any(r["method"] == "ticket" for r in rows):
+    if any(r["method"] == IMP for r in rows):
         figures.append(("accuracy_vs_step.png", "adaptation step", "test accuracy %",
                         "Ticket accuracy vs adaptation step", steps))
     paths = [_figure(out / name, x, y, title, draw, rows) for name, x, y, title, draw in figures]

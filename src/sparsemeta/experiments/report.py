@@ -25,7 +25,7 @@ from sparsemeta.sparsity.flops import FLOPS_PER_MAC
 from sparsemeta.sparsity.masks import Mask, density, layer_densities, nonzeros
 from sparsemeta.training import rundir
 from sparsemeta.training.metrics import read_metrics
-from sparsemeta.training.rundir import RunDir
+from sparsemeta.training.rundir import IMP, RunDir
 
 EXPERIMENTS = "an experiment directory made by 'sparsemeta run' or 'sparsemeta lottery'"
 
@@ -52,7 +52,7 @@ def _cost_in(records: list[dict], unit: str, key: str) -> None:
     own = {(r["root"], r["seed"], r["method"], r["level"]): r[key] for r in records}
     imp: dict[int, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
     for (root, seed, m, lvl), v in own.items():
-        if m == "ticket":
+        if m == IMP:
             imp[seed][root][lvl] = v
     known = branches()
 
@@ -176,7 +176,7 @@ def summarize(records: list[dict]) -> list[dict]:
     groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for r in records:
         groups[(r["method"], r["level"])].append(r)
-    tickets = {(r["seed"], r["level"]): r["accuracy"] for r in records if r["method"] == "ticket"}
+    tickets = {(r["seed"], r["level"]): r["accuracy"] for r in records if r["method"] == IMP}
     rows = []
     for (method, level), rs in groups.items():
         accs = np.array([r["accuracy"] for r in rs])
@@ -242,7 +242,7 @@ def markdown_table(rows: list[dict]) -> str:
         for m in methods:
             r = by.get((m, lvl))
             cells.append(f"{_pct(r['accuracy'])} ± {_pct(r['ci95'])}" if r else "—")
-        t = by.get(("ticket", lvl))
+        t = by.get((IMP, lvl))
         cells += [f"{t['early_stop_iteration']:.0f}" if t else "—",
                   f"{t['train_seconds']:.0f}" if t else "—",
                   f"{t['exported_bytes']:,}" if t and t["exported_bytes"] else "—"]
@@ -252,7 +252,7 @@ def markdown_table(rows: list[dict]) -> str:
     lines.append("")
     lines.append(f"Accuracy: mean test accuracy after the last adaptation step; CI: 95% over {over}. "
                  "Exported bytes: size of the model's compact `sparsemeta export` file (fp32).")
-    if len(methods) > 3 or any(m not in ("ticket", "reinit", "random") for m in methods):
+    if len(methods) > 3 or any(m not in (IMP, "reinit", "random") for m in methods):
         lines += ["", cost_table(rows)]
     return "\n".join(lines) + "\n"
 
@@ -264,14 +264,14 @@ def _ratio(x: float | None) -> str:
 def cost_table(rows: list[dict]) -> str:
     """At every density where methods other than IMP have models: method → accuracy ± CI, its
     paired difference to the IMP ticket, and the compute to produce it relative to IMP there."""
-    dense = next((r for r in rows if r["method"] == "ticket" and r["level"] == 0), None)
-    levels = sorted({r["level"] for r in rows if r["method"] != "ticket" and r["level"] > 0})
+    dense = next((r for r in rows if r["method"] == IMP and r["level"] == 0), None)
+    levels = sorted({r["level"] for r in rows if r["method"] != IMP and r["level"] > 0})
     head = ["weights %", "method", "acc % ± CI", "Δ vs IMP ticket ± CI (paired)",
             "FLOPs ×IMP", "tasks ×IMP"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for lvl in levels:
         for r in (r for r in rows if r["level"] == lvl):
-            diff = ("—" if r["method"] == "ticket" or r["diff_vs_ticket"] is None else
+            diff = ("—" if r["method"] == IMP or r["diff_vs_ticket"] is None else
                     f"{100 * r['diff_vs_ticket']:+.2f}" + (
                         f" ± {_pct(r['diff_vs_ticket_ci95'])}" if r["diff_vs_ticket_ci95"]
                         is not None else ""))

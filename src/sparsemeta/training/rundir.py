@@ -71,7 +71,13 @@ def step_file(k: int) -> str:
     return f"step_{k}.pt"
 
 
-def level_dir(root: Path, seed: int, level: int, branch: str = "ticket") -> Path:
+#: IMP's branch: its level 0 is the dense model, each level after it a ticket. One name for the
+#: whole chain, "ticket", as run directories, summaries and reports have always written it (the
+#: report reads level 0 of it as the dense reference); the dense method writes that same run
+IMP = "ticket"
+
+
+def level_dir(root: Path, seed: int, level: int, branch: str = IMP) -> Path:
     """Where an experiment keeps the run of ``branch`` at pruning level ``level``."""
     return root / f"seed_{seed}" / f"level_{level:02d}" / branch
 

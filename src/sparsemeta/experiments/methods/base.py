@@ -36,7 +36,7 @@ from sparsemeta.sparsity.prune import (
 )
 from sparsemeta.training import rundir
 from sparsemeta.training.loop import train
-from sparsemeta.training.rundir import RunDir, RunResult
+from sparsemeta.training.rundir import IMP, RunDir, RunResult
 from sparsemeta.training.setup import Setup
 
 
@@ -170,7 +170,7 @@ class SeedRun:
         weights, so they are read from the ticket's mask of that level."""
         if self.cfg.prune.scope != "global" or self.filters or level == 0:
             return self.counts[level]
-        ticket = self.dir(level, "ticket") / rundir.MASK
+        ticket = self.dir(level, IMP) / rundir.MASK
         if not ticket.exists():
             raise UserError("prune.scope=global: the methods other than lottery take IMP's "
                             "per-layer counts from its ticket masks; run them together with "
@@ -266,7 +266,7 @@ class SeedRun:
 
     # -- the shared parts of IMP-like methods ---------------------------------------------------
     def dense(self) -> RunResult:
-        return self.run("level 0 dense", self.dir(0, "ticket"),
+        return self.run("level 0 dense", self.dir(0, IMP),
                         snapshot_at=self.cfg.prune.rewind_step())
 
     def imp_levels(self, source: Path, branch: str, rewind: dict[str, torch.Tensor],

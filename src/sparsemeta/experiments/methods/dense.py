@@ -1,8 +1,10 @@
-"""The dense meta-model alone (level 0 of the lottery experiment)."""
+"""The dense meta-model alone: level 0 of IMP's branch (``rundir.IMP``), the same run the
+lottery method starts its chain with — one run, so a report of both counts it once."""
 
 from __future__ import annotations
 
 from sparsemeta.experiments.methods.base import Branch, Method, SeedRun
+from sparsemeta.training.rundir import IMP
 
 
 def run(s: SeedRun) -> None:
@@ -12,7 +14,7 @@ def run(s: SeedRun) -> None:
 METHOD = Method(
     name="dense",
     help="the dense meta-model only",
-    branches=(Branch("ticket", "tab:blue", prior="ticket"),),
-    run=run, plan=lambda cfg, controls: 1, score_branch="ticket", score_dense_only=True,
+    branches=(Branch(IMP, "tab:blue", prior=IMP),),
+    run=run, plan=lambda cfg, controls: 1, score_branch=IMP, score_dense_only=True,
     structured=True, covered_by=lambda methods, controls: "lottery" in methods,
 )

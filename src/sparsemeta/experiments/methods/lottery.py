@@ -12,19 +12,20 @@ from sparsemeta.config import Config
 from sparsemeta.experiments.methods.base import Branch, Method, SeedRun, planned_levels
 from sparsemeta.foundations import streams
 from sparsemeta.sparsity.masks import Mask
+from sparsemeta.training.rundir import IMP
 
 CONTROLS = ("reinit", "random")
 
 
 def run(s: SeedRun) -> None:
     s.dense()
-    rewind = s.rewind_target(s.dir(0, "ticket"))
+    rewind = s.rewind_target(s.dir(0, IMP))
 
     targets = s.target_levels()
 
     def controls(level: int, mask: Mask, start: dict[str, torch.Tensor]) -> Path:
         if level not in targets:
-            return s.dir(level, "ticket")
+            return s.dir(level, IMP)
         if "reinit" in s.controls:
             fresh = s.fresh(streams.level_seed(streams.REINIT, s.seed, level))
             s.run(f"{s.label(level)} reinit", s.dir(level, "reinit"), background=True,
@@ -34,9 +35,9 @@ def run(s: SeedRun) -> None:
             rand = s.saved_mask(path, lambda: s.random_like(mask, level))
             s.run(f"{s.label(level)} random", path, background=True, init=s.start(start, rand),
                   mask=rand)
-        return s.dir(level, "ticket")
+        return s.dir(level, IMP)
 
-    s.imp_levels(s.dir(0, "ticket"), "ticket", rewind, controls)
+    s.imp_levels(s.dir(0, IMP), IMP, rewind, controls)
 
 
 def plan(cfg: Config, controls: list[str]) -> int:
@@ -47,8 +48,8 @@ def plan(cfg: Config, controls: list[str]) -> int:
 METHOD = Method(
     name="lottery",
     help="IMP with rewinding, plus the reinit/random controls",
-    branches=(Branch("ticket", "tab:blue", prior="ticket"),
-              Branch("reinit", "tab:orange", prior="ticket"),
+    branches=(Branch(IMP, "tab:blue", prior=IMP),
+              Branch("reinit", "tab:orange", prior=IMP),
               Branch("random", "tab:green")),
-    run=run, plan=plan, score_branch="ticket", tune_params=("prune_rate",), structured=True,
+    run=run, plan=plan, score_branch=IMP, tune_params=("prune_rate",), structured=True,
 )

@@ -12,11 +12,12 @@ from sparsemeta.experiments.methods.base import (
     planned_levels,
 )
 from sparsemeta.sparsity.prune import top_magnitude_mask
+from sparsemeta.training.rundir import IMP
 
 
 def run(s: SeedRun) -> None:
     s.dense()
-    dense = s.dir(0, "ticket")
+    dense = s.dir(0, IMP)
     trained = s.weights(dense)
     start = trained if s.cfg.prune.rewind == "none" else s.rewind_target(dense)
     for level in s.target_levels():
@@ -29,7 +30,7 @@ def run(s: SeedRun) -> None:
 METHOD = Method(
     name="oneshot",
     help="one-shot magnitude pruning of the dense meta-model to each target, rewound",
-    branches=(Branch("oneshot", "tab:olive", prior="ticket", prior_levels=dense_level_only),),
+    branches=(Branch("oneshot", "tab:olive", prior=IMP, prior_levels=dense_level_only),),
     run=run, plan=lambda cfg, controls: 1 + planned_levels(cfg),
     score_branch="oneshot",
 )
