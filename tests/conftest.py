@@ -45,3 +45,7 @@ def glyph_cache(tmp_path_factory):
     if "SPARSEMETA_CACHE" not in os.environ:
         os.environ["SPARSEMETA_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     return os.environ["SPARSEMETA_CACHE"]
+
+
+#: summary row keys measured in seconds: they differ between two runs of the same experiment
+TIMINGS = frozenset({"train_seconds", "cpu_seconds", "wall_vs_imp", "cpu_vs_imp"})

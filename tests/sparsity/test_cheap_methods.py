@@ -169,3 +169,54 @@ def test_an_early_bird_search_that_never_settles_stops_at_its_longest_and_draws_
         assert RunDir(path).result().iterations_run == ITERATIONS - 3
         assert all(torch.equal(mask[k], m) for k, m in
                    top_magnitude_mask(last, _counts(mask)).items())
+
+
+def test_the_report_charges_wall_and_cpu_time_as_it_charges_flops(experiment):
+    report = write_report([experiment])
+    runs = {(r["method"], r["level"]): r for r in report["runs"]}
+    rows = {(r["method"], r["level"]): r for r in report["rows"]}
+    cpu = {lv: RunDir(level_dir(experiment, 0, lv, "short_imp_search")).result().cpu_seconds
+           for lv in (0, 3)}
+    own = runs[("short_imp", 3)]
+    imp = sum(runs[("ticket", lv)]["cpu_seconds"] for lv in range(4))
+    assert own["compute_cpu"] == pytest.approx(own["cpu_seconds"] + cpu[0] + cpu[3])
+    assert rows[("short_imp", 3)]["cpu_vs_imp"] == pytest.approx(own["compute_cpu"] / imp)
+    assert rows[("rigl", 3)]["wall_vs_imp"] > 0 and rows[("ticket", 3)]["cpu_vs_imp"] == 1.0
+    md = (experiment / "report.md").read_text()
+    assert "CPU ×IMP" in md and (experiment / "pareto_cpu.png").exists()
+
+
+def _record(method: str, seed: int, level: int, accuracy: float, cost: float = 1.0) -> dict:
+    """A report record as ``collect`` makes it, with what ``summarize`` reads."""
+    return {"method": method, "seed": seed, "level": level, "accuracy": accuracy,
+            "density": 1.0 if level == 0 else 0.2, "task_ci95": 0.01, "per_step": [accuracy],
+            "val_accuracy": accuracy, "early_stop_iteration": 10, "train_seconds": 1.0,
+            "cpu_seconds": 2.0, "compute_tasks": 1.0, "compute_vs_full_imp": cost,
+            "tasks_vs_imp": cost, "compute_macs": 1.0, "macs_vs_imp": 0.05 * cost,
+            "wall_vs_imp": cost, "cpu_vs_imp": cost, "eval_macs": 1, "nonzeros": None,
+            "layer_densities": None, "exported_bytes": None}
+
+
+def test_the_report_pairs_by_seed_judges_equivalence_and_flags_theoretical_savings():
+    from sparsemeta.experiments.report import cost_table, summarize
+
+    offsets = [0.003, -0.004, 0.001, 0.002, -0.002, 0.0, 0.004, -0.001]
+    records = []
+    for seed, off in enumerate(offsets):
+        ticket = 0.78 + 0.01 * seed  # seeds differ a lot; the pairs do not
+        records += [_record("ticket", seed, 0, ticket + 0.03),
+                    _record("ticket", seed, 7, ticket),
+                    _record("short_imp", seed, 7, ticket + off, cost=0.1),
+                    _record("random", seed, 7, ticket - 0.05, cost=0.1)]
+    rows = {(r["method"], r["level"]): r for r in summarize(records)}
+    short = rows[("short_imp", 7)]
+    assert short["equivalence"] == "equivalent" and short["seeds"] == 8
+    assert short["diff_vs_ticket"] == pytest.approx(sum(offsets) / 8)
+    assert short["diff_vs_dense"] == pytest.approx(sum(offsets) / 8 - 0.03)
+    assert rows[("random", 7)]["equivalence"] == "worse"
+    assert rows[("ticket", 7)]["equivalence"] is None
+    assert rows[("ticket", 7)]["diff_vs_dense"] == pytest.approx(-0.03)
+    table = cost_table(list(rows.values()))
+    line = next(x for x in table.splitlines() if "| short_imp |" in x)
+    assert "equivalent (8 seeds)" in line and "(FLOPs saving theoretical)" in line
+    assert "| random |" in table and "worse (8 seeds)" in table

@@ -19,7 +19,7 @@ from sparsemeta.meta.core import MetaLearner
 from sparsemeta.sparsity.masks import density, load_mask
 from sparsemeta.training.rundir import level_dir
 from sparsemeta.training.setup import prepare
-from tests.conftest import make_data
+from tests.conftest import TIMINGS, make_data
 
 OVERRIDES = ["device=cpu", "data.image_size=16", "model.filters=8", "train.iterations=4",
              "train.meta_batch=2", "train.val_every=2", "train.val_tasks=4",
@@ -100,7 +100,7 @@ def _rows(root):
     """Summary rows without what may differ between two directories: wall time only (the
     export's manifest names seed/level/method, not the path, so exported bytes must agree)."""
     summary = write_report([root])
-    return [{k: v for k, v in r.items() if k != "train_seconds"} for r in summary["rows"]]
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in summary["rows"]]
 
 
 def test_controls_trained_in_a_background_process_give_the_same_summary(tmp_path, experiment):

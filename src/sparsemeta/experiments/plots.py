@@ -88,31 +88,36 @@ def compared_levels(rows: Rows) -> list[int]:
     return sorted({r["level"] for r in rows if r["method"] != IMP and r["level"] > 0})
 
 
-def pareto_panel(ax: Axes, rows: Rows, level: int) -> None:
-    """Accuracy against FLOPs relative to IMP at one density, the front drawn through the
+#: the costs a Pareto figure is drawn against: row key → (axis label, file name)
+COSTS = {"flops_vs_imp": ("FLOPs to produce the model ÷ IMP's (log)", "pareto_flops.png"),
+         "cpu_vs_imp": ("CPU seconds to produce the model ÷ IMP's (log)", "pareto_cpu.png")}
+
+
+def pareto_panel(ax: Axes, rows: Rows, level: int, cost: str = "flops_vs_imp") -> None:
+    """Accuracy against a cost relative to IMP at one density, the front drawn through the
     models no other beats in both."""
-    here = [r for r in rows if r["level"] == level and r["flops_vs_imp"] is not None]
+    here = [r for r in rows if r["level"] == level and r.get(cost) is not None]
     for r in here:
-        ax.errorbar([r["flops_vs_imp"]], [100 * r["accuracy"]], yerr=[100 * r["ci95"]], fmt="o",
+        ax.errorbar([r[cost]], [100 * r["accuracy"]], yerr=[100 * r["ci95"]], fmt="o",
                     label=r["method"], color=_color(r["method"]), capsize=3)
     front, best = [], -1.0
-    for r in sorted(here, key=lambda r: (r["flops_vs_imp"], -r["accuracy"])):
+    for r in sorted(here, key=lambda r: (r[cost], -r["accuracy"])):
         if r["accuracy"] > best:
             front.append(r)
             best = r["accuracy"]
-    ax.step([r["flops_vs_imp"] for r in front], [100 * r["accuracy"] for r in front],
+    ax.step([r[cost] for r in front], [100 * r["accuracy"] for r in front],
             where="post", color="black", lw=0.8, alpha=0.6)
     _dense_line(ax, rows, band=True)
     ax.set_xscale("log")
     ax.set_title(f"{100 * here[0]['density']:.1f}% of weights" if here else f"level {level}")
-    ax.set_xlabel("FLOPs to produce the model ÷ IMP's (log)")
+    ax.set_xlabel(COSTS[cost][0])
     ax.grid(alpha=0.3, which="both")
 
 
-def pareto(rows: Rows, out: Path) -> Path | None:
-    """One panel per compared density: accuracy (CI over seeds) vs FLOPs relative to IMP."""
+def pareto(rows: Rows, out: Path, cost: str = "flops_vs_imp") -> Path | None:
+    """One panel per compared density: accuracy (CI over seeds) vs ``cost`` relative to IMP."""
     levels = [lv for lv in compared_levels(rows)
-              if any(r["level"] == lv and r["flops_vs_imp"] is not None for r in rows)]
+              if any(r["level"] == lv and r.get(cost) is not None for r in rows)]
     if not levels:
         return None
     import matplotlib
@@ -123,12 +128,12 @@ def pareto(rows: Rows, out: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(levels), figsize=(5 * len(levels), 4.5), squeeze=False,
                              sharey=True)
     for ax, level in zip(axes[0], levels):
-        pareto_panel(ax, rows, level)
+        pareto_panel(ax, rows, level, cost)
     axes[0][0].set_ylabel("test accuracy % (95% CI)")
     axes[0][-1].legend(fontsize=8)
     fig.suptitle("Accuracy vs compute: which way to a ticket is cheapest")
     fig.tight_layout()
-    path = out / "pareto_flops.png"
+    path = out / COSTS[cost][1]
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -196,5 +201,5 @@ def plot(rows: Rows, out: Path) -> list[Path]:
         figures.append(("accuracy_vs_step.png", "adaptation step", "test accuracy %",
                         "Ticket accuracy vs adaptation step", steps))
     paths = [_figure(out / name, x, y, title, draw, rows) for name, x, y, title, draw in figures]
-    front = pareto(rows, out)
-    return paths + ([front] if front else [])
+    fronts = [pareto(rows, out, cost) for cost in COSTS]
+    return paths + [f for f in fronts if f]

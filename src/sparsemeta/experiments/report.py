@@ -20,7 +20,7 @@ from sparsemeta.experiments.plots import plot
 from sparsemeta.foundations.atomic import atomic_write_text
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.foundations.io import write_json
-from sparsemeta.foundations.stats import mean_ci95
+from sparsemeta.foundations.stats import EQUIVALENCE_MARGIN, equivalence, mean_ci95
 from sparsemeta.sparsity.flops import FLOPS_PER_MAC
 from sparsemeta.sparsity.masks import Mask, density, layer_densities, nonzeros
 from sparsemeta.training import rundir
@@ -34,6 +34,10 @@ def _with_costs(records: list[dict]) -> list[dict]:
     """Meta-training compute it took to produce each model — in tasks and in MACs (sparse-aware,
     ``training.cost``) — and its ratios to IMP.
 
+    Also in wall and CPU seconds of training (``eval.json``), measured where the runs ran: the
+    real cost on this machine beside the FLOPs — a mask on dense tensors saves FLOPs on paper
+    but no time.
+
     Each branch says what its models cost besides their own run (``methods.base.Branch``): a
     ticket at level L also IMP levels 0..L-1, L1 models the L1 dense run, a one-shot or
     early-bird-at-target ticket its dense run, a gradual-pruning ticket its pruning run; random
@@ -42,7 +46,8 @@ def _with_costs(records: list[dict]) -> list[dict]:
     directory or, where each method has its own (a sweep), from the seed's other directory with
     the most ticket levels. Evaluation (validation and test) is not part of the cost.
     """
-    for unit, key in (("tasks", "meta_tasks"), ("macs", "train_macs")):
+    for unit, key in (("tasks", "meta_tasks"), ("macs", "train_macs"),
+                      ("wall", "train_seconds"), ("cpu", "cpu_seconds")):
         _cost_in(records, unit, key)
     return records
 
@@ -121,7 +126,8 @@ def collect(roots: list[Path]) -> list[dict]:
             record = {"root": str(root), "seed": seed, "level": level, "method": branch,
                       "meta_tasks": res.meta_tasks, "model": res.model,
                       "train_macs": macs.get("train"), "train_macs_dense": macs.get("train_dense"),
-                      "eval_macs": macs.get("eval")}
+                      "eval_macs": macs.get("eval"), "train_seconds": res.train_seconds,
+                      "cpu_seconds": res.cpu_seconds}
             if res.model:
                 mask, ev = _mask(run), res.evaluation
                 record.update({
@@ -134,7 +140,6 @@ def collect(roots: list[Path]) -> list[dict]:
                     "best_step": ev.best_step,
                     "val_accuracy": res.val_accuracy,
                     "early_stop_iteration": res.best_iteration,
-                    "train_seconds": res.train_seconds,
                     "exported_bytes": _exported_bytes(path),
                 })
                 if level == 0:  # how far the dense model got: has the budget converged?
@@ -156,18 +161,38 @@ def _mean(rs: list[dict], key: str) -> float | None:
     return None if not values or None in values else float(np.mean(values))
 
 
-def _paired(rs: list[dict], tickets: dict[tuple[int, int], float]) -> tuple[float | None,
-                                                                             float | None]:
-    """Mean accuracy minus the IMP ticket's of the same seed and level, ± 95% CI over seeds
-    (Student's t; None with one seed or no ticket to pair with)."""
-    diffs = [r["accuracy"] - tickets[(r["seed"], r["level"])] for r in rs
-             if (r["seed"], r["level"]) in tickets]
-    if not diffs or len(diffs) < len(rs):
+def _pairs(rs: list[dict], ref: dict[tuple[int, int], float], level: int | None = None
+           ) -> list[float] | None:
+    """Each run's accuracy minus the reference of its seed (and of its level, or of ``level``);
+    None unless every run has one to pair with."""
+    diffs = [r["accuracy"] - ref[(r["seed"], r["level"] if level is None else level)]
+             for r in rs if (r["seed"], r["level"] if level is None else level) in ref]
+    return diffs if diffs and len(diffs) == len(rs) else None
+
+
+def _mean_ci(diffs: list[float] | None) -> tuple[float | None, float | None]:
+    """Mean ± 95% CI over seeds (Student's t; no CI with one seed)."""
+    if not diffs:
         return None, None
     if len(diffs) < 2:
         return float(diffs[0]), None
-    mean, ci = mean_ci95(np.array(diffs), student=True)
-    return mean, ci
+    return mean_ci95(np.array(diffs), student=True)
+
+
+def _comparisons(method: str, level: int, rs: list[dict],
+                 imp: dict[tuple[int, int], float]) -> dict:
+    """Paired by seed: the difference to IMP's ticket at this level and, below 100%, to the
+    dense model (IMP's level 0), each mean ± 95% CI; the equivalence verdict against the
+    stated margin; the real cost (wall, CPU) relative to IMP beside the FLOPs."""
+    to_ticket = _pairs(rs, imp)
+    diff, diff_ci = _mean_ci(to_ticket)
+    dense, dense_ci = _mean_ci(_pairs(rs, imp, level=0) if level > 0 else None)
+    compared = method != IMP and level > 0 and to_ticket is not None
+    return {"diff_vs_ticket": diff, "diff_vs_ticket_ci95": diff_ci,
+            "equivalence": equivalence(np.array(to_ticket)) if compared else None,
+            "diff_vs_dense": dense, "diff_vs_dense_ci95": dense_ci,
+            "wall_vs_imp": _mean(rs, "wall_vs_imp"), "cpu_vs_imp": _mean(rs, "cpu_vs_imp"),
+            "cpu_seconds": _mean(rs, "cpu_seconds")}
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -176,7 +201,7 @@ def summarize(records: list[dict]) -> list[dict]:
     groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for r in records:
         groups[(r["method"], r["level"])].append(r)
-    tickets = {(r["seed"], r["level"]): r["accuracy"] for r in records if r["method"] == IMP}
+    imp = {(r["seed"], r["level"]): r["accuracy"] for r in records if r["method"] == IMP}
     rows = []
     for (method, level), rs in groups.items():
         accs = np.array([r["accuracy"] for r in rs])
@@ -184,7 +209,6 @@ def summarize(records: list[dict]) -> list[dict]:
         mean, ci = (mean_ci95(accs, student=True) if seeds >= 2
                     else (float(accs[0]), rs[0]["task_ci95"]))
         steps = np.array([r["per_step"] for r in rs])
-        diff, diff_ci = _paired(rs, tickets)
         rows.append({
             "method": method,
             "level": level,
@@ -211,8 +235,7 @@ def summarize(records: list[dict]) -> list[dict]:
             "val_curves": [r["val_curve"] for r in rs if r.get("val_curve")],
             "flops_vs_imp": _mean(rs, "macs_vs_imp"),
             "eval_macs": _mean(rs, "eval_macs"),
-            "diff_vs_ticket": diff,
-            "diff_vs_ticket_ci95": diff_ci,
+            **_comparisons(method, level, rs, imp),
             "nonzeros": rs[0]["nonzeros"],
             "layer_densities": rs[0]["layer_densities"],
             "exported_bytes": (round(float(np.mean([r["exported_bytes"] for r in rs])))
@@ -261,31 +284,56 @@ def _ratio(x: float | None) -> str:
     return "n/a" if x is None else (f"{x:.3f}" if x < 0.1 else f"{x:.2f}")
 
 
+#: a method's FLOPs saving is called theoretical where its CPU time relative to IMP is more
+#: than this many times its FLOPs ratio (masks on dense tensors: the kernels do the dense work)
+THEORETICAL = 1.5
+
+
+def _signed(x: float | None, ci: float | None) -> str:
+    if x is None:
+        return "—"
+    return f"{100 * x:+.2f}" + (f" ± {_pct(ci)}" if ci is not None else "")
+
+
+def _cost_row(r: dict) -> str:
+    imp = r["method"] == IMP
+    ticket = "—" if imp else _signed(r["diff_vs_ticket"], r["diff_vs_ticket_ci95"])
+    verdict = "—" if imp else f"{r['equivalence'] or '—'} ({r['seeds']} seeds)"
+    theoretical = (r["flops_vs_imp"] and r["cpu_vs_imp"]
+                   and r["cpu_vs_imp"] > THEORETICAL * r["flops_vs_imp"])
+    cpu = _ratio(r["cpu_vs_imp"]) + (" (FLOPs saving theoretical)" if theoretical else "")
+    return (f"| {100 * r['density']:.1f} | {r['method']} | {_pct(r['accuracy'])} ± "
+            f"{_pct(r['ci95'])} | {ticket} | {verdict} | "
+            f"{_signed(r['diff_vs_dense'], r['diff_vs_dense_ci95'])} | "
+            f"{_ratio(r['flops_vs_imp'])} | {_ratio(r['wall_vs_imp'])} | {cpu} |")
+
+
 def cost_table(rows: list[dict]) -> str:
     """At every density where methods other than IMP have models: method → accuracy ± CI, its
-    paired difference to the IMP ticket, and the compute to produce it relative to IMP there."""
+    paired difference to the IMP ticket with the equivalence verdict, its paired difference to
+    the dense model, and what producing it cost relative to IMP there — FLOPs, wall, CPU."""
     dense = next((r for r in rows if r["method"] == IMP and r["level"] == 0), None)
     levels = sorted({r["level"] for r in rows if r["method"] != IMP and r["level"] > 0})
     head = ["weights %", "method", "acc % ± CI", "Δ vs IMP ticket ± CI (paired)",
-            "FLOPs ×IMP", "tasks ×IMP"]
+            f"within ±{100 * EQUIVALENCE_MARGIN:g} points?", "Δ vs dense ± CI (paired)",
+            "FLOPs ×IMP", "wall ×IMP", "CPU ×IMP"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for lvl in levels:
-        for r in (r for r in rows if r["level"] == lvl):
-            diff = ("—" if r["method"] == IMP or r["diff_vs_ticket"] is None else
-                    f"{100 * r['diff_vs_ticket']:+.2f}" + (
-                        f" ± {_pct(r['diff_vs_ticket_ci95'])}" if r["diff_vs_ticket_ci95"]
-                        is not None else ""))
-            lines.append(f"| {100 * r['density']:.1f} | {r['method']} | {_pct(r['accuracy'])} ± "
-                         f"{_pct(r['ci95'])} | {diff} | {_ratio(r['flops_vs_imp'])} | "
-                         f"{_ratio(r['tasks_vs_imp'])} |")
+        lines += [_cost_row(r) for r in rows if r["level"] == lvl]
     lines.append("")
     ref = (f" The dense model (level 0): {_pct(dense['accuracy'])} ± {_pct(dense['ci95'])}."
            if dense else "")
     lines.append("Compute to produce the model (its own meta-training plus the runs it was derived "
                  "from; evaluation apart) relative to IMP's at the same density (ticket levels "
                  "0..L): FLOPs counted sparse-aware (2 × conv/linear MACs at the layer densities "
-                 "of every step), tasks = meta-iterations × meta-batch. Δ: accuracy minus the IMP "
-                 "ticket's of the same seed, mean ± 95% CI over seeds." + ref)
+                 "of every step); wall and CPU seconds of training as measured in this "
+                 "experiment's processes (\"theoretical\": the CPU ratio is more than "
+                 f"{THEORETICAL:g}× the FLOPs ratio — masks on dense tensors save no time). Δ: "
+                 "accuracy minus the IMP ticket's (or the dense model's) of the same seed, mean ± "
+                 "95% CI over seeds. Within the margin stated in advance (foundations/stats.py): "
+                 "equivalent = the paired CI inside it, with at least 8 seeds; worse/better = "
+                 "the whole CI beyond it; not worse = above −margin only; inconclusive = reaching "
+                 "past −margin; too few seeds = none of those with under 8 seeds." + ref)
     return "\n".join(lines)
 
 
