@@ -26,10 +26,11 @@ from sparsemeta.experiments.methods.base import (
     dense_level_only,
     planned_levels,
 )
+from sparsemeta.experiments.methods.ebtarget import TargetEarlyBirdHooks
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.sparsity.masks import Mask, hamming
 from sparsemeta.sparsity.prune import top_magnitude_mask
-from sparsemeta.training.hooks import StepContext, TrainHooks
+from sparsemeta.training.hooks import StepContext
 from sparsemeta.training.rundir import RunDir
 
 #: the search's meta learning rate is at most this many times train.meta_lr
@@ -68,31 +69,25 @@ def settings(cfg: Config) -> EbContinueSettings:
     return cfg.section("eb_continue")
 
 
-class DrawHooks(TrainHooks):
+class DrawHooks(TargetEarlyBirdHooks):
     """Per target level: the top-magnitude mask every ``every`` steps, kept in a queue of the
     last ``window``; drawn — with the learner's state of that step — when the newest is within
     ``epsilon`` of every mask in the queue; stop when all are drawn."""
 
     def __init__(self, counts: dict[int, dict[str, int]], eb: EbContinueSettings) -> None:
-        self.counts, self.epsilon, self.every, self.window = counts, eb.epsilon, eb.every, eb.window
+        super().__init__(counts, eb)
         self.queues: dict[int, deque[Mask]] = {lv: deque(maxlen=eb.window) for lv in counts}
-        self.drawn: dict[int, Mask] = {}
-        self.drawn_at: dict[int, int] = {}
         self.weights: dict[int, dict[str, torch.Tensor]] = {}
 
-    def should_stop(self, ctx: StepContext) -> bool:
-        if ctx.step % self.every:
-            return False
-        for level, counts in self.counts.items():
-            if level in self.drawn:
-                continue
-            now, queue = top_magnitude_mask(ctx.params, counts), self.queues[level]
-            if len(queue) == self.window and max(hamming(now, m) for m in queue) < self.epsilon:
-                self.drawn[level], self.drawn_at[level] = now, ctx.step
-                self.weights[level] = {k: v.detach().clone() for k, v in
-                                       ctx.learner.state_dict().items()}
-            queue.append(now)
-        return len(self.drawn) == len(self.counts)
+    def settled(self, level: int, now: Mask) -> bool:
+        queue = self.queues[level]
+        near = len(queue) == self.window and max(hamming(now, m) for m in queue) < self.epsilon
+        queue.append(now)
+        return near
+
+    def draw(self, level: int, now: Mask, ctx: StepContext) -> None:
+        super().draw(level, now, ctx)
+        self.weights[level] = {k: v.detach().clone() for k, v in ctx.learner.state_dict().items()}
 
     def state_dict(self) -> dict:
         return {"queues": {lv: list(q) for lv, q in self.queues.items()}, "drawn": self.drawn,

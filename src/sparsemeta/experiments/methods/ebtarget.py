@@ -7,6 +7,7 @@ have. Each drawn mask is rewound like IMP and trained as a ticket."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 from sparsemeta.experiments.methods import earlybird
 from sparsemeta.experiments.methods.base import (
@@ -22,12 +23,20 @@ from sparsemeta.training.hooks import StepContext, TrainHooks
 from sparsemeta.training.rundir import RunDir
 
 
+class Criterion(Protocol):
+    """When a mask counts as settled: below ``epsilon``, snapshots every ``every`` steps, over
+    ``window`` of them (``earlybird``'s settings; ``eb_continue`` has its own)."""
+
+    epsilon: float
+    every: int
+    window: int
+
+
 class TargetEarlyBirdHooks(TrainHooks):
     """Per target level: the top-magnitude mask every ``every`` steps; drawn (kept with its
     step) when its last ``window`` distances are all below ``epsilon``; stop when all are."""
 
-    def __init__(self, counts: dict[int, dict[str, int]], settings: earlybird.EarlyBirdSettings
-                 ) -> None:
+    def __init__(self, counts: dict[int, dict[str, int]], settings: Criterion) -> None:
         self.counts = counts
         self.epsilon, self.every, self.window = settings.epsilon, settings.every, settings.window
         self.previous: dict[int, Mask] = {}
@@ -35,19 +44,27 @@ class TargetEarlyBirdHooks(TrainHooks):
         self.drawn: dict[int, Mask] = {}
         self.drawn_at: dict[int, int] = {}
 
+    def settled(self, level: int, now: Mask) -> bool:
+        """The criterion: the last ``window`` distances between successive masks below ε."""
+        if level in self.previous:
+            self.distances[level].append(hamming(self.previous[level], now))
+        self.previous[level] = now
+        recent = self.distances[level][-self.window:]
+        return len(recent) == self.window and all(d < self.epsilon for d in recent)
+
+    def draw(self, level: int, now: Mask, ctx: StepContext) -> None:
+        self.drawn[level], self.drawn_at[level] = now, ctx.step
+
     def should_stop(self, ctx: StepContext) -> bool:
+        """Every ``every`` steps, each target not yet drawn: its mask now, drawn if settled;
+        stop when every target is drawn."""
         if ctx.step % self.every:
             return False
         for level, counts in self.counts.items():
-            if level in self.drawn:
-                continue
-            now = top_magnitude_mask(ctx.params, counts)
-            if level in self.previous:
-                self.distances[level].append(hamming(self.previous[level], now))
-            self.previous[level] = now
-            recent = self.distances[level][-self.window:]
-            if len(recent) == self.window and all(d < self.epsilon for d in recent):
-                self.drawn[level], self.drawn_at[level] = now, ctx.step
+            if level not in self.drawn:
+                now = top_magnitude_mask(ctx.params, counts)
+                if self.settled(level, now):
+                    self.draw(level, now, ctx)
         return len(self.drawn) == len(self.counts)
 
     def state_dict(self) -> dict:
