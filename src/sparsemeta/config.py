@@ -237,6 +237,12 @@ class TrainConfig:
     one torch.func.vmap pass (measured ~0.65× the loop on the CPU at ~3× its memory; evaluation
     as 'auto' evaluates); 'auto' grouped on CUDA where the learner allows it, else the loop.
     Every core computes the loop's meta-gradient (tested in float64)."""
+    precision: Literal["fp32", "tf32", "bf16"] = "fp32"
+    """The arithmetic of meta-training and evaluation: 'fp32' true float32 (CUDA's TF32 off);
+    'tf32' TF32 matrix products and convolutions on CUDA (the CPU computes float32); 'bf16'
+    bfloat16 autocast of every forward. fp32 by default: this is a research tool whose results
+    are compared across runs, and TF32 moved a float32 MAML meta-gradient by 1.2 relative on a
+    GPU (docs/speed.md)."""
     threads: int | None = None
     """CPU threads one training process uses (null: the cores it may run on, shared among
     ``--workers`` processes). On the CPU they compute the tasks of a meta-batch (and of an

@@ -28,6 +28,7 @@ Batch-norm policy (``meta.bn``), never a side effect of train/eval mode:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import queue
 import threading
@@ -168,6 +169,9 @@ class MetaLearner:
         self.schedules: list[Schedule] = []
         # CPU tasks computed side by side (train.threads); never changes a result (parallel.py)
         self.threads = threads
+        # the arithmetic of the forwards (train.precision, set by the engine): "bf16" runs each
+        # task under bfloat16 autocast; "fp32"/"tf32" differ only in CUDA's global TF32 flags
+        self.precision = "fp32"
         # NHWC convolutions for float32 on the CPU; None: where measured faster (see _layout)
         self.channels_last: bool | None = None
         self._copies: tuple[nn.Module, list[nn.Module]] | None = None
@@ -360,9 +364,18 @@ class MetaLearner:
             copies.append(clone)
         return copies[:n]
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bfloat16 autocast on the model's device where ``precision`` is "bf16" (autocast is a
+        per-thread state: every task thread enters it for its own task)."""
+        if self.precision != "bf16":
+            return contextlib.nullcontext()
+        first = next(self.model.parameters(), None)
+        return torch.autocast(first.device.type if first is not None else "cpu",
+                              dtype=torch.bfloat16)
+
     def map_tasks(self, fn: Callable[[Item], R], items: Iterable[Item],
                   sequential: bool = False) -> Iterator[R]:
-        """``fn`` over ``items``, results in item order.
+        """``fn`` over ``items``, results in item order, each under ``autocast``.
 
         On the CPU the items run on ``self.threads`` task threads (one at a time if
         ``sequential``), each forwarding through its own model copy with one intra-op thread;
@@ -370,7 +383,10 @@ class MetaLearner:
         """
         first = next(self.model.parameters(), None)
         if first is not None and first.device.type != "cpu":
-            yield from map(fn, items)
+            for item in items:
+                with self.autocast():
+                    result = fn(item)
+                yield result
             return
         free: queue.SimpleQueue[nn.Module] = queue.SimpleQueue()
         for module in self._module_copies(self.threads):
@@ -380,7 +396,8 @@ class MetaLearner:
             module = free.get()
             _TASK.model, _TASK.module = self.model, module
             try:
-                return fn(item)
+                with self.autocast():
+                    return fn(item)
             finally:
                 _TASK.model = _TASK.module = None
                 free.put(module)
