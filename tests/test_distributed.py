@@ -29,6 +29,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _threads() -> list[str]:
+    """The names of this process's native threads (Linux; empty elsewhere)."""
+    tasks = Path("/proc/self/task")
+    return [(d / "comm").read_text().strip() for d in tasks.iterdir()] if tasks.is_dir() else []
+
+
 def _rank(rank: int, world: int, port: int, out: str, extra: list[str]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
@@ -38,6 +44,8 @@ def _rank(rank: int, world: int, port: int, out: str, extra: list[str]) -> None:
         train(build_config(overrides=OVERRIDES + extra), out, data=make_data(), progress=False)
     finally:
         shutdown()
+    # what is still running when the rank exits (the gloo threads must be gone by now)
+    (Path(out).parent / f"threads_{Path(out).name}_{rank}.txt").write_text("\n".join(_threads()))
 
 
 def _two_ranks(out: Path, extra: list[str]) -> None:
@@ -71,6 +79,17 @@ def test_two_gloo_processes_give_the_single_process_result(tmp_path, extra):
     assert [r["iteration"] for r in train_lines] == [1, 2, 3, 4]
     for r, s in zip(train_lines, [r for r in one if r["split"] == "train"]):
         assert r["loss"] == pytest.approx(s["loss"], rel=1e-5)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads Linux's /proc")
+def test_shutdown_ends_the_gloo_threads_before_the_rank_exits(tmp_path):
+    # a group captured by a module torch imports lazily (creating an optimiser imports
+    # torch.distributed.nn, whose defaults are group=WORLD) outlived destroy_process_group; its
+    # threads then met interpreter shutdown and aborted a rank now and then (SIGABRT in CI)
+    _two_ranks(tmp_path / "two", [])
+    for rank in (0, 1):
+        names = (tmp_path / f"threads_two_{rank}.txt").read_text().split()
+        assert names and not [n for n in names if "gloo" in n], names
 
 
 def test_distributed_run_resumes_from_a_checkpoint(tmp_path):
