@@ -16,7 +16,6 @@ Several nodes need a run directory on a shared file system.
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -66,14 +65,20 @@ def group() -> Group:
     return Group()
 
 
-#: torch modules whose functions take ``group=group.WORLD`` as a default argument, fixed when the
-#: module is first imported — which torch itself does lazily (creating an optimiser imports
-#: torch._dynamo, which imports FSDP, sharding and torch.distributed.nn). Imported after the
-#: group exists, they hold it, destroy_process_group cannot free it, and its gloo threads live
-#: into interpreter shutdown, where they aborted a rank now and then (SIGABRT, "terminate called
-#: without an active exception"). Imported before, they hold None.
-HOLD_WORLD = ("torch._dynamo", "torch.distributed.nn", "torch.distributed.fsdp",
-              "torch.distributed.optim")
+def _import_group_holders() -> None:
+    """Import, before the group exists, the torch modules whose functions take
+    ``group=group.WORLD`` as a default argument, fixed when the module is first imported.
+
+    Why: torch imports them lazily itself (creating an optimiser imports torch._dynamo, which
+    imports FSDP, sharding and torch.distributed.nn). Imported after init_process_group they
+    hold the group, destroy_process_group cannot free it, and its gloo threads live into
+    interpreter shutdown, where they aborted a rank now and then (SIGABRT, "terminate called
+    without an active exception"). Imported before, they hold None.
+    """
+    from torch import _dynamo  # noqa: F401
+    from torch.distributed import fsdp, optim  # noqa: F401
+    from torch.distributed import nn as distributed_nn  # noqa: F401
+
 
 #: what torchrun sets for every rank besides WORLD_SIZE
 TORCHRUN_VARIABLES = ("RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -95,8 +100,7 @@ def init_from_env(device: torch.device) -> torch.device:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    for module in HOLD_WORLD:
-        importlib.import_module(module)
+    _import_group_holders()
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return device
 
