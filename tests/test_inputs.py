@@ -56,6 +56,12 @@ def made(tmp_path_factory):
     return root
 
 
+def _copy(src: Path, dst: Path) -> Path:
+    """A copy of one of the module's made directories, for a test to damage."""
+    shutil.copytree(src, dst)
+    return dst
+
+
 def _snapshot(*dirs: Path) -> dict[str, bytes]:
     """Every file under ``dirs`` with its bytes: what a refusal must leave as it was."""
     return {str(p): p.read_bytes() for d in dirs for p in sorted(d.rglob("*")) if p.is_file()}
@@ -169,8 +175,7 @@ def test_report_never_replaces_another_directorys_files(made, capsys):
 
 
 def test_report_out_onto_another_experiment_keeps_its_summary(made, tmp_path, capsys):
-    other = tmp_path / "other"
-    shutil.copytree(made / "exp", other)
+    other = _copy(made / "exp", tmp_path / "other")
     before = _snapshot(other)
     assert refused(["report", made / "exp", "--out", other], capsys) == (
         f"--out '{other}' is an experiment directory (made by 'sparsemeta run'), not one of the "
@@ -179,7 +184,7 @@ def test_report_out_onto_another_experiment_keeps_its_summary(made, tmp_path, ca
 
 
 def _with_config(src: Path, dst: Path, section: str, key: str, value: object) -> Path:
-    shutil.copytree(src, dst)
+    _copy(src, dst)
     record = yaml.safe_load((dst / rundir.EXPERIMENT).read_text())
     record["config"][section][key] = value
     (dst / rundir.EXPERIMENT).write_text(yaml.safe_dump(record))
@@ -195,8 +200,7 @@ def test_report_refuses_to_average_experiments_of_different_configs(made, tmp_pa
 
 
 def test_report_takes_experiments_that_differ_in_seed_and_device_only(made, tmp_path, capsys):
-    other = tmp_path / "seed1"
-    shutil.copytree(made / "exp", other)
+    other = _copy(made / "exp", tmp_path / "seed1")
     record = yaml.safe_load((other / rundir.EXPERIMENT).read_text())
     record["config"].update(seed=1, device="cpu")
     (other / rundir.EXPERIMENT).write_text(yaml.safe_dump(record))
@@ -213,8 +217,7 @@ def test_report_refuses_one_experiment_given_twice(made, tmp_path, second, capsy
 
 
 def test_a_copied_experiment_counts_as_one_seed_not_two(made, tmp_path):
-    copy = tmp_path / "copy"
-    shutil.copytree(made / "exp", copy)
+    copy = _copy(made / "exp", tmp_path / "copy")
     assert main([str(a) for a in ("report", made / "exp", copy, "--out", tmp_path / "r")]) == 0
     rows = json.loads((tmp_path / "r" / rundir.SUMMARY).read_text())["rows"]
     assert {r["seeds"] for r in rows} == {1}
@@ -405,8 +408,7 @@ def test_running_out_of_memory_is_one_line(monkeypatch, capsys):
 ])
 def test_a_damaged_experiment_yaml_is_one_line_before_anything_starts(made, tmp_path, field,
                                                                        value, want, capsys):
-    exp = tmp_path / "exp"
-    shutil.copytree(made / "exp", exp)
+    exp = _copy(made / "exp", tmp_path / "exp")
     record = yaml.safe_load((exp / rundir.EXPERIMENT).read_text())
     record[field] = value
     (exp / rundir.EXPERIMENT).write_text(yaml.safe_dump(record))
@@ -420,8 +422,7 @@ def test_a_damaged_experiment_yaml_is_one_line_before_anything_starts(made, tmp_
 
 
 def test_a_run_of_another_config_is_refused_before_the_start_line(made, tmp_path, capsys):
-    run = tmp_path / "run"
-    shutil.copytree(made / "run", run)
+    run = _copy(made / "run", tmp_path / "run")
     assert refused(["train", *TINY, "--set", "data.ways=3", "--out", run], capsys) == (
         f"'{run}' holds a run with a different config (data.ways: 5 in the run, 3 now); use "
         "another --out")
@@ -438,8 +439,7 @@ def test_a_run_of_another_config_is_refused_before_the_start_line(made, tmp_path
 def test_a_mask_file_that_is_not_a_mask_is_one_line(made, tmp_path, content, message, capsys):
     import torch
 
-    exp = tmp_path / "exp"
-    shutil.copytree(made / "exp", exp)
+    exp = _copy(made / "exp", tmp_path / "exp")
     run = exp / "seed_0/level_01/ticket"
     torch.save(content, run / rundir.MASK)
     line = f"'{run / rundir.MASK}' {message}; restore the run directory's file"
@@ -451,8 +451,7 @@ def test_a_mask_file_that_is_not_a_mask_is_one_line(made, tmp_path, content, mes
 def test_a_mask_of_other_layers_is_not_reported_as_a_density(made, tmp_path, capsys):
     import torch
 
-    exp = tmp_path / "exp"
-    shutil.copytree(made / "exp", exp)
+    exp = _copy(made / "exp", tmp_path / "exp")
     run = exp / "seed_0/level_01/ticket"
     torch.save({"x": torch.zeros(3)}, run / rundir.MASK)
     assert refused(["report", exp], capsys) == (
@@ -463,8 +462,7 @@ def test_a_mask_of_other_layers_is_not_reported_as_a_density(made, tmp_path, cap
 def test_a_weights_file_that_is_not_weights_is_one_line(made, tmp_path, capsys):
     import torch
 
-    run = tmp_path / "run"
-    shutil.copytree(made / "run", run)
+    run = _copy(made / "run", tmp_path / "run")
     torch.save([1, 2], run / rundir.BEST)
     assert refused(["eval", run], capsys) == (
         f"'{run / rundir.BEST}' is not a weights file (layer names mapped to tensors; it holds "
@@ -472,8 +470,7 @@ def test_a_weights_file_that_is_not_weights_is_one_line(made, tmp_path, capsys):
 
 
 def test_a_config_yaml_no_config_may_hold_names_the_file(made, tmp_path, capsys):
-    run = tmp_path / "run"
-    shutil.copytree(made / "run", run)
+    run = _copy(made / "run", tmp_path / "run")
     config = yaml.safe_load((run / rundir.CONFIG).read_text())
     config["train"] = 5
     (run / rundir.CONFIG).write_text(yaml.safe_dump(config))
