@@ -28,7 +28,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import stat
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -47,7 +46,7 @@ from sparsemeta.foundations.atomic import (
 )
 from sparsemeta.foundations.errors import UserError
 from sparsemeta.foundations.lock import exclusive
-from sparsemeta.foundations.safeio import read_json
+from sparsemeta.foundations.safeio import mode_kind, read_json
 
 #: a cache's .json holds its key, signature, shape and statistics: a few hundred bytes
 MAX_META_BYTES = 1 << 20
@@ -86,10 +85,7 @@ def require_root(root: str | None, name: str, expected: str) -> Path:
 
 def _kind(path: Path) -> str:
     """What a path that is not a directory is, for a message."""
-    mode = path.stat().st_mode
-    kinds = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-             (stat.S_ISFIFO, "a fifo"), (stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "a file"))
-    return next((name for test, name in kinds if test(mode)), "a special file")
+    return mode_kind(path.stat().st_mode)
 
 
 def unreadable(path: str | os.PathLike, exc: OSError, what: str = "") -> UserError:

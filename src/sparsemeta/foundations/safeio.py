@@ -66,8 +66,10 @@ MAX_SHOWN = 60
 #: characters of a parser's own problem text kept in a message
 _MAX_PROBLEM = 160
 
-_KINDS = ((stat.S_ISFIFO, "a fifo"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+#: what a path may be, as messages name it
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISREG, "a file"), (stat.S_ISFIFO, "a fifo"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"))
 _BOM = b"\xef\xbb\xbf"
 #: a fifo opened without O_NONBLOCK waits for a writer, possibly forever
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -130,9 +132,13 @@ def _check_kind(path: str, what: str) -> None:
         raise UserError(f"{what} {_not_regular(mode)}")
 
 
+def mode_kind(mode: int) -> str:
+    """What a file of this ``st_mode`` is, for a message ("a file", "a fifo", …)."""
+    return next((name for test, name in _KINDS if test(mode)), "a special file")
+
+
 def _not_regular(mode: int) -> str:
-    kind = next((name for test, name in _KINDS if test(mode)), "a special file")
-    return f"is not a regular file ({kind}); give the path of a file"
+    return f"is not a regular file ({mode_kind(mode)}); give the path of a file"
 
 
 def _open_error(what: str, exc: OSError) -> UserError:

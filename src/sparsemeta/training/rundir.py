@@ -26,7 +26,6 @@ import dataclasses
 import errno
 import os
 import re
-import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -319,9 +318,6 @@ _OWNED_PATTERN = re.compile(r"step_\d+\.pt|eval_.+\.json|.+\.png|study\.db-.+|se
 EXPORT_SUFFIXES = (".smz", ".onnx")
 #: the longest file name (bytes) of the common file systems (ext4, XFS, btrfs, APFS, NTFS)
 NAME_MAX = 255
-_PATH_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISREG, "a file"),
-               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-               (stat.S_ISFIFO, "a fifo"), (stat.S_ISSOCK, "a socket"))
 
 
 def path_kind(path: str | Path) -> str | None:
@@ -340,7 +336,7 @@ def path_kind(path: str | Path) -> str | None:
     except ValueError:  # a NUL character
         raise UserError(f"{safeio.short(str(path))} is not a usable path (it holds a NUL "
                         "character)") from None
-    return next((name for test, name in _PATH_KINDS if test(mode)), "a special file")
+    return safeio.mode_kind(mode)
 
 
 def require_dir(path: str | Path, what: str) -> Path:
